@@ -1,0 +1,282 @@
+"""Configuration: one TOML file plus EDGE_AGENT_* environment overrides, read once, frozen.
+
+The only module that imports pydantic-settings and the only one that reads the environment.
+Nothing here runs at import time; `load()` is called once by the command line. Every model is
+frozen with `extra="forbid"`, so a misspelt key is an error that names it, never a silent default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from agent.errors import ConfigError
+from agent.validation import schema_problem
+
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AgentSection(_Section):
+    device_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="This gateway's id; it names the cloud topics edge/<device_id>/...",
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/edge-agent"),
+        description="Directory for the SQLite store and other state that must survive restarts.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level of the JSON log lines written to stdout."
+    )
+    drain_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="On SIGTERM, how long to finish the item in hand and flush the uplink.",
+    )
+
+
+class BrokerSection(_Section):
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    client_id: str | None = Field(
+        default=None,
+        description="MQTT client id; defaults to edge-agent-<device_id>-<role>. Keep it fixed: "
+        "the persistent session is keyed by it.",
+    )
+    username: str | None = Field(
+        default=None, description="MQTT user name, if the broker wants one."
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description="MQTT password; prefer EDGE_AGENT_<SECTION>__PASSWORD over the file.",
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive interval.")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for CONNACK.")
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect backoff.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the reconnect backoff.")
+
+
+class LocalBrokerSection(BrokerSection):
+    batch_max_messages: int = Field(
+        default=256, ge=1, le=10_000, description="Most readings committed in one transaction."
+    )
+    batch_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        le=5_000,
+        description="How long a batch may wait for more readings before it is committed.",
+    )
+    max_payload_bytes: int = Field(
+        default=64 * 1024, ge=16, description="Larger payloads are dead-lettered before decoding."
+    )
+    max_json_depth: int = Field(
+        default=32, ge=1, le=512, description="Deeper JSON payloads are dead-lettered."
+    )
+
+
+class CloudBrokerSection(BrokerSection):
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline for a PUBACK before the link is deemed broken."
+    )
+    inflight_window: int = Field(
+        default=64, ge=1, le=1000, description="Outbox rows published before waiting for PUBACKs."
+    )
+    topic_prefix: str = Field(
+        default="edge", description="Cloud topics are <topic_prefix>/<device_id>/..."
+    )
+
+
+class ModelSection(_Section):
+    path: Path = Field(description="The GGUF file the inference worker loads.")
+    name: str = Field(default="", description="Model name in results; defaults to the file stem.")
+    version: str = Field(default="0", description="Model version in results.")
+    n_ctx: int = Field(default=2048, ge=64, description="Context window in tokens.")
+    n_threads: int | None = Field(
+        default=None, ge=1, description="llama.cpp threads; default lets llama.cpp choose."
+    )
+    seed: int = Field(default=0, ge=0, description="Sampling seed, for reproducible outputs.")
+    load_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline for the worker to load the model."
+    )
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Hard per-request deadline; a worker that misses it is killed and restarted.",
+    )
+
+
+class PipelineSection(_Section):
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Inference attempts per reading (worker crash or timeout) before dead-letter.",
+    )
+    retry_backoff_s: float = Field(
+        default=1.0, ge=0, description="Pause after a failed attempt before the next lease."
+    )
+
+
+class Route(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Route name; results go to <prefix>/<device_id>/results/<name>.",
+    )
+    topics: list[str] = Field(
+        min_length=1, description="MQTT topic filters (+ and # wildcards) this route takes."
+    )
+    system_prompt: str = Field(
+        default="You are an industrial monitoring assistant. Answer only with JSON.",
+        description="The system message.",
+    )
+    instruction: str = Field(
+        description="What the model must do with the reading, placed before the data block."
+    )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON schema the output must satisfy; it becomes a llama.cpp grammar.",
+    )
+    max_tokens: int = Field(default=64, ge=1, le=8192, description="Generation bound per answer.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature.")
+    output_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Generations tried before an output that fails the schema is recorded as a "
+        "failed result with its raw text.",
+    )
+    priority: int = Field(
+        default=0, ge=0, le=9, description="Higher is leased first from the inbox."
+    )
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> Route:
+        for topic in self.topics:
+            if not topic or "#" in topic[:-1] or any(
+                ("+" in level or "#" in level) and len(level) > 1 for level in topic.split("/")
+            ):
+                raise ValueError(f"invalid MQTT topic filter {topic!r}")
+        if self.output_schema is not None:
+            problem = schema_problem(self.output_schema)
+            if problem:
+                raise ValueError(f"output_schema is not a valid JSON schema: {problem}")
+        return self
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load()`, never directly."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+    )
+
+    agent: AgentSection = Field(description="Identity, state directory, logging, shutdown.")
+    local_broker: LocalBrokerSection = Field(
+        default_factory=LocalBrokerSection, description="The gateway's own MQTT broker (input)."
+    )
+    cloud_broker: CloudBrokerSection = Field(
+        default_factory=CloudBrokerSection, description="The cloud MQTT broker (output)."
+    )
+    model: ModelSection = Field(description="The local GGUF model.")
+    pipeline: PipelineSection = Field(
+        default_factory=PipelineSection, description="Retry policy of the inference pipeline."
+    )
+    routes: list[Route] = Field(min_length=1, description="Which readings go to which prompt.")
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Settings:
+        names = [route.name for route in self.routes]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"route names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (the file arrives as init kwargs); no .env files.
+        return (env_settings, init_settings)
+
+    @property
+    def store_path(self) -> Path:
+        return self.agent.state_dir / "agent.db"
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or self.model.path.stem
+
+
+def load(path: Path) -> Settings:
+    """Read and validate the configuration file; raise ConfigError naming the file and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe(exc)}") from exc
+    return _resolve_paths(settings, path.parent)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per problem, each naming the key as a dotted path (routes[0].max_tokens)."""
+    lines = []
+    for error in exc.errors():
+        key = _dotted(error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        env = ENV_PREFIX + "__".join(str(p) for p in error["loc"] if isinstance(p, str)).upper()
+        lines.append(f"{key}: {message} (set in the file or by {env})")
+    return "; ".join(lines)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    state_dir = settings.agent.state_dir
+    model_path = settings.model.path
+    agent = settings.agent.model_copy(
+        update={"state_dir": state_dir if state_dir.is_absolute() else base / state_dir}
+    )
+    model = settings.model.model_copy(
+        update={"path": model_path if model_path.is_absolute() else base / model_path}
+    )
+    return settings.model_copy(update={"agent": agent, "model": model})
+

@@ -1,0 +1,43 @@
+"""The agent's error classes, classified once: transient (retry with backoff) or permanent.
+
+This module owns the vocabulary only; it imports nothing from the rest of the agent. Adapters
+translate library exceptions into these where the library is called (`raise ... from exc`).
+"""
+
+from __future__ import annotations
+
+# sysexits.h EX_CONFIG: systemd's unit sets RestartPreventExitStatus=78 so a bad file is not
+# restarted in a loop.
+EXIT_CONFIG = 78
+
+
+class AgentError(Exception):
+    """Base class of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The configuration cannot be used. The message names the file and the key."""
+
+
+class TransientError(AgentError):
+    """Worth retrying after a backoff: a peer is down, a worker died, a deadline passed."""
+
+
+class PermanentError(AgentError):
+    """Retrying cannot help: the input or the model is bad. The item is dead-lettered."""
+
+
+class WorkerCrashed(TransientError):
+    """The inference worker process exited while a request was in flight."""
+
+
+class WorkerTimeout(TransientError):
+    """The inference worker missed the per-request deadline and was killed."""
+
+
+class ModelLoadError(PermanentError):
+    """llama.cpp refused the model file; the message carries the worker's reason."""
+
+
+class StoreFull(TransientError):
+    """SQLite reported the disk or database full; input must stop being acked until it clears."""

@@ -1,0 +1,181 @@
+"""Supervision of the inference worker process (agent/worker.py) from the daemon's event loop.
+
+Owns the child process: start, per-request deadline, kill and restart after a hang or crash with
+a backoff against crash loops, and shutdown. It never imports llama_cpp; the worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import ModelSection
+from agent.errors import ModelLoadError, PermanentError, WorkerCrashed, WorkerTimeout
+from agent.records import Completion, ModelInfo
+from agent.retry import Backoff
+
+log = structlog.get_logger()
+
+# A response line holds a generation; well above any max_tokens the config allows.
+_LINE_LIMIT = 16 * 1024 * 1024
+
+
+class InferenceFailed(PermanentError):
+    """The worker answered but could not run this request (for example a prompt too long)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def identify(model: ModelSection, name: str) -> ModelInfo:
+    """Name, version and sha256 of the configured model; hashing runs off the loop."""
+    if not model.path.is_file():
+        raise ModelLoadError(f"model file {model.path} does not exist")
+    sha256 = await asyncio.to_thread(_sha256, model.path)
+    return ModelInfo(name=name, version=model.version, sha256=sha256, path=str(model.path))
+
+
+class InferenceWorker:
+    """One llama.cpp worker process serving one request at a time."""
+
+    def __init__(self, model: ModelSection, info: ModelInfo) -> None:
+        self.info = info
+        self._model = model
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._backoff = Backoff(0.5, 30.0)
+        self.restarts = 0
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        """Start the worker and wait until the model is loaded; ModelLoadError if it is refused."""
+        args = [sys.executable, "-m", "agent.worker", "--model", self.info.path,
+                "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed)]
+        if self._model.n_threads:
+            args += ["--n-threads", str(self._model.n_threads)]
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT,
+        )
+        self._proc = proc
+        try:
+            hello = await asyncio.wait_for(self._read(proc), self._model.load_timeout_s)
+        except (TimeoutError, WorkerCrashed) as exc:
+            await self._kill()
+            raise ModelLoadError(f"worker did not load {self.info.path}: {exc!r}") from exc
+        if hello.get("event") != "ready":
+            await self._kill()
+            raise ModelLoadError(f"llama.cpp refused {self.info.path}: {hello.get('error')}")
+        self.pid = proc.pid
+        log.info("worker_ready", pid=proc.pid, model=self.info.name,
+                 load_ms=round(float(hello.get("load_ms", 0)), 1))
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        schema: dict[str, Any] | None,
+    ) -> Completion:
+        """Run one chat completion under the per-request deadline.
+
+        A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed.
+        Either way the next call starts a fresh worker after a backoff.
+        """
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                await self._restart()
+            proc = self._proc
+            assert proc is not None
+            assert proc.stdin is not None
+            request_id = next(self._ids)
+            request = {"id": request_id, "messages": messages, "max_tokens": max_tokens,
+                       "temperature": temperature, "seed": seed, "schema": schema}
+            try:
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
+                await proc.stdin.drain()
+                reply = await asyncio.wait_for(self._read(proc), self._model.request_timeout_s)
+            except TimeoutError as exc:
+                await self._kill()
+                raise WorkerTimeout(
+                    f"no answer within {self._model.request_timeout_s}s; worker killed"
+                ) from exc
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                await self._kill()
+                raise WorkerCrashed(f"worker pipe closed: {exc}") from exc
+            except WorkerCrashed:
+                await self._kill()
+                raise
+            self._backoff.reset()
+        if reply.get("id") != request_id:
+            raise WorkerCrashed(f"worker answered request {reply.get('id')}, not {request_id}")
+        if not reply.get("ok"):
+            raise InferenceFailed(str(reply.get("error")))
+        return Completion(
+            text=str(reply["text"]),
+            prompt_tokens=int(reply["prompt_tokens"]),
+            completion_tokens=int(reply["completion_tokens"]),
+            finish_reason=str(reply["finish_reason"]),
+            latency_ms=float(reply["latency_ms"]),
+        )
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if not line:
+            code = await proc.wait()
+            raise WorkerCrashed(f"worker exited with {_describe_exit(code)}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def _restart(self) -> None:
+        await self._kill()
+        delay = self._backoff.next_delay() if self.restarts else 0.0
+        self.restarts += 1
+        log.warning("worker_restarting", restarts=self.restarts, delay_s=round(delay, 2))
+        await asyncio.sleep(delay)
+        await self.start()
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            await self._kill()
+        self._proc = None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+

@@ -1,0 +1,112 @@
+"""Ingest: sensor readings from the local broker into the inbox, acked only after commit.
+
+Owns the subscription side of the local broker. It connects with a fixed client id and a
+persistent session (clean_session=0), resubscribes on every connect, classifies each message
+(a reading for a route, or a dead letter with its reason), commits a whole batch in one
+transaction and only then sends the PUBACKs. A crash before the commit means the broker still
+holds the messages and redelivers them; a crash after it means a redelivery that the inbox drops
+by id. Poison input is acked with its dead letter so it cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from agent import mqtt, payload
+from agent.config import Settings
+from agent.errors import StoreFull
+from agent.messages import Topics, dead_letter_row
+from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
+from agent.retry import Backoff, OutageLog
+from agent.routes import route_for, subscriptions
+from agent.store import Store
+
+log = structlog.get_logger()
+
+
+class Ingest:
+    def __init__(self, settings: Settings, store: Store, topics: Topics) -> None:
+        self._settings = settings
+        self._broker = settings.local_broker
+        self._store = store
+        self._topics = topics
+        self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-in"
+        self.subscribed = asyncio.Event()
+        self.received = 0
+        self.last_progress = time.monotonic()
+
+    async def run(self) -> None:
+        """Receive until cancelled; reconnect with capped, jittered backoff after any failure."""
+        backoff = Backoff(self._broker.reconnect_min_s, self._broker.reconnect_max_s)
+        outage = OutageLog("ingest_link")
+        while True:
+            try:
+                async with mqtt.connect(
+                    self._broker,
+                    client_id=self._client_id,
+                    persistent_session=True,
+                    manual_ack=True,
+                ) as link:
+                    await link.subscribe(subscriptions(self._settings.routes))
+                    outage.recovered()
+                    backoff.reset()
+                    log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
+                             client_id=self._client_id)
+                    self.subscribed.set()
+                    await self._receive(link)
+            except mqtt.LinkDown as exc:
+                outage.failed(exc)
+            except StoreFull as exc:
+                # Unacked messages stay with the broker; reconnecting makes it redeliver them.
+                outage.failed(exc, store_full=True)
+            self.subscribed.clear()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _receive(self, link: mqtt.Link) -> None:
+        while True:
+            batch = await link.next_batch(
+                self._broker.batch_max_messages, self._broker.batch_wait_ms / 1000
+            )
+            readings, dead = self.classify(batch, time.time())
+            outcome = await self._store.ingest(readings, dead)
+            # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
+            for message in batch:
+                link.ack(message)
+            self.received += len(batch)
+            self.last_progress = time.monotonic()
+            log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
+                      duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
+
+    def classify(
+        self, batch: list[IncomingMessage], received_at: float
+    ) -> tuple[list[Reading], list[tuple[DeadLetter, NewOutboxRow]]]:
+        """Split a batch into readings for a route and dead letters with their reasons."""
+        readings: list[Reading] = []
+        dead: list[tuple[DeadLetter, NewOutboxRow]] = []
+        device_id = self._settings.agent.device_id
+        for message in batch:
+            rid = reading_id(device_id, message.topic, message.payload)
+            route = route_for(self._settings.routes, message.topic)
+            reason: str | None = None
+            if route is None:
+                reason = "no route takes this topic"
+            else:
+                try:
+                    payload.parse(
+                        message.payload,
+                        max_bytes=self._broker.max_payload_bytes,
+                        max_depth=self._broker.max_json_depth,
+                    )
+                except payload.PayloadRejected as exc:
+                    reason = str(exc)
+            if reason is None and route is not None:
+                readings.append(Reading(rid, message.topic, message.payload, received_at,
+                                        route.name, route.priority))
+            else:
+                kept = message.payload[: self._broker.max_payload_bytes]
+                letter = DeadLetter(rid, message.topic, kept, reason or "", received_at)
+                dead.append((letter, dead_letter_row(self._topics, letter)))
+        return readings, dead

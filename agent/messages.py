@@ -1,0 +1,90 @@
+"""What the agent says to the cloud: topic names and the JSON bodies of results and dead letters.
+
+Pure logic. The model never chooses a topic: every topic is built here from the configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from agent.records import Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
+
+# A dead letter's report carries at most this much of the refused payload (base64).
+REPORT_PAYLOAD_BYTES = 1024
+DEAD_LETTER_PRIORITY = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str
+    device_id: str
+
+    def result(self, route: str) -> str:
+        return f"{self.prefix}/{self.device_id}/results/{route}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}/{self.device_id}/deadletter"
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def result_row(
+    topics: Topics,
+    reading: Reading,
+    source_payload: Any,
+    *,
+    output: Any,
+    status: str,
+    completion: Completion | None,
+    model: ModelInfo,
+    prompt_version: str,
+    error: str | None = None,
+    raw: str | None = None,
+) -> NewOutboxRow:
+    """The outbox row of one result; `id` is the reading's id, so retries give the same id."""
+    body: dict[str, Any] = {
+        "id": reading.id,
+        "device_id": topics.device_id,
+        "route": reading.route,
+        "status": status,
+        "source": {"topic": reading.topic, "received_at": reading.received_at,
+                   "payload": source_payload},
+        "output": output,
+        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "executor": "local",
+        "prompt_version": prompt_version,
+        "latency_ms": round(completion.latency_ms, 1) if completion else None,
+        "tokens": {"prompt": completion.prompt_tokens if completion else 0,
+                   "completion": completion.completion_tokens if completion else 0},
+        "attempts": reading.attempts,
+    }
+    if error is not None:
+        body["error"] = error
+    if raw is not None:
+        body["raw"] = raw
+    return NewOutboxRow(reading.id, "result", topics.result(reading.route), _dumps(body),
+                        reading.priority)
+
+
+def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
+    """The report of a refused input: its id, topic, reason and the head of its payload."""
+    head = dead.payload[:REPORT_PAYLOAD_BYTES]
+    body = {
+        "id": dead.id,
+        "device_id": topics.device_id,
+        "reason": dead.reason,
+        "source": {
+            "topic": dead.topic,
+            "received_at": dead.received_at,
+            "payload_bytes": len(dead.payload),
+            "payload_head_b64": base64.b64encode(head).decode(),
+        },
+    }
+    return NewOutboxRow(dead.id, "dead_letter", topics.dead_letter, _dumps(body),
+                        DEAD_LETTER_PRIORITY)

@@ -1,0 +1,136 @@
+"""MQTT transport: the only module that imports aiomqtt and paho.
+
+aiomqtt 2.5 has no public manual-ack switch. Ingest must PUBACK a reading only after it is
+committed, so this module reaches paho's `manual_ack_set`/`ack` through aiomqtt's wrapped client
+(`Client._client`). aiomqtt is pinned to 2.5.x in pyproject.toml for that reason, and
+tests/test_mqtt_ack.py proves an unacked message is redelivered on the next connection.
+
+A fresh `aiomqtt.Client` is made for every connection: re-entering one resends stale packets.
+Library errors leave this module as `LinkDown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import BrokerSection
+from agent.errors import TransientError
+from agent.records import IncomingMessage
+
+QOS_AT_LEAST_ONCE = 1
+SUBACK_FAILURE = 0x80
+
+
+class LinkDown(TransientError):
+    """The broker connection failed, was refused or broke; reconnect with backoff."""
+
+
+class Link:
+    """One live connection to a broker."""
+
+    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool) -> None:
+        self._client = client
+        self._manual_ack = manual_ack
+        self._messages = client.messages
+
+    async def subscribe(self, topic_filters: Sequence[str]) -> None:
+        """Subscribe to every filter at QoS 1; raise LinkDown if the broker refuses one."""
+        try:
+            granted = await self._client.subscribe(
+                [(f, QOS_AT_LEAST_ONCE) for f in topic_filters]
+            )
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"subscribe failed: {exc}") from exc
+        codes: list[int | ReasonCode] = list(granted)
+        refused = [f for f, code in zip(topic_filters, codes, strict=False) if _refused(code)]
+        if refused:
+            raise LinkDown(f"broker refused subscriptions: {', '.join(refused)}")
+
+    async def next_batch(self, max_messages: int, wait_s: float) -> list[IncomingMessage]:
+        """Wait for one message, then gather what else arrives within `wait_s`, up to a limit.
+
+        Waits are never cancelled mid-get (a cancelled get can swallow a message that was already
+        taken off aiomqtt's queue): after the first message the batch takes only what is queued.
+        """
+        batch = [await self._next()]
+        if len(self._messages) == 0 and wait_s > 0:
+            await asyncio.sleep(wait_s)
+        while len(batch) < max_messages and len(self._messages) > 0:
+            batch.append(await self._next())
+        return batch
+
+    async def _next(self) -> IncomingMessage:
+        try:
+            message = await anext(self._messages)
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"connection lost: {exc}") from exc
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        return IncomingMessage(message.topic.value, bytes(payload), message.mid, message.qos)
+
+    def ack(self, message: IncomingMessage) -> None:
+        """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
+        if self._manual_ack and message.qos > 0:
+            self._client._client.ack(message.mid, message.qos)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, timeout_s: float, retain: bool = False
+    ) -> None:
+        """Publish with QoS 1 and return only once the broker's PUBACK has arrived."""
+        try:
+            await self._client.publish(
+                topic, payload, qos=QOS_AT_LEAST_ONCE, retain=retain, timeout=timeout_s
+            )
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"publish to {topic} failed: {exc}") from exc
+
+
+def _refused(granted: int | ReasonCode) -> bool:
+    # paho 2 with the VERSION2 callback API reports ReasonCode objects even for MQTT 3.1.1.
+    if isinstance(granted, ReasonCode):
+        return bool(granted.is_failure)
+    return granted >= SUBACK_FAILURE
+
+
+@asynccontextmanager
+async def connect(
+    broker: BrokerSection,
+    *,
+    client_id: str,
+    persistent_session: bool,
+    manual_ack: bool = False,
+    max_inflight: int | None = None,
+) -> AsyncIterator[Link]:
+    """Connect with a fresh client; MQTT 3.1.1 clean_session=0 when `persistent_session`."""
+    kwargs: dict[str, Any] = {}
+    if broker.username is not None:
+        kwargs["username"] = broker.username
+        if broker.password is not None:
+            kwargs["password"] = broker.password.get_secret_value()
+    client = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        clean_session=not persistent_session,
+        keepalive=broker.keepalive_s,
+        timeout=broker.connect_timeout_s,
+        max_inflight_messages=max_inflight,
+        **kwargs,
+    )
+    if manual_ack:
+        # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
+        client._client.manual_ack_set(True)
+    try:
+        async with client:
+            yield Link(client, manual_ack=manual_ack)
+    except aiomqtt.MqttError as exc:
+        raise LinkDown(f"{broker.host}:{broker.port}: {exc}") from exc

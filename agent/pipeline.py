@@ -1,0 +1,120 @@
+"""Pipeline: lease a reading from the inbox, build its route's prompt, infer, and record the result.
+
+The result goes to the outbox and the reading leaves the inbox in one transaction. A worker crash
+or missed deadline releases the reading for another attempt, up to `pipeline.max_attempts`, then
+dead-letters it. An answer that fails the route's schema is retried within the route's bound,
+then recorded as a failed result with the raw text: never passed on as if it were valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import structlog
+
+from agent.config import Route, Settings
+from agent.errors import PermanentError, TransientError
+from agent.inference import InferenceWorker
+from agent.messages import Topics, dead_letter_row, result_row
+from agent.records import Completion, DeadLetter, Reading
+from agent.routes import build_messages, prompt_version
+from agent.store import Store
+from agent.validation import check_output
+from agent.waits import first_of
+
+log = structlog.get_logger()
+
+# Retries of an answer that failed the schema sample rather than decode greedily, or the retry
+# would repeat the same answer.
+RETRY_TEMPERATURE = 0.8
+
+
+class Pipeline:
+    def __init__(
+        self, settings: Settings, store: Store, worker: InferenceWorker, topics: Topics
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._worker = worker
+        self._topics = topics
+        self._routes = {route.name: route for route in settings.routes}
+        self._versions = {route.name: prompt_version(route) for route in settings.routes}
+        self.completed = 0
+        self.last_progress = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process readings until `stop` is set; the reading in hand is always finished first."""
+        while not stop.is_set():
+            # Clear before leasing: a reading committed after the lease found none sets it again.
+            self._store.inbox_changed.clear()
+            reading = await self._store.lease()
+            if reading is None:
+                await first_of(self._store.inbox_changed, stop)
+                continue
+            await self.process(reading)
+            self.last_progress = time.monotonic()
+
+    async def process(self, reading: Reading) -> None:
+        route = self._routes.get(reading.route)
+        if route is None:
+            await self._dead_letter(reading, f"route {reading.route!r} is no longer configured")
+            return
+        try:
+            await self._infer_and_record(route, reading)
+        except TransientError as exc:
+            if reading.attempts >= self._settings.pipeline.max_attempts:
+                await self._dead_letter(
+                    reading, f"inference failed {reading.attempts} times; last: {exc}"
+                )
+                return
+            log.warning("inference_retry", id=reading.id, attempt=reading.attempts, error=str(exc))
+            await self._store.release(reading.id)
+            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+        except PermanentError as exc:
+            await self._dead_letter(reading, f"inference refused the reading: {exc}")
+
+    async def _infer_and_record(self, route: Route, reading: Reading) -> None:
+        source = json.loads(reading.payload)
+        messages = build_messages(route, reading.topic, reading.payload.decode())
+        completion: Completion | None = None
+        error: str | None = None
+        output: Any = None
+        for attempt in range(route.output_attempts):
+            completion = await self._worker.complete(
+                messages,
+                max_tokens=route.max_tokens,
+                temperature=route.temperature if attempt == 0 else max(route.temperature,
+                                                                      RETRY_TEMPERATURE),
+                seed=self._settings.model.seed + attempt,
+                schema=route.output_schema,
+            )
+            if route.output_schema is None:
+                output, error = completion.text, None
+                break
+            output, error = check_output(completion.text, route.output_schema)
+            if error is None:
+                break
+            log.info("output_invalid", id=reading.id, route=route.name, attempt=attempt + 1,
+                     error=error, finish_reason=completion.finish_reason)
+        row = result_row(
+            self._topics, reading, source,
+            output=output if error is None else None,
+            status="ok" if error is None else "failed",
+            completion=completion,
+            model=self._worker.info,
+            prompt_version=self._versions[route.name],
+            error=error,
+            raw=None if error is None or completion is None else completion.text,
+        )
+        await self._store.complete(reading.id, row)
+        self.completed += 1
+
+    async def _dead_letter(self, reading: Reading, reason: str) -> None:
+        log.warning("reading_dead_lettered", id=reading.id, topic=reading.topic, reason=reason)
+        letter = DeadLetter(reading.id, reading.topic, reading.payload, reason,
+                            reading.received_at)
+        await self._store.dead_letter_reading(letter, dead_letter_row(self._topics, letter))
+

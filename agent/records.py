@@ -1,0 +1,104 @@
+"""Records that cross module boundaries: frozen, slotted dataclasses and how their ids are derived.
+
+Owns the idempotency key. It must stay stable: the same source message always yields the same id,
+across restarts and redeliveries, so the cloud side can drop duplicates by `id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+
+def reading_id(device_id: str, topic: str, payload: bytes) -> str:
+    """Stable id of a sensor message: the same (device, topic, payload) always gives the same id.
+
+    A redelivered MQTT message is byte-identical, so it maps to the same id and is deduplicated.
+    Sensors should put a timestamp or sequence number in the payload: two byte-identical
+    readings on one topic are, by design, the same reading.
+    """
+    digest = hashlib.sha256()
+    for part in (device_id.encode(), topic.encode(), payload):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A message as the local broker delivered it, before it is classified."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A validated sensor reading waiting in the inbox for inference."""
+
+    id: str
+    topic: str
+    payload: bytes
+    received_at: float
+    route: str
+    priority: int
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input the agent refused, with the reason, kept locally and reported to the cloud."""
+
+    id: str
+    topic: str
+    payload: bytes
+    reason: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A record waiting for the cloud broker's PUBACK."""
+
+    seq: int
+    id: str
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Provenance of the model that produced a result."""
+
+    name: str
+    version: str
+    sha256: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What the inference worker returned for one request."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    latency_ms: float
+
+
+JSONValue = Any
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutboxRow:
+    """A record to be added to the outbox; `kind` and `id` together are unique."""
+
+    id: str
+    kind: str
+    topic: str
+    payload: bytes
+    priority: int

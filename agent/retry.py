@@ -1,0 +1,79 @@
+"""Retry pacing on monotonic time: capped exponential backoff with full jitter, and an outage
+log that reports the first failure, then at most once per interval with a count, then recovery.
+
+Pure logic apart from reading `time.monotonic`; no I/O.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import structlog
+
+
+class Backoff:
+    """Delays for successive retries: random in [base/2, min(cap, base * 2**n)].
+
+    Full jitter keeps a fleet of gateways from reconnecting in lock-step after a shared outage.
+    """
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random | None = None) -> None:
+        self._base = base_s
+        self._cap = max(cap_s, base_s)
+        self._rng = rng or random.Random()
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def next_delay(self) -> float:
+        ceiling = min(self._cap, self._base * 2.0 ** min(self._failures, 30))
+        self._failures += 1
+        return max(self._base / 2, self._rng.uniform(0, ceiling))
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+class OutageLog:
+    """Logs `<thing>_failed` on the first error, then once per `interval_s` with a count, and
+    `<thing>_recovered` when it works again, so a long outage does not flood the journal."""
+
+    def __init__(
+        self,
+        thing: str,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._thing = thing
+        self._interval = interval_s
+        self._clock = clock
+        self._log = structlog.get_logger()
+        self._failures = 0
+        self._since = 0.0
+        self._last_logged = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._failures > 0
+
+    def failed(self, error: BaseException, **data: object) -> None:
+        now = self._clock()
+        self._failures += 1
+        if self._failures == 1:
+            self._since = self._last_logged = now
+            self._log.warning(f"{self._thing}_failed", error=str(error), **data)
+        elif now - self._last_logged >= self._interval:
+            self._last_logged = now
+            self._log.warning(f"{self._thing}_failing", error=str(error),
+                              failures=self._failures,
+                              for_s=round(now - self._since, 1), **data)
+
+    def recovered(self, **data: object) -> None:
+        if self._failures:
+            self._log.info(f"{self._thing}_recovered", failures=self._failures,
+                           after_s=round(self._clock() - self._since, 1), **data)
+        self._failures = 0

@@ -1,0 +1,44 @@
+"""Output validation: strict JSON parsing and JSON-schema checks. The only module that imports
+jsonschema. Pure logic.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, NoReturn
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why a schema is unusable, or None when it is a valid JSON schema."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return exc.message
+    return None
+
+
+def _no_constants(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+@lru_cache(maxsize=64)
+def _validator(schema_json: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_json))
+
+
+def check_output(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
+    """Parse the model's answer strictly and validate it: (value, None) or (None, the problem)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return None, f"output is not strict JSON: {exc}"
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    error = next(iter(validator.iter_errors(value)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return None, f"output fails the schema at {where}: {error.message}"
+    return value, None

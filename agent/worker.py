@@ -1,0 +1,111 @@
+"""The inference worker: a child process owning llama.cpp; the only module importing llama_cpp.
+
+It runs as `python -m agent.worker --model PATH ...` under agent/inference.py, which supervises it.
+It lives in its own process because a corrupt GGUF can crash the process, a `Llama` must not be
+shared between threads, `verbose=False` silences the whole process's stdio during a load, and
+memory is reliably returned only when a process exits.
+
+Protocol: one JSON object per line. After loading it writes {"event": "ready", ...} or
+{"event": "error", "error": ...}; then for each request line it writes exactly one response line.
+The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
+C library prints cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from llama_cpp import Llama
+from llama_cpp.llama_grammar import LlamaGrammar
+
+
+def _protocol_stream() -> TextIO:
+    private = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(private, "w", buffering=1, encoding="utf-8")
+
+
+def _send(stream: TextIO, message: dict[str, Any]) -> None:
+    stream.write(json.dumps(message, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+class Engine:
+    """A loaded model and the grammars built for it, one request at a time."""
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+        self._grammars: dict[str, LlamaGrammar] = {}
+
+    def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            self._grammars[key] = grammar
+        return grammar
+
+    def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        schema = request.get("schema")
+        started = time.perf_counter()
+        response: Any = self._llm.create_chat_completion(
+            messages=request["messages"],
+            max_tokens=int(request["max_tokens"]),
+            temperature=float(request.get("temperature", 0.0)),
+            seed=int(request.get("seed", 0)),
+            grammar=self._grammar(schema) if schema else None,
+        )
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        return {
+            "ok": True,
+            "text": choice["message"].get("content") or "",
+            "finish_reason": choice.get("finish_reason") or "",
+            "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+            "completion_tokens": int(usage.get("completion_tokens", 0)),
+            "latency_ms": (time.perf_counter() - started) * 1000,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = _protocol_stream()
+    started = time.perf_counter()
+    try:
+        llm = Llama(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            seed=args.seed,
+            verbose=False,
+        )
+    except Exception as exc:  # llama.cpp reports a bad file as ValueError or RuntimeError
+        _send(out, {"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
+                "pid": os.getpid()})
+    engine = Engine(llm)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            response = engine.complete(request)
+        except Exception as exc:  # one bad request must not take the worker down
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        response["id"] = request.get("id")
+        _send(out, response)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
