@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny model generated once per session, real mosquitto brokers on free
+loopback ports, and agent processes that are always stopped at teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools.harness import AgentProcess, Mosquitto, write_agent_config
+from tools.make_tiny_model import make_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+class Rig:
+    """A local and a cloud broker (the cloud one not started) and agents made on demand."""
+
+    def __init__(self, workdir: Path, model: Path) -> None:
+        self.workdir = workdir
+        self.model = model
+        self.local = Mosquitto("local", workdir)
+        self.cloud = Mosquitto("cloud", workdir)
+        self.agents: list[AgentProcess] = []
+
+    def config(self, **kwargs: object) -> Path:
+        return write_agent_config(
+            self.workdir / "agent.toml",
+            state_dir=self.workdir / "state",
+            model_path=self.model,
+            local_port=self.local.port,
+            cloud_port=self.cloud.port,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def agent(self, config: Path | None = None) -> AgentProcess:
+        agent = AgentProcess(config or self.config(), self.workdir / "agent.log")
+        self.agents.append(agent)
+        return agent.start()
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "state" / "agent.db"
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.kill()
+        self.local.kill()
+        self.cloud.kill()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, tiny_model: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path, tiny_model)
+    try:
+        yield rig
+    finally:
+        rig.close()

@@ -1,0 +1,59 @@
+"""agent/mqtt.py against a real mosquitto: PUBACK only when the agent says so.
+
+This is the test that pins aiomqtt 2.5's private path to paho's manual_ack: if an upgrade breaks
+it, an unacked reading would no longer be redelivered, and this test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent import mqtt
+from agent.config import BrokerSection
+from tools.harness import Mosquitto, publish_readings
+
+
+async def _receive_one(broker: BrokerSection, *, ack: bool) -> bytes:
+    async with mqtt.connect(broker, client_id="ack-test", persistent_session=True,
+                            manual_ack=True) as link:
+        await link.subscribe(["sensors/#"])
+        batch = await asyncio.wait_for(link.next_batch(10, 0.2), 10)
+        if ack:
+            for message in batch:
+                link.ack(message)
+            await asyncio.sleep(0.2)  # let the PUBACK leave before DISCONNECT
+        return b"|".join(m.payload for m in batch)
+
+
+async def _subscribe_only(broker: BrokerSection) -> None:
+    async with mqtt.connect(broker, client_id="ack-test", persistent_session=True,
+                            manual_ack=True) as link:
+        await link.subscribe(["sensors/#"])
+
+
+async def _nothing_pending(broker: BrokerSection) -> bool:
+    async with mqtt.connect(broker, client_id="ack-test", persistent_session=True,
+                            manual_ack=True) as link:
+        try:
+            await asyncio.wait_for(link.next_batch(10, 0), 1.0)
+        except TimeoutError:
+            return True
+        return False
+
+
+def test_unacked_message_is_redelivered_and_acked_one_is_not(tmp_path: Path) -> None:
+    """A QoS 1 message received without an ack comes back on the next connection of the same
+    persistent session; once acked, the next connection receives nothing."""
+    local = Mosquitto("local", tmp_path).start()
+    try:
+        broker = BrokerSection(port=local.port)
+        asyncio.run(_subscribe_only(broker))  # creates the persistent session
+        publish_readings(local.port, [("sensors/a/temperature", b"reading-1")])
+
+        first = asyncio.run(_receive_one(broker, ack=False))
+        second = asyncio.run(_receive_one(broker, ack=True))
+        assert first == second == b"reading-1"
+        assert asyncio.run(_nothing_pending(broker))
+    finally:
+        local.kill()
