@@ -178,6 +178,7 @@ def make_model(path: Path, *, preset: str = "tiny", seed: int = 0, **overrides: 
     """Write the model to ``path`` (atomically, via a temporary sibling) and return ``path``."""
     cfg = resolve_config(preset, **overrides)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         _write(tmp, cfg, seed)

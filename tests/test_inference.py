@@ -1,0 +1,111 @@
+"""The inference worker on real llama.cpp: constrained output, deadline, crash and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent.config import ModelSection
+from agent.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
+from agent.inference import InferenceWorker, identify
+
+SCHEMA = {"type": "object", "properties": {"level": {"enum": ["normal", "warning", "critical"]}},
+          "required": ["level"], "additionalProperties": False}
+MESSAGES = [{"role": "user", "content": "Classify: {\"celsius\": 80}"}]
+
+
+async def started(model: Path, **kwargs: float) -> InferenceWorker:
+    section = ModelSection(path=model, n_ctx=256, n_threads=1, **kwargs)  # type: ignore[arg-type]
+    worker = InferenceWorker(section, await identify(section, "tiny"))
+    await worker.start()
+    return worker
+
+
+async def ask(worker: InferenceWorker, seed: int = 0) -> str:
+    completion = await worker.complete(MESSAGES, max_tokens=32, temperature=0.8, seed=seed,
+                                       schema=SCHEMA)
+    return completion.text
+
+
+def test_schema_constrained_answers_parse(tiny_model: Path) -> None:
+    """Twenty sampled answers under the route's schema all parse and satisfy the enum."""
+
+    async def scenario() -> list[str]:
+        worker = await started(tiny_model)
+        try:
+            return [await ask(worker, seed) for seed in range(20)]
+        finally:
+            await worker.close()
+
+    for text in asyncio.run(scenario()):
+        assert json.loads(text)["level"] in ("normal", "warning", "critical")
+
+
+def test_a_hung_worker_misses_the_deadline_is_killed_and_replaced(tiny_model: Path) -> None:
+    """SIGSTOP makes the worker hang: the request fails with WorkerTimeout after the deadline,
+    the stopped process is gone, and the next request is served by a new worker."""
+
+    async def scenario() -> None:
+        worker = await started(tiny_model, request_timeout_s=1.0)
+        try:
+            hung = worker.pid
+            assert hung is not None
+            os.kill(hung, signal.SIGSTOP)
+            with pytest.raises(WorkerTimeout):
+                await ask(worker)
+            with pytest.raises(ProcessLookupError):
+                os.kill(hung, 0)
+            assert json.loads(await ask(worker))["level"]
+            assert worker.pid != hung
+            assert worker.restarts == 1
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_killed_mid_request_raises_crashed_then_recovers(tiny_model: Path) -> None:
+    """A worker SIGKILLed while a request is in flight gives WorkerCrashed, not a hang."""
+
+    async def scenario() -> None:
+        worker = await started(tiny_model, request_timeout_s=30.0)
+        try:
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # hold the request in flight, then kill
+            request = asyncio.ensure_future(ask(worker))
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed, match="SIGKILL"):
+                await asyncio.wait_for(request, 10)
+            assert json.loads(await ask(worker))["level"]
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_file_that_is_not_a_gguf_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """llama.cpp's refusal reaches the daemon as ModelLoadError; the daemon survives it."""
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + os.urandom(4096))
+
+    async def scenario() -> None:
+        with pytest.raises(ModelLoadError, match=r"bogus\.gguf"):
+            await started(bogus)
+
+    asyncio.run(scenario())
+
+
+def test_same_arguments_make_a_byte_identical_model(tmp_path: Path, tiny_model: Path) -> None:
+    from tools.make_tiny_model import make_model
+
+    again = make_model(tmp_path / "again.gguf")
+    assert again.read_bytes() == tiny_model.read_bytes()
+    other = make_model(tmp_path / "other.gguf", seed=1)
+    assert other.read_bytes() != tiny_model.read_bytes()

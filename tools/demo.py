@@ -1,0 +1,149 @@
+"""The edge-agent demo, on real parts: two mosquitto brokers on loopback (the gateway's and a
+stand-in for the cloud's), a generated GGUF model, the agent, and a sensor simulator.
+
+It shows, in order: results flowing; a cloud outage bridged by the SQLite outbox with nothing
+lost; a malformed payload dead-lettered with its reason; a graceful stop. Run it with tools/demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.store import read_counts
+from tools.harness import (
+    AgentProcess,
+    CloudCollector,
+    Mosquitto,
+    publish_readings,
+    wait_until,
+    write_agent_config,
+)
+from tools.make_tiny_model import make_model
+
+SENSORS = ["press-1", "oven-2", "cooler-3"]
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+class Simulator:
+    """Sensors that publish temperature readings with a sequence number (QoS 1)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent = 0
+        self._rng = random.Random(7)
+
+    def burst(self, n: int) -> None:
+        readings = []
+        for _ in range(n):
+            sensor = SENSORS[self.sent % len(SENSORS)]
+            body = {"sensor": sensor, "seq": self.sent, "ts": time.time(),
+                    "celsius": round(self._rng.uniform(15, 95), 1)}
+            readings.append((f"sensors/{sensor}/temperature", json.dumps(body).encode()))
+            self.sent += 1
+        publish_readings(self.port, readings, client_id="demo-sensors")
+
+    def run_for(self, seconds: float, per_second: int) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.burst(per_second)
+            time.sleep(1)
+
+
+def show_results(collector: CloudCollector, since: int, limit: int = 5) -> int:
+    results = collector.results()
+    for body in results[since:since + limit]:
+        reading = body["source"]["payload"]
+        say(f"  result {body['id'][:8]}  {body['source']['topic']:<30} "
+            f"{reading['celsius']:>5} C -> {json.dumps(body['output'])}  "
+            f"({body['executor']}, {body['latency_ms']} ms, model sha256 "
+            f"{body['model']['sha256'][:10]})")
+    return len(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("demo-state"),
+                        help="where brokers, model, store and logs go (emptied first)")
+    parser.add_argument("--rate", type=int, default=20, help="readings per second")
+    args = parser.parse_args(argv)
+    work = args.workdir.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    say(f"working in {work}")
+    model = make_model(work / "models" / "tiny.gguf")
+    say(f"generated a {model.stat().st_size // 1024} KiB llama GGUF model: {model}")
+    local = Mosquitto("local", work).start()
+    cloud = Mosquitto("cloud", work).start()
+    say(f"local broker on 127.0.0.1:{local.port}, cloud broker on 127.0.0.1:{cloud.port}")
+    collector = CloudCollector(cloud.port, client_id="demo-cloud-consumer").start()
+    config = write_agent_config(work / "agent.toml", state_dir=work / "state",
+                                model_path=model, local_port=local.port,
+                                cloud_port=cloud.port, device_id="demo-gateway")
+    agent = AgentProcess(config, work / "agent.log").start()
+    store = work / "state" / "agent.db"
+    try:
+        ready = agent.wait_for_event("agent_ready", 120)
+        say(f"agent ready in {ready['startup_s']} s (log: {agent.log_path})")
+        sim = Simulator(local.port)
+
+        say(f"1. results flowing: {args.rate} readings/s for 5 s")
+        sim.run_for(5, args.rate)
+        wait_until(lambda: len(collector.distinct_ids()) >= sim.sent, 60, "results")
+        shown = show_results(collector, 0)
+        say(f"   {sim.sent} readings published, {len(collector.distinct_ids())} results "
+            "received at the cloud")
+
+        say("2. cloud outage: stopping the cloud broker, sensors keep publishing for 5 s")
+        cloud.stop()
+        before = sim.sent
+        sim.run_for(5, args.rate)
+        wait_until(lambda: read_counts(store)["inbox"] == 0, 60, "inference of the backlog")
+        say(f"   {sim.sent - before} readings during the outage; the outbox holds "
+            f"{read_counts(store)['outbox']} results waiting for the cloud")
+        say("   cloud broker back")
+        started = time.monotonic()
+        cloud.start()
+        wait_until(lambda: len(collector.distinct_ids()) >= sim.sent, 60, "the backlog")
+        say(f"   backlog delivered in {time.monotonic() - started:.1f} s")
+        shown = show_results(collector, shown, 3)
+
+        say("3. bad input: a payload that is not JSON")
+        publish_readings(local.port, [("sensors/press-1/temperature", b"{celsius: 21")],
+                         client_id="demo-sensors")
+        wait_until(lambda: bool(collector.results("deadletter")), 30, "the dead letter")
+        letter = collector.results("deadletter")[0]
+        say(f"   dead-lettered {letter['id'][:8]} from {letter['source']['topic']}: "
+            f"{letter['reason']}")
+
+        say("4. graceful stop (SIGTERM)")
+        started = time.monotonic()
+        code = agent.terminate()
+        say(f"   agent exited with {code} in {time.monotonic() - started:.1f} s")
+        ids = Counter(body["id"] for body in collector.results())
+        lost = sim.sent - len(ids)
+        say(f"summary: published={sim.sent} results={len(ids)} "
+            f"duplicates={sum(ids.values()) - len(ids)} lost={lost} "
+            f"dead_letters={len(collector.results('deadletter'))}")
+        return 0 if lost == 0 and code == 0 else 1
+    finally:
+        agent.kill()
+        collector.stop()
+        local.stop()
+        cloud.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
