@@ -126,6 +126,9 @@ async def connect(
         max_inflight_messages=max_inflight,
         **kwargs,
     )
+    # aiomqtt logs a warning for every call while more than this many are pending; a full
+    # publish window is normal here, not a warning.
+    client.pending_calls_threshold = max(client.pending_calls_threshold, (max_inflight or 0) * 2)
     if manual_ack:
         # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
         client._client.manual_ack_set(True)

@@ -12,6 +12,7 @@ thread and get the answer back through `loop.call_soon_threadsafe`, so nothing b
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import sqlite3
 import threading
@@ -275,12 +276,20 @@ def _insert_outbox(conn: sqlite3.Connection, row: NewOutboxRow) -> None:
 
 
 def _lease(conn: sqlite3.Connection) -> Reading | None:
-    with _Transaction(conn):
-        row = conn.execute(
-            "UPDATE inbox SET leased = 1, attempts = attempts + 1 WHERE seq = "
-            "(SELECT seq FROM inbox WHERE leased = 0 ORDER BY priority DESC, seq LIMIT 1) "
-            "RETURNING id, topic, payload, received_at, route, priority, attempts"
-        ).fetchone()
+    # A lease is void after any restart and no peer is told anything when one is taken, so its
+    # commit need not wait for an fsync: the next synchronous=FULL commit (the result's) syncs
+    # the WAL up to and including it. A process crash loses nothing either way (the WAL is in
+    # the OS cache); only a power cut may forget one attempt count.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with _Transaction(conn):
+            row = conn.execute(
+                "UPDATE inbox SET leased = 1, attempts = attempts + 1 WHERE seq = "
+                "(SELECT seq FROM inbox WHERE leased = 0 ORDER BY priority DESC, seq LIMIT 1) "
+                "RETURNING id, topic, payload, received_at, route, priority, attempts"
+            ).fetchone()
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
     if row is None:
         return None
     return Reading(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], row[6])
@@ -313,7 +322,9 @@ def _pending_outbox(conn: sqlite3.Connection, limit: int, after_seq: int) -> lis
 
 def _mark_delivered(conn: sqlite3.Connection, seqs: list[int]) -> None:
     with _Transaction(conn):
-        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+        # One statement for the whole group: far cheaper than a DELETE per row.
+        conn.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                     (json.dumps(seqs),))
         conn.execute(
             "INSERT INTO counters (name, value) VALUES ('delivered', ?) "
             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",

@@ -15,6 +15,7 @@ import structlog
 
 from agent import mqtt
 from agent.config import Settings
+from agent.records import OutboxRow
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
 from agent.waits import first_of, wait_or_timeout
@@ -60,28 +61,97 @@ class Uplink:
             await wait_or_timeout(stop, backoff.next_delay())
 
     async def _pump(self, link: mqtt.Link, stop: asyncio.Event) -> None:
-        timeout_s = self._broker.publish_timeout_s
+        """Keep up to `inflight_window` rows in flight; commit PUBACKed rows in groups.
+
+        Publishing never waits for a commit: the committer retires whatever was acked while
+        its previous transaction ran, so one fsync covers many rows. A row is deleted only
+        after its PUBACK; rows acked but not yet committed when the link breaks are sent again
+        (duplicates bounded by the window), never lost.
+        """
+        window = _Window(self._broker.inflight_window)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._commit_acked(window), name="uplink-commit")
+                await self._send_rows(link, tasks, window, stop)
+                await window.idle.wait()
+                window.finish()
+        except BaseExceptionGroup as group:
+            links = [e for e in group.exceptions if isinstance(e, mqtt.LinkDown)]
+            if len(links) == len(group.exceptions):
+                raise links[0] from group
+            raise
+        finally:
+            if window.acked:
+                await self._retire(window.take())
+
+    async def _send_rows(self, link: mqtt.Link, tasks: asyncio.TaskGroup, window: _Window,
+                         stop: asyncio.Event) -> None:
+        sent_up_to = 0
         while True:
             self._store.outbox_changed.clear()
-            rows = await self._store.pending_outbox(self._broker.inflight_window)
+            rows = await self._store.pending_outbox(window.size, after_seq=sent_up_to)
             if not rows:
                 if stop.is_set():
                     return
                 await first_of(self._store.outbox_changed, stop)
                 continue
-            # All publishes of a window are in flight together; paho sends them in this order.
-            outcomes = await asyncio.gather(
-                *(link.publish(row.topic, row.payload, timeout_s=timeout_s) for row in rows),
-                return_exceptions=True,
-            )
-            acked = [row.seq for row, outcome in zip(rows, outcomes, strict=True)
-                     if outcome is None]
-            if acked:
-                await self._store.mark_delivered(acked)
-                self.delivered += len(acked)
-                self.last_progress = time.monotonic()
-                log.debug("outbox_batch_delivered", rows=len(acked))
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            for row in rows:
+                await window.slots.acquire()
+                window.started()
+                # paho puts PUBLISH packets on the wire in this order: per-stream order holds.
+                tasks.create_task(self._publish(link, row, window), name="uplink-publish")
+                sent_up_to = row.seq
 
+    async def _publish(self, link: mqtt.Link, row: OutboxRow, window: _Window) -> None:
+        try:
+            await link.publish(row.topic, row.payload, timeout_s=self._broker.publish_timeout_s)
+        finally:
+            window.slots.release()
+            window.finished()
+        window.acked.append(row.seq)
+        window.ready.set()
+
+    async def _commit_acked(self, window: _Window) -> None:
+        while not (window.done and not window.acked):
+            await window.ready.wait()
+            window.ready.clear()
+            if window.acked:
+                await self._retire(window.take())
+
+    async def _retire(self, seqs: list[int]) -> None:
+        await self._store.mark_delivered(seqs)
+        self.delivered += len(seqs)
+        self.last_progress = time.monotonic()
+        log.debug("outbox_batch_delivered", rows=len(seqs))
+
+
+class _Window:
+    """The rows in flight on one connection, and the PUBACKed ones awaiting their commit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots = asyncio.Semaphore(size)
+        self.acked: list[int] = []
+        self.ready = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.done = False
+        self._in_flight = 0
+
+    def started(self) -> None:
+        self._in_flight += 1
+        self.idle.clear()
+
+    def finished(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.idle.set()
+
+    def take(self) -> list[int]:
+        seqs, self.acked = self.acked, []
+        return seqs
+
+    def finish(self) -> None:
+        """No more publishes on this connection: the committer retires the rest and returns."""
+        self.done = True
+        self.ready.set()

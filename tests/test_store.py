@@ -119,3 +119,19 @@ def test_outbox_rows_are_retired_only_when_marked_delivered(tmp_path: Path) -> N
         await store.close()
 
     run(scenario())
+
+
+def test_a_lease_leaves_the_connection_at_synchronous_full(tmp_path: Path) -> None:
+    """Leases commit without an fsync of their own; every later commit is FULL again."""
+
+    async def scenario() -> int:
+        store = await Store.open(tmp_path / "s.db")
+        await store.ingest([reading(1)], [])
+        await store.lease()
+        level: int = await store._call(
+            lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]
+        )
+        await store.close()
+        return level
+
+    assert run(scenario()) == 2

@@ -1,0 +1,380 @@
+"""Benchmarks: edge-agent measured side by side with the raw libraries, in the same run.
+
+Each figure is a ratio against its raw limit on the same machine, because absolute times drift on
+shared machines:
+  inference  results/s and tokens/s, publish -> result at the cloud broker, against the same
+             prompts through llama-cpp-python in one process (same model, threads, grammar);
+  ingest     readings/s committed (WAL, synchronous=FULL) and acked by the agent, against a bare
+             paho subscriber draining the same queued backlog from the same broker;
+  uplink     a backlog of results delivered to the cloud broker after reconnect, against a bare
+             paho QoS 1 publisher with the same window and payload size;
+  footprint  agent RSS without the worker, worker RSS less the model file, start to READY.
+Hot swap and prefix cache figures arrive with the issues that build those features.
+
+Usage: tools/bench.py [--quick] [--json FILE]. --quick uses small sizes: a smoke test of the
+suite, not of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import Route
+from agent.routes import build_messages
+from agent.store import read_counts
+from tools.harness import (
+    AgentProcess,
+    CloudCollector,
+    Mosquitto,
+    publish_readings,
+    wait_until,
+    write_agent_config,
+)
+from tools.make_tiny_model import make_model
+
+THREADS = 2
+MAX_TOKENS = 24
+SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
+          "properties": {"level": {"enum": ["normal", "warning", "critical"]}}}
+ROUTE = Route(name="temperature", topics=["sensors/+/temperature"], max_tokens=MAX_TOKENS,
+              instruction="Classify the temperature reading as normal, warning or critical.",
+              output_schema=SCHEMA)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    inference: int
+    ingest: int
+    uplink: int
+    model_preset: str
+
+
+FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench")
+QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny")
+
+
+def reading(i: int) -> tuple[str, bytes]:
+    body = {"sensor": f"s{i % 8}", "seq": i, "celsius": round(15 + (i * 7.3) % 80, 1)}
+    return f"sensors/s{i % 8}/temperature", json.dumps(body).encode()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Rig:
+    def __init__(self, work: Path, model: Path) -> None:
+        self.work = work
+        self.model = model
+        self.local = Mosquitto("local", work).start()
+        self.cloud = Mosquitto("cloud", work).start()
+
+    def agent(self, name: str, log_level: str = "info") -> AgentProcess:
+        state = self.work / name
+        config = write_agent_config(self.work / f"{name}.toml", state_dir=state,
+                                    model_path=self.model, local_port=self.local.port,
+                                    cloud_port=self.cloud.port, device_id=name)
+        text = config.read_text().replace('log_level = "debug"', f'log_level = "{log_level}"')
+        config.write_text(text.replace("n_threads = 1", f"n_threads = {THREADS}")
+                          .replace("n_ctx = 512", "n_ctx = 1024"))
+        return AgentProcess(config, self.work / f"{name}.log")
+
+    def close(self) -> None:
+        self.local.kill()
+        self.cloud.kill()
+
+
+# -- inference ------------------------------------------------------------------------------
+
+
+def raw_inference(model: Path, n: int) -> dict[str, float]:
+    from llama_cpp import Llama
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=THREADS, seed=0, verbose=False)
+    grammar = LlamaGrammar.from_json_schema(json.dumps(SCHEMA, sort_keys=True), verbose=False)
+    tokens = 0
+    started = time.perf_counter()
+    for i in range(n):
+        topic, payload = reading(i)
+        out: Any = llm.create_chat_completion(
+            messages=build_messages(ROUTE, topic, payload.decode()),  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS, temperature=0.0, seed=0, grammar=grammar)
+        tokens += int(out["usage"]["completion_tokens"])
+    elapsed = time.perf_counter() - started
+    return {"results_per_s": n / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def agent_inference(rig: Rig, n: int) -> dict[str, float]:
+    collector = CloudCollector(rig.cloud.port, client_id="bench-inference").start()
+    agent = rig.agent("inference").start()
+    try:
+        agent.wait_for_event("agent_ready", 120)
+        started = time.perf_counter()
+        publish_readings(rig.local.port, [reading(i) for i in range(n)], client_id="bench-pub")
+        wait_until(lambda: len(collector.distinct_ids()) >= n, 600, "inference results")
+        elapsed = time.perf_counter() - started
+        tokens = sum(r["tokens"]["completion"] for r in collector.results())
+        return {"results_per_s": n / elapsed, "tokens_per_s": tokens / elapsed}
+    finally:
+        agent.terminate()
+        collector.stop()
+
+
+# -- ingest ---------------------------------------------------------------------------------
+
+
+def _queue_backlog(port: int, client_id: str, n: int) -> None:
+    """Create a persistent session subscribed to sensors/#, then queue n readings for it."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    done = threading.Event()
+    client.on_subscribe = lambda *args: done.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe("sensors/#", qos=1)
+    done.wait(10)
+    client.disconnect()
+    client.loop_stop()
+    publish_readings(port, [reading(i) for i in range(n)], client_id=f"{client_id}-pub")
+
+
+def raw_ingest(rig: Rig, n: int) -> float:
+    _queue_backlog(rig.local.port, "bench-raw-sub", n)
+    got = 0
+    first = last = 0.0
+    finished = threading.Event()
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        nonlocal got, first, last
+        got += 1
+        if got == 1:
+            first = time.perf_counter()
+        if got == n:
+            last = time.perf_counter()
+            finished.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-sub",
+                         clean_session=False)
+    client.on_message = on_message
+    client.connect("127.0.0.1", rig.local.port)
+    client.loop_start()
+    finished.wait(300)
+    client.disconnect()
+    client.loop_stop()
+    return n / max(last - first, 1e-9)
+
+
+def agent_ingest(rig: Rig, n: int) -> float:
+    agent = rig.agent("ingest", log_level="debug").start()
+    agent.wait_for_event("agent_ready", 120)  # creates the persistent session
+    agent.terminate()
+    publish_readings(rig.local.port, [reading(i) for i in range(n)], client_id="bench-pub")
+    store = rig.work / "ingest" / "agent.db"
+    agent.start()
+    try:
+        def accepted() -> int:
+            counts = read_counts(store)
+            return counts["inbox"] + counts["outbox"] + counts["delivered"]
+
+        wait_until(lambda: accepted() >= n, 600, "ingest of the backlog", interval_s=0.02)
+        # From SUBACK (the broker has started delivering the backlog) to the last commit.
+        subscribed = _stamp(agent.wait_for_event("ingest_subscribed", 10))
+        commits = [_stamp(e) for e in agent.events() if e.get("event") == "ingest_batch_committed"]
+        return n / max(max(commits) - subscribed, 1e-9)
+    finally:
+        agent.terminate()
+
+
+def _stamp(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+# -- uplink ---------------------------------------------------------------------------------
+
+
+def _fill_outbox(store: Path, n: int, size: int) -> None:
+    conn = sqlite3.connect(store)
+    body = json.dumps({"pad": "x" * max(0, size - 12)}).encode()
+    with conn:
+        conn.executemany(
+            "INSERT INTO outbox (id, kind, topic, payload, priority, created_at) "
+            "VALUES (?, 'result', 'edge/uplink/results/temperature', ?, 0, 0)",
+            ((f"bench{i}", body) for i in range(n)),
+        )
+    conn.close()
+
+
+def raw_uplink(rig: Rig, n: int, size: int, window: int) -> float:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-pub")
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    acked = threading.Event()
+    count = 0
+
+    def on_publish(*args: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            acked.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", rig.cloud.port)
+    client.loop_start()
+    payload = json.dumps({"pad": "x" * max(0, size - 12)}).encode()
+    started = time.perf_counter()
+    for i in range(n):
+        client.publish(f"edge/raw/results/{i % 8}", payload, qos=1)
+    acked.wait(600)
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return n / elapsed
+
+
+def agent_uplink(rig: Rig, n: int, size: int) -> float:
+    agent = rig.agent("uplink")
+    config = agent.config
+    config.write_text(config.read_text().replace(
+        "[cloud_broker]\nport = ", "[cloud_broker]\ninflight_window = 64\nport = "))
+    rig.cloud.stop()
+    agent.start()
+    agent.wait_for_event("agent_ready", 120)
+    agent.terminate()
+    store = rig.work / "uplink" / "agent.db"
+    _fill_outbox(store, n, size)
+    rig.cloud.start()
+    agent.start()
+    try:
+        connected = agent.wait_for_event("uplink_connected", 120)
+        wait_until(lambda: read_counts(store)["outbox"] == 0, 900, "uplink drain",
+                   interval_s=0.05)
+        done = time.time()
+        return n / max(done - _stamp(connected), 1e-9)
+    finally:
+        agent.terminate()
+
+
+# -- footprint ------------------------------------------------------------------------------
+
+
+def footprint(rig: Rig) -> dict[str, float]:
+    agent = rig.agent("footprint").start()
+    try:
+        ready = agent.wait_for_event("agent_ready", 120)
+        worker = agent.wait_for_event("worker_ready", 10)
+        time.sleep(1.0)
+        assert agent.proc is not None
+        return {
+            "agent_rss_mib": _rss_kib(agent.proc.pid) / 1024,
+            "worker_rss_less_model_mib": (_rss_kib(int(worker["pid"])) * 1024
+                                          - rig.model.stat().st_size) / 2**20,
+            "start_to_ready_s": float(ready["startup_s"]),
+        }
+    finally:
+        agent.terminate()
+
+
+# -- the suite ------------------------------------------------------------------------------
+
+
+def _timed(label: str, fn: Callable[[], Any]) -> Any:
+    print(f"bench: {label} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    value = fn()
+    print(f"bench: {label} done in {time.perf_counter() - started:.1f}s", file=sys.stderr,
+          flush=True)
+    return value
+
+
+def run(sizes: Sizes, work: Path) -> dict[str, Any]:
+    model = make_model(work / f"{sizes.model_preset}.gguf", preset=sizes.model_preset)
+    rig = Rig(work, model)
+    try:
+        raw_inf = _timed("inference, raw llama-cpp-python", lambda: raw_inference(model,
+                                                                                sizes.inference))
+        agent_inf = _timed("inference, through the agent", lambda: agent_inference(
+            rig, sizes.inference))
+        raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
+        agent_in = _timed("ingest, agent", lambda: agent_ingest(rig, sizes.ingest))
+        raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
+            rig, sizes.uplink, 600, 64))
+        agent_up = _timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
+        foot = _timed("footprint", lambda: footprint(rig))
+    finally:
+        rig.close()
+    return {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "model": sizes.model_preset,
+                    "model_bytes": model.stat().st_size, "threads": THREADS},
+        "sizes": sizes.__dict__,
+        "inference": {"agent": agent_inf, "raw": raw_inf,
+                      "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"],
+                      "target": 0.90},
+        "ingest": {"agent_per_s": agent_in, "raw_per_s": raw_in,
+                   "ratio": agent_in / raw_in, "target": 0.5, "target_abs_per_s": 5000},
+        "uplink": {"agent_per_s": agent_up, "raw_per_s": raw_up,
+                   "ratio": agent_up / raw_up, "target": 0.5},
+        "footprint": foot,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    inf, ing, up, foot = (results[k] for k in ("inference", "ingest", "uplink", "footprint"))
+    rows = [
+        ("inference results/s", inf["agent"]["results_per_s"], inf["raw"]["results_per_s"],
+         inf["ratio"], ">= 0.90"),
+        ("inference tokens/s", inf["agent"]["tokens_per_s"], inf["raw"]["tokens_per_s"],
+         inf["agent"]["tokens_per_s"] / inf["raw"]["tokens_per_s"], ""),
+        ("durable ingest readings/s", ing["agent_per_s"], ing["raw_per_s"], ing["ratio"],
+         ">= 0.5 and >= 5000/s"),
+        ("uplink drain results/s", up["agent_per_s"], up["raw_per_s"], up["ratio"], ">= 0.5"),
+    ]
+    lines = ["| measure | edge-agent | raw | ratio | target |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {a:,.1f} | {r:,.1f} | {ratio:.2f} | {target} |"
+              for name, a, r, ratio, target in rows]
+    lines += [
+        f"| agent RSS without worker | {foot['agent_rss_mib']:.1f} MiB | | | |",
+        f"| worker RSS less model file | {foot['worker_rss_less_model_mib']:.1f} MiB | | | |",
+        f"| start to READY | {foot['start_to_ready_s']:.2f} s | | | |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args(argv)
+    with TemporaryDirectory(prefix="edge-bench-") as tmp:
+        results = run(QUICK if args.quick else FULL, Path(tmp))
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
