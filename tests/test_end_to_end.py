@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 
 from agent.store import read_counts, read_dead_letters
@@ -127,4 +128,24 @@ def test_agent_started_before_the_local_broker_becomes_ready_when_it_appears(rig
     agent.wait_for_event("agent_ready", 30)
     publish_readings(rig.local.port, readings(3))
     wait_until(lambda: len(collector.distinct_ids()) == 3, 60, "3 results")
+    collector.stop()
+
+
+def test_sigterm_with_the_cloud_down_stops_promptly_and_keeps_unsent_results(rig: Rig) -> None:
+    """SIGTERM while the cloud is unreachable: exit 0 well within the drain deadline, every
+    result still in the outbox; the next run delivers them."""
+    rig.local.start()
+    agent = rig.agent()
+    agent.wait_for_event("agent_ready")
+    publish_readings(rig.local.port, readings(20))
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 20, 60, "20 outbox rows")
+    started = time.monotonic()
+    assert agent.terminate(timeout_s=30) == 0
+    assert time.monotonic() - started < 10  # drain_timeout_s in the test config
+    assert read_counts(rig.store)["outbox"] == 20
+
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    rig.agent().wait_for_event("agent_ready")
+    wait_until(lambda: len(collector.distinct_ids()) == 20, 60, "the 20 kept results")
     collector.stop()
