@@ -58,24 +58,19 @@ class Link:
         Waits are never cancelled mid-get (a cancelled get can swallow a message that was already
         taken off aiomqtt's queue): after the first message the batch takes only what is queued.
         """
-        batch = [await self._next()]
-        if len(self._messages) == 0 and wait_s > 0:
-            await asyncio.sleep(wait_s)
-        while len(batch) < max_messages and len(self._messages) > 0:
-            batch.append(await self._next())
-        return batch
-
-    async def _next(self) -> IncomingMessage:
         try:
-            message = await anext(self._messages)
+            first = await anext(self._messages)
         except aiomqtt.MqttError as exc:
             raise LinkDown(f"connection lost: {exc}") from exc
-        payload = message.payload
-        if isinstance(payload, str):
-            payload = payload.encode()
-        elif not isinstance(payload, bytes | bytearray):
-            payload = b"" if payload is None else str(payload).encode()
-        return IncomingMessage(message.topic.value, bytes(payload), message.mid, message.qos)
+        batch = [_incoming(first)]
+        if len(self._messages) == 0 and wait_s > 0:
+            await asyncio.sleep(wait_s)
+        # aiomqtt's iterator spawns a task per message; messages already queued are taken
+        # directly from its queue (aiomqtt 2.5's `Client._queue`), which is several times faster.
+        queue = self._client._queue
+        while len(batch) < max_messages and not queue.empty():
+            batch.append(_incoming(queue.get_nowait()))
+        return batch
 
     def ack(self, message: IncomingMessage) -> None:
         """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
@@ -92,6 +87,15 @@ class Link:
             )
         except aiomqtt.MqttError as exc:
             raise LinkDown(f"publish to {topic} failed: {exc}") from exc
+
+
+def _incoming(message: aiomqtt.Message) -> IncomingMessage:
+    payload = message.payload
+    if isinstance(payload, str):
+        payload = payload.encode()
+    elif not isinstance(payload, bytes | bytearray):
+        payload = b"" if payload is None else str(payload).encode()
+    return IncomingMessage(message.topic.value, bytes(payload), message.mid, message.qos)
 
 
 def _refused(granted: int | ReasonCode) -> bool:
