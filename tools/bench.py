@@ -363,11 +363,15 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="llama.cpp threads, the same for the raw run and the agent")
     args = parser.parse_args(argv)
+    THREADS = args.threads
     with TemporaryDirectory(prefix="edge-bench-") as tmp:
         results = run(QUICK if args.quick else FULL, Path(tmp))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
