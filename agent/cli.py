@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(app.run(settings))
+    except ConfigError as exc:  # found only at start-up, e.g. a TLS file that cannot be loaded
+        print(f"edge-agent: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except AgentError as exc:
         structlog.get_logger().error("agent_failed", error=str(exc),
                                      error_type=type(exc).__name__)

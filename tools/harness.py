@@ -250,6 +250,7 @@ def write_agent_config(
     device_id: str = "gw-test",
     routes: str = TEST_ROUTES,
     extra: str = "",
+    service: str = "metrics_port = 0",
 ) -> Path:
     """A configuration for an agent between two loopback brokers, with fast reconnects."""
     path.write_text(f"""
@@ -280,6 +281,8 @@ n_ctx = 512
 n_threads = 1
 request_timeout_s = 20
 {extra}
+[service]
+{service}
 {routes}
 """)
     return path
