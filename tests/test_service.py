@@ -4,6 +4,7 @@ rows. The agent is a real process between real brokers, on real llama.cpp."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -93,10 +94,11 @@ def test_ready_is_sent_after_the_model_answered_the_probe(
     ready_at = notify.times("READY=1")[0]
     answered = [e for e in agent.events() if e.get("event") == "model_answered"]
     assert answered, "READY=1 came before the model answered the probe"
-    assert notify.statuses() and notify.statuses()[0].startswith("model tiny-test v1")
+    assert notify.statuses()
+    assert notify.statuses()[0].startswith("model tiny-test v1")
     wait_until(lambda: len(notify.times("WATCHDOG=1")) >= 4, 10, "four watchdog pings")
     pings = notify.times("WATCHDOG=1")
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert all(0.2 < gap < 1.0 for gap in gaps), gaps
     assert len(notify.times("READY=1")) == 1
     ready = agent.wait_for_event("service_ready")
