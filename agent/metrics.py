@@ -148,11 +148,13 @@ class Endpoint:
         self._metrics = metrics
         self._ready = ready
         self.port: int | None = None
+        self.listening = asyncio.Event()
 
     async def serve(self, host: str, port: int) -> None:
         """Listen until cancelled."""
         server = await asyncio.start_server(self._handle, host, port)
         self.port = int(server.sockets[0].getsockname()[1])
+        self.listening.set()
         log.info("metrics_serving", host=host, port=self.port,
                  url=f"http://{host}:{self.port}/metrics")
         async with server:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 import structlog
 
-from agent.errors import StoreFull
+from agent.errors import StoreFull, StoreUnreadable
 from agent.records import DeadLetter, NewOutboxRow, OutboxRow, QueueStats, Reading
 
 log = structlog.get_logger()
@@ -382,7 +382,7 @@ def queue_stats(conn: sqlite3.Connection, now: float) -> QueueStats:
 
 def _read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
-        raise FileNotFoundError(f"no store at {path}")
+        raise StoreUnreadable(f"no store at {path}")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
@@ -391,6 +391,8 @@ def read_stats(path: Path) -> QueueStats:
     conn = _read_only(path)
     try:
         return queue_stats(conn, time.time())
+    except sqlite3.Error as exc:
+        raise StoreUnreadable(f"{path}: {exc}") from exc
     finally:
         conn.close()
 
@@ -408,5 +410,7 @@ def read_oldest(path: Path, table: str, limit: int = 10) -> list[dict[str, Any]]
     try:
         rows = conn.execute(f"SELECT {columns} FROM {table} ORDER BY seq LIMIT ?", (limit,))
         return [dict(row) for row in rows]
+    except sqlite3.Error as exc:
+        raise StoreUnreadable(f"{path}: {exc}") from exc
     finally:
         conn.close()
