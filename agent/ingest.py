@@ -53,6 +53,7 @@ class Ingest:
                     client_id=self._client_id,
                     persistent_session=True,
                     manual_ack=True,
+                    name="local_broker",
                 ) as link:
                     await link.subscribe(subscriptions(self._settings.routes))
                     outage.recovered()

@@ -151,6 +151,18 @@ async def connect(
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ssl.SSLError):
             raise LinkDown(f"{broker.host}:{broker.port}: TLS handshake refused: {cause}") from exc
+        if broker.tls and broker.cert_file is not None and isinstance(cause, TimeoutError):
+            # TLS 1.3 lets the client finish its handshake before the broker checks the client
+            # certificate (RFC 8446 4.4.2); a refusal then shows only as a missing CONNACK.
+            raise LinkDown(
+                f"{broker.host}:{broker.port}: TLS session opened but no CONNACK within "
+                f"{broker.connect_timeout_s}s: the broker probably refused the client "
+                f"certificate {broker.cert_file} (check it against the broker's CA)"
+            ) from exc
+        if broker.tls and isinstance(cause, OSError):
+            # e.g. a plaintext listener resets the connection on our ClientHello.
+            raise LinkDown(f"{broker.host}:{broker.port}: TLS connection failed: "
+                           f"{type(cause).__name__}: {cause}") from exc
         raise LinkDown(f"{broker.host}:{broker.port}: {exc}") from exc
 
 
