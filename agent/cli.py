@@ -1,5 +1,5 @@
 """The command line: `edge-agent run --config FILE` and `edge-agent check-config FILE`, and the
-operator's read-only views `edge-agent status` and `edge-agent queue` (agent/operator.py).
+operator's read-only views `edge-agent status` and `edge-agent queue` (agent/views.py).
 
 Exit codes: 0 done, 1 failed at run time, 2 usage, 78 (EX_CONFIG) bad configuration, which the
 systemd unit tells systemd not to restart.
@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok ({routes} routes, device {device})")
         return 0
     if args.command in ("status", "queue"):
-        from agent import operator
+        from agent import views
 
         if args.command == "status":
-            url = args.url or operator.metrics_url(settings)
-            return operator.print_status(url, settings.store_path, sys.stdout)
+            url = args.url or views.metrics_url(settings)
+            return views.print_status(url, settings.store_path, sys.stdout)
         try:
-            return operator.print_queue(settings.store_path, args.limit, sys.stdout)
+            return views.print_queue(settings.store_path, args.limit, sys.stdout)
         except StoreUnreadable as exc:
             print(f"edge-agent: cannot read the store: {exc}", file=sys.stderr)
             return 1

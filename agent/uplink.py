@@ -3,7 +3,8 @@
 Owns the publishing side of the cloud broker. Rows go out in outbox order, a window at a time;
 each row keeps its stable `id`, so a row resent after a lost PUBACK or a crash is a duplicate the
 receiver drops, never a loss. A broken link is reconnected with capped, jittered backoff, always
-with a fresh client.
+with a fresh client. It also owns the retained <prefix>/<device_id>/status topic: a birth message
+on connect, a refresh every `service.status_interval_s`, a last will "offline".
 """
 
 from __future__ import annotations
