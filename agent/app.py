@@ -1,8 +1,10 @@
 """The composition root: builds the components, owns every task in one TaskGroup, and runs the
 named start-up and shutdown phases.
 
-Start-up: open the store -> load the model in the worker and make it answer a probe -> start
-ingest, pipeline and uplink -> `agent_ready` once ingest has subscribed.
+Start-up: open the store -> load the model in the worker and make it answer a probe -> READY=1
+to systemd -> start ingest, pipeline, uplink, the watchdog, the status sampler and the metrics
+endpoint -> `agent_ready` once ingest has subscribed.
+STOPPING=1 goes to systemd on the first SIGTERM/SIGINT.
 Shutdown on SIGTERM/SIGINT, under `agent.drain_timeout_s`: stop taking input -> finish the
 reading in hand -> flush the outbox to the cloud -> stop the worker -> close the store.
 A second signal, or the deadline, cancels whatever is still running; unsent rows stay in the
@@ -14,20 +16,29 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
 
 import structlog
 
-from agent.config import Settings
+from agent import mqtt
+from agent.config import Settings, service_environment
 from agent.inference import InferenceWorker, identify
 from agent.ingest import Ingest
 from agent.messages import Topics
+from agent.metrics import Endpoint, Metrics
 from agent.pipeline import Pipeline
+from agent.records import QueueStats
+from agent.retry import OutageLog
+from agent.sdnotify import Notifier
+from agent.service import Service, summary_line
 from agent.store import Store
 from agent.uplink import Uplink
 
 log = structlog.get_logger()
 
 PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
+# Metrics and systemd's STATUS= line are refreshed from a store snapshot this often.
+SAMPLE_INTERVAL_S = 2.0
 
 
 class Agent:
@@ -36,6 +47,11 @@ class Agent:
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        env = service_environment()
+        self._notifier = Notifier(env.notify_socket)
+        self.service = Service(settings.service, env, self._notifier)
+        self.metrics = Metrics()
+        self._stats: QueueStats | None = None
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """First call starts the graceful drain; a second forces the stop."""
@@ -43,6 +59,7 @@ class Agent:
         if self._signals == 1:
             log.info("agent_stopping", signal=signame,
                      drain_timeout_s=self.settings.agent.drain_timeout_s)
+            self.service.stopping()
             self._stop_requested.set()
         else:
             log.warning("agent_stop_forced", signal=signame)
@@ -51,6 +68,10 @@ class Agent:
     async def run(self) -> None:
         started = time.monotonic()
         settings = self.settings
+        for name in ("local_broker", "cloud_broker"):
+            broker = getattr(settings, name)
+            if broker.tls:
+                mqtt.tls_context(broker, name)  # a bad TLS file is a ConfigError (exit 78) now
         store = await Store.open(settings.store_path)
         worker: InferenceWorker | None = None
         try:
@@ -62,19 +83,26 @@ class Agent:
                                           seed=settings.model.seed, schema=None)
             log.info("model_answered", model=info.name, version=info.version,
                      sha256=info.sha256, probe_ms=round(probe.latency_ms, 1))
+            self.metrics.active_model(info)
+            self._stats = await store.stats()
+            self.service.ready(summary_line(f"{info.name} v{info.version}", self._stats,
+                                            local_up=False, cloud_up=False))
+            log.info("service_ready", startup_s=round(time.monotonic() - started, 3),
+                     notify_socket=self._notifier.enabled)
             await self._serve(store, worker, started)
         finally:
             if worker is not None:
                 await worker.close()
             await store.close()
+            self._notifier.close()
             log.info("agent_stopped")
 
     async def _serve(self, store: Store, worker: InferenceWorker, started: float) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
-        pipeline = Pipeline(settings, store, worker, topics)
-        uplink = Uplink(settings, store)
+        pipeline = Pipeline(settings, store, worker, topics, observer=self.metrics)
+        uplink = Uplink(settings, store, status=lambda: self._status_body(ingest, uplink, worker))
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
@@ -82,6 +110,17 @@ class Agent:
             pipeline_task = tasks.create_task(pipeline.run(stop_pipeline), name="pipeline")
             uplink_task = tasks.create_task(uplink.run(stop_uplink), name="uplink")
             ready_task = tasks.create_task(self._announce_ready(ingest, started), name="ready")
+            self.service.watch([ingest.liveness, pipeline.liveness, uplink.liveness,
+                                worker.liveness])
+            observers = [
+                tasks.create_task(self.service.run_watchdog(), name="watchdog"),
+                tasks.create_task(self._sample(store, ingest, uplink, worker), name="sampler"),
+            ]
+            if settings.service.metrics_enabled:
+                endpoint = Endpoint(self.metrics, lambda: self._not_ready(store, worker))
+                observers.append(tasks.create_task(
+                    endpoint.serve(settings.service.metrics_host, settings.service.metrics_port),
+                    name="metrics"))
             await self._stop_requested.wait()
             deadline = time.monotonic() + settings.agent.drain_timeout_s
             ready_task.cancel()
@@ -95,6 +134,8 @@ class Agent:
             if not await self._within(uplink_task, deadline):
                 uplink_task.cancel()
             log.info("agent_drained", delivered_this_run=uplink.delivered, **await store.depths())
+            for task in observers:
+                task.cancel()
 
     async def _within(self, task: asyncio.Task[None], deadline: float) -> bool:
         """Wait for the task until the deadline or a forcing signal; True if it finished."""
@@ -105,6 +146,57 @@ class Agent:
         finally:
             force.cancel()
         return task.done()
+
+    async def _sample(
+        self, store: Store, ingest: Ingest, uplink: Uplink, worker: InferenceWorker
+    ) -> None:
+        """Every SAMPLE_INTERVAL_S: read the store's depths once, then update the metrics and
+        systemd's STATUS= line from that snapshot."""
+        model = f"{worker.info.name} v{worker.info.version}"
+        loops = ["ingest", "pipeline", "uplink", "inference_worker"]
+        outage = OutageLog("status_sample")
+        while True:
+            try:
+                self._stats = await store.stats()
+                outage.recovered()
+            except Exception as exc:  # not the data path: the next tick tries again
+                outage.failed(exc)
+            if self._stats is not None:
+                self.metrics.sample(
+                    self._stats,
+                    links={"local": (ingest.subscribed.is_set(), ingest.connects),
+                           "cloud": (uplink.connected, uplink.connects)},
+                    worker_restarts=worker.restarts, stalled=self.service.stalled, loops=loops,
+                    ready=self._not_ready(store, worker) is None)
+            self.service.status(summary_line(
+                model, self._stats, local_up=ingest.subscribed.is_set(),
+                cloud_up=uplink.connected, stalled=self.service.stalled))
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+    def _status_body(
+        self, ingest: Ingest, uplink: Uplink, worker: InferenceWorker
+    ) -> dict[str, Any]:
+        """The JSON summary in the retained MQTT status (uplink adds state and time)."""
+        stats = self._stats
+        return {
+            "model": {"name": worker.info.name, "version": worker.info.version,
+                      "sha256": worker.info.sha256},
+            "queues": None if stats is None else {
+                "inbox": stats.inbox, "outbox": stats.outbox, "dead_letter": stats.dead_letter,
+                "delivered": stats.delivered,
+                "oldest_undelivered_s": stats.oldest_undelivered_s},
+            "local_link": "up" if ingest.subscribed.is_set() else "down",
+            "worker_restarts": worker.restarts,
+            "stalled": self.service.stalled,
+        }
+
+    @staticmethod
+    def _not_ready(store: Store, worker: InferenceWorker) -> str | None:
+        if not store.is_open:
+            return "store closed"
+        if not worker.answering:
+            return "model not answering"
+        return None
 
     async def _announce_ready(self, ingest: Ingest, started: float) -> None:
         await ingest.subscribed.wait()

@@ -1,4 +1,5 @@
-"""The command line: `edge-agent run --config FILE` and `edge-agent check-config FILE`.
+"""The command line: `edge-agent run --config FILE` and `edge-agent check-config FILE`, and the
+operator's read-only views `edge-agent status` and `edge-agent queue` (agent/views.py).
 
 Exit codes: 0 done, 1 failed at run time, 2 usage, 78 (EX_CONFIG) bad configuration, which the
 systemd unit tells systemd not to restart.
@@ -14,7 +15,9 @@ from pathlib import Path
 import structlog
 
 from agent import config, logs
-from agent.errors import EXIT_CONFIG, AgentError, ConfigError
+from agent.errors import EXIT_CONFIG, AgentError, ConfigError, StoreUnreadable
+
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="the TOML configuration file")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", type=Path)
+    status = commands.add_parser("status", help="summary of a running agent (read-only)")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"the agent's configuration (default {DEFAULT_CONFIG})")
+    status.add_argument("--url", help="the agent's /metrics URL (default: from the config)")
+    queue = commands.add_parser("queue", help="depths, oldest rows, dead letters (read-only)")
+    queue.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"the agent's configuration (default {DEFAULT_CONFIG})")
+    queue.add_argument("--limit", type=int, default=10, help="rows shown per list")
     return parser
 
 
@@ -38,11 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         routes, device = len(settings.routes), settings.agent.device_id
         print(f"{args.config}: ok ({routes} routes, device {device})")
         return 0
+    if args.command in ("status", "queue"):
+        from agent import views
+
+        if args.command == "status":
+            url = args.url or views.metrics_url(settings)
+            return views.print_status(url, settings.store_path, sys.stdout)
+        try:
+            return views.print_queue(settings.store_path, args.limit, sys.stdout)
+        except StoreUnreadable as exc:
+            print(f"edge-agent: cannot read the store: {exc}", file=sys.stderr)
+            return 1
     logs.configure(settings.agent.log_level)
     from agent import app  # imported late: the config check needs none of the runtime
 
     try:
         asyncio.run(app.run(settings))
+    except ConfigError as exc:  # found only at start-up, e.g. a TLS file that cannot be loaded
+        print(f"edge-agent: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except AgentError as exc:
         structlog.get_logger().error("agent_failed", error=str(exc),
                                      error_type=type(exc).__name__)

@@ -7,7 +7,9 @@ frozen with `extra="forbid"`, so a misspelt key is an error that names it, never
 
 from __future__ import annotations
 
+import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +68,35 @@ class BrokerSection(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for CONNACK.")
     reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect backoff.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the reconnect backoff.")
+    tls: bool = Field(
+        default=False,
+        description="Connect with TLS, verifying the broker's certificate; never falls back to "
+        "plaintext.",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that sign the broker's certificate; default: the "
+        "system's trust store. Also read from the credential <role>-broker-ca.",
+    )
+    cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate for mutual TLS. Also read from the credential "
+        "<role>-broker-cert.",
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="PEM private key of cert_file. Also read from the credential "
+        "<role>-broker-key.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> BrokerSection:
+        given = [key for key in ("ca_file", "cert_file", "key_file") if getattr(self, key)]
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)} given but tls = false: set tls = true")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
 
 
 class LocalBrokerSection(BrokerSection):
@@ -114,6 +145,13 @@ class ModelSection(_Section):
         default=60.0,
         gt=0,
         description="Hard per-request deadline; a worker that misses it is killed and restarted.",
+    )
+    memory_limit_mb: int | None = Field(
+        default=None,
+        ge=64,
+        description="Address-space limit (RLIMIT_AS) of the inference worker process; unset: no "
+        "limit. A worker over it fails to load or to answer, is restarted, and the reading is "
+        "retried, then dead-lettered.",
     )
 
 
@@ -197,6 +235,10 @@ class Settings(BaseSettings):
         default_factory=PipelineSection, description="Retry policy of the inference pipeline."
     )
     routes: list[Route] = Field(min_length=1, description="Which readings go to which prompt.")
+    service: ServiceSection = Field(
+        default_factory=lambda: ServiceSection(),
+        description="systemd watchdog, status, metrics and health endpoints.",
+    )
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:
@@ -243,6 +285,7 @@ def load(path: Path) -> Settings:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe(exc)}") from exc
+    settings = _with_credentials(settings, os.environ.get("CREDENTIALS_DIRECTORY"))
     return _resolve_paths(settings, path.parent)
 
 
@@ -278,5 +321,113 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     model = settings.model.model_copy(
         update={"path": model_path if model_path.is_absolute() else base / model_path}
     )
-    return settings.model_copy(update={"agent": agent, "model": model})
+    brokers: dict[str, BrokerSection] = {}
+    for role in ("local_broker", "cloud_broker"):
+        broker: BrokerSection = getattr(settings, role)
+        files = {key: getattr(broker, key) for key in ("ca_file", "cert_file", "key_file")}
+        brokers[role] = broker.model_copy(update={
+            key: value if value is None or value.is_absolute() else base / value
+            for key, value in files.items()
+        })
+    return settings.model_copy(update={"agent": agent, "model": model, **brokers})
 
+
+
+class ServiceSection(_Section):
+    """How the agent runs under systemd and shows itself to operators."""
+
+    stall_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="A critical loop busy on one unit of work (an ingest commit, an inference "
+        "request, a model load, a publish window) for longer than this is stalled: systemd "
+        "watchdog pings stop. Keep it above model.request_timeout_s and model.load_timeout_s.",
+    )
+    status_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the retained MQTT status is refreshed.",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the /metrics, /healthz and /readyz endpoint listens on; keep it on "
+        "loopback unless a firewall guards it.",
+    )
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="TCP port of the metrics endpoint; 0 picks a free port (logged as "
+        "metrics_serving).",
+    )
+    metrics_enabled: bool = Field(
+        default=True, description="Serve /metrics, /healthz and /readyz."
+    )
+
+
+# systemd credential names (LoadCredential=NAME:PATH) and the broker key each one fills.
+CREDENTIALS = {
+    "password": "{role}-broker-password",
+    "ca_file": "{role}-broker-ca",
+    "cert_file": "{role}-broker-cert",
+    "key_file": "{role}-broker-key",
+}
+
+
+def _with_credentials(settings: Settings, directory: str | None) -> Settings:
+    """Fill broker secrets that the file and the environment leave unset from systemd's
+    $CREDENTIALS_DIRECTORY (LoadCredential=): passwords by value, TLS files by path."""
+    if not directory:
+        return settings
+    base = Path(directory)
+    updates: dict[str, BrokerSection] = {}
+    for section in ("local_broker", "cloud_broker"):
+        broker: BrokerSection = getattr(settings, section)
+        role = section.removesuffix("_broker")
+        found: dict[str, Any] = {}
+        for key, pattern in CREDENTIALS.items():
+            credential = base / pattern.format(role=role)
+            if getattr(broker, key) is not None or not credential.is_file():
+                continue
+            if key != "password" and not broker.tls:
+                continue  # TLS files mean nothing on a plaintext link; _check_tls says so
+            if key == "password":
+                try:
+                    secret = credential.read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError(
+                        f"{section}.password: cannot read credential {credential.name}"
+                    ) from exc
+                found[key] = SecretStr(secret)
+            else:
+                found[key] = credential
+        if found:
+            updates[section] = broker.model_copy(update=found)
+    return settings.model_copy(update=updates)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEnvironment:
+    """What systemd tells the service through the environment (sd_notify(3),
+    sd_watchdog_enabled(3)). Read here, in the one module that reads the environment, only when
+    `service_environment()` is called at start-up, never at import time.
+    """
+
+    notify_socket: str | None
+    watchdog_usec: int | None
+    watchdog_pid: int | None
+
+
+def service_environment() -> ServiceEnvironment:
+    """$NOTIFY_SOCKET, $WATCHDOG_USEC and $WATCHDOG_PID as systemd set them, or None each."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    return ServiceEnvironment(
+        notify_socket=os.environ.get("NOTIFY_SOCKET") or None,
+        watchdog_usec=int(usec) if usec.isdigit() and int(usec) > 0 else None,
+        watchdog_pid=int(pid) if pid.isdigit() else None,
+    )
+
+
+# ServiceSection is defined after Settings (appended with the service work); resolve the reference.
+Settings.model_rebuild()

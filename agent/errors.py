@@ -41,3 +41,7 @@ class ModelLoadError(PermanentError):
 
 class StoreFull(TransientError):
     """SQLite reported the disk or database full; input must stop being acked until it clears."""
+
+
+class StoreUnreadable(PermanentError):
+    """A read-only look at the store (the operator's commands) failed: no file, not a store."""

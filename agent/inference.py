@@ -19,6 +19,7 @@ import structlog
 
 from agent.config import ModelSection
 from agent.errors import ModelLoadError, PermanentError, WorkerCrashed, WorkerTimeout
+from agent.liveness import Liveness
 from agent.records import Completion, ModelInfo
 from agent.retry import Backoff
 
@@ -60,6 +61,9 @@ class InferenceWorker:
         self._backoff = Backoff(0.5, 30.0)
         self.restarts = 0
         self.pid: int | None = None
+        self.liveness = Liveness("inference_worker")
+        # Readiness: the model loaded and its last request (or the load) succeeded.
+        self.answering = False
 
     async def start(self) -> None:
         """Start the worker and wait until the model is loaded; ModelLoadError if it is refused."""
@@ -67,6 +71,9 @@ class InferenceWorker:
                 "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed)]
         if self._model.n_threads:
             args += ["--n-threads", str(self._model.n_threads)]
+        if self._model.memory_limit_mb:
+            args += ["--memory-limit-mb", str(self._model.memory_limit_mb)]
+        self.liveness.busy()
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             limit=_LINE_LIMIT,
@@ -75,12 +82,16 @@ class InferenceWorker:
         try:
             hello = await asyncio.wait_for(self._read(proc), self._model.load_timeout_s)
         except (TimeoutError, WorkerCrashed) as exc:
+            self.liveness.idle("model failed to load")
             await self._kill()
             raise ModelLoadError(f"worker did not load {self.info.path}: {exc!r}") from exc
         if hello.get("event") != "ready":
+            self.liveness.idle("model failed to load")
             await self._kill()
             raise ModelLoadError(f"llama.cpp refused {self.info.path}: {hello.get('error')}")
         self.pid = proc.pid
+        self.answering = True
+        self.liveness.idle("no request")
         log.info("worker_ready", pid=proc.pid, model=self.info.name,
                  load_ms=round(float(hello.get("load_ms", 0)), 1))
 
@@ -107,22 +118,29 @@ class InferenceWorker:
             request_id = next(self._ids)
             request = {"id": request_id, "messages": messages, "max_tokens": max_tokens,
                        "temperature": temperature, "seed": seed, "schema": schema}
+            self.liveness.busy()
             try:
                 proc.stdin.write(json.dumps(request).encode() + b"\n")
                 await proc.stdin.drain()
                 reply = await asyncio.wait_for(self._read(proc), self._model.request_timeout_s)
             except TimeoutError as exc:
+                self.answering = False
                 await self._kill()
                 raise WorkerTimeout(
                     f"no answer within {self._model.request_timeout_s}s; worker killed"
                 ) from exc
             except (BrokenPipeError, ConnectionResetError) as exc:
+                self.answering = False
                 await self._kill()
                 raise WorkerCrashed(f"worker pipe closed: {exc}") from exc
             except WorkerCrashed:
+                self.answering = False
                 await self._kill()
                 raise
+            finally:
+                self.liveness.idle("no request")
             self._backoff.reset()
+            self.answering = True
         if reply.get("id") != request_id:
             raise WorkerCrashed(f"worker answered request {reply.get('id')}, not {request_id}")
         if not reply.get("ok"):
@@ -149,6 +167,7 @@ class InferenceWorker:
         delay = self._backoff.next_delay() if self.restarts else 0.0
         self.restarts += 1
         log.warning("worker_restarting", restarts=self.restarts, delay_s=round(delay, 2))
+        self.liveness.idle("restart backoff")
         await asyncio.sleep(delay)
         await self.start()
 

@@ -18,6 +18,7 @@ import structlog
 from agent import mqtt, payload
 from agent.config import Settings
 from agent.errors import StoreFull
+from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row
 from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
 from agent.retry import Backoff, OutageLog
@@ -37,24 +38,29 @@ class Ingest:
         self.subscribed = asyncio.Event()
         self.received = 0
         self.last_progress = time.monotonic()
+        self.liveness = Liveness("ingest")
+        self.connects = 0
 
     async def run(self) -> None:
         """Receive until cancelled; reconnect with capped, jittered backoff after any failure."""
         backoff = Backoff(self._broker.reconnect_min_s, self._broker.reconnect_max_s)
         outage = OutageLog("ingest_link")
         while True:
+            self.liveness.idle("connecting to the local broker")
             try:
                 async with mqtt.connect(
                     self._broker,
                     client_id=self._client_id,
                     persistent_session=True,
                     manual_ack=True,
+                    name="local_broker",
                 ) as link:
                     await link.subscribe(subscriptions(self._settings.routes))
                     outage.recovered()
                     backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
                              client_id=self._client_id)
+                    self.connects += 1
                     self.subscribed.set()
                     await self._receive(link)
             except mqtt.LinkDown as exc:
@@ -63,13 +69,16 @@ class Ingest:
                 # Unacked messages stay with the broker; reconnecting makes it redeliver them.
                 outage.failed(exc, store_full=True)
             self.subscribed.clear()
+            self.liveness.idle("local broker link down")
             await asyncio.sleep(backoff.next_delay())
 
     async def _receive(self, link: mqtt.Link) -> None:
         while True:
+            self.liveness.idle("waiting for input")
             batch = await link.next_batch(
                 self._broker.batch_max_messages, self._broker.batch_wait_ms / 1000
             )
+            self.liveness.busy()
             readings, dead = self.classify(batch, time.time())
             outcome = await self._store.ingest(readings, dead)
             # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.

@@ -12,6 +12,7 @@ Library errors leave this module as `LinkDown`.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +21,7 @@ import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerSection
-from agent.errors import TransientError
+from agent.errors import ConfigError, TransientError
 from agent.records import IncomingMessage
 
 QOS_AT_LEAST_ONCE = 1
@@ -113,9 +114,23 @@ async def connect(
     persistent_session: bool,
     manual_ack: bool = False,
     max_inflight: int | None = None,
+    will: tuple[str, bytes] | None = None,
+    name: str = "broker",
 ) -> AsyncIterator[Link]:
-    """Connect with a fresh client; MQTT 3.1.1 clean_session=0 when `persistent_session`."""
+    """Connect with a fresh client; MQTT 3.1.1 clean_session=0 when `persistent_session`.
+
+    `will` (topic, payload) is a retained QoS 1 last will. With `broker.tls` the link is TLS or
+    nothing: a refused handshake is a LinkDown naming the certificate problem, never a retry
+    in plaintext.
+    """
     kwargs: dict[str, Any] = {}
+    if will is not None:
+        kwargs["will"] = aiomqtt.Will(will[0], will[1], qos=QOS_AT_LEAST_ONCE, retain=True)
+    if broker.tls:
+        try:
+            kwargs["tls_context"] = tls_context(broker, name)
+        except ConfigError as exc:
+            raise LinkDown(str(exc)) from exc
     if broker.username is not None:
         kwargs["username"] = broker.username
         if broker.password is not None:
@@ -140,4 +155,38 @@ async def connect(
         async with client:
             yield Link(client, manual_ack=manual_ack)
     except aiomqtt.MqttError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError):
+            raise LinkDown(f"{broker.host}:{broker.port}: TLS handshake refused: {cause}") from exc
+        if broker.tls and broker.cert_file is not None and isinstance(cause, TimeoutError):
+            # TLS 1.3 lets the client finish its handshake before the broker checks the client
+            # certificate (RFC 8446 4.4.2); a refusal then shows only as a missing CONNACK.
+            raise LinkDown(
+                f"{broker.host}:{broker.port}: TLS session opened but no CONNACK within "
+                f"{broker.connect_timeout_s}s: the broker probably refused the client "
+                f"certificate {broker.cert_file} (check it against the broker's CA)"
+            ) from exc
+        if broker.tls and isinstance(cause, OSError):
+            # e.g. a plaintext listener resets the connection on our ClientHello.
+            raise LinkDown(f"{broker.host}:{broker.port}: TLS connection failed: "
+                           f"{type(cause).__name__}: {cause}") from exc
         raise LinkDown(f"{broker.host}:{broker.port}: {exc}") from exc
+
+
+def tls_context(broker: BrokerSection, name: str) -> ssl.SSLContext:
+    """A client context that verifies the broker (CA file or the system store, host name
+    checked) and presents the client certificate for mutual TLS; ConfigError names the file."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(broker.ca_file) if broker.ca_file is not None else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if broker.cert_file is not None:
+            context.load_cert_chain(
+                broker.cert_file, broker.key_file if broker.key_file is not None else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(f"{k}={getattr(broker, k)}" for k in ("ca_file", "cert_file", "key_file")
+                          if getattr(broker, k) is not None)
+        raise ConfigError(f"{name}: cannot load the TLS files ({files}): {exc}") from exc
+    return context

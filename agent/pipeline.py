@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from agent.config import Route, Settings
 from agent.errors import PermanentError, TransientError
 from agent.inference import InferenceWorker
+from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
 from agent.records import Completion, DeadLetter, Reading
 from agent.routes import build_messages, prompt_version
@@ -32,9 +33,22 @@ log = structlog.get_logger()
 RETRY_TEMPERATURE = 0.8
 
 
+class PipelineObserver(Protocol):
+    """Told about every reading the pipeline finishes (agent/metrics.py implements it)."""
+
+    def result_recorded(
+        self, route: str, executor: str, outcome: str, completion: Completion | None
+    ) -> None: ...
+
+
 class Pipeline:
     def __init__(
-        self, settings: Settings, store: Store, worker: InferenceWorker, topics: Topics
+        self,
+        settings: Settings,
+        store: Store,
+        worker: InferenceWorker,
+        topics: Topics,
+        observer: PipelineObserver | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -44,14 +58,18 @@ class Pipeline:
         self._versions = {route.name: prompt_version(route) for route in settings.routes}
         self.completed = 0
         self.last_progress = time.monotonic()
+        self.liveness = Liveness("pipeline")
+        self.observer = observer
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process readings until `stop` is set; the reading in hand is always finished first."""
         while not stop.is_set():
             # Clear before leasing: a reading committed after the lease found none sets it again.
             self._store.inbox_changed.clear()
+            self.liveness.busy()
             reading = await self._store.lease()
             if reading is None:
+                self.liveness.idle("waiting for input")
                 await first_of(self._store.inbox_changed, stop)
                 continue
             await self.process(reading)
@@ -72,6 +90,7 @@ class Pipeline:
                 return
             log.warning("inference_retry", id=reading.id, attempt=reading.attempts, error=str(exc))
             await self._store.release(reading.id)
+            self.liveness.idle("retry backoff")
             await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
         except PermanentError as exc:
             await self._dead_letter(reading, f"inference refused the reading: {exc}")
@@ -83,6 +102,8 @@ class Pipeline:
         error: str | None = None
         output: Any = None
         for attempt in range(route.output_attempts):
+            # The worker judges its own request against the stall bound (its Liveness).
+            self.liveness.idle("inference worker has the reading")
             completion = await self._worker.complete(
                 messages,
                 max_tokens=route.max_tokens,
@@ -91,6 +112,7 @@ class Pipeline:
                 seed=self._settings.model.seed + attempt,
                 schema=route.output_schema,
             )
+            self.liveness.busy()
             if route.output_schema is None:
                 output, error = completion.text, None
                 break
@@ -111,9 +133,14 @@ class Pipeline:
         )
         await self._store.complete(reading.id, row)
         self.completed += 1
+        if self.observer is not None:
+            self.observer.result_recorded(route.name, "local", "ok" if error is None else "failed",
+                                          completion)
 
     async def _dead_letter(self, reading: Reading, reason: str) -> None:
         log.warning("reading_dead_lettered", id=reading.id, topic=reading.topic, reason=reason)
+        if self.observer is not None:
+            self.observer.result_recorded(reading.route, "local", "dead_letter", None)
         letter = DeadLetter(reading.id, reading.topic, reading.payload, reason,
                             reading.received_at)
         await self._store.dead_letter_reading(letter, dead_letter_row(self._topics, letter))

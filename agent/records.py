@@ -102,3 +102,16 @@ class NewOutboxRow:
     topic: str
     payload: bytes
     priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot of the store for status lines, metrics and the operator CLI."""
+
+    inbox: int
+    inbox_bytes: int
+    outbox: int
+    outbox_bytes: int
+    dead_letter: int
+    delivered: int
+    oldest_undelivered_s: float | None

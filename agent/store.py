@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import sqlite_utils
 import structlog
 
-from agent.errors import StoreFull
-from agent.records import DeadLetter, NewOutboxRow, OutboxRow, Reading
+from agent.errors import StoreFull, StoreUnreadable
+from agent.records import DeadLetter, NewOutboxRow, OutboxRow, QueueStats, Reading
 
 log = structlog.get_logger()
 
@@ -218,6 +218,15 @@ class Store:
     async def depths(self) -> dict[str, int]:
         return await self._call(_depths)
 
+    async def stats(self) -> QueueStats:
+        """Depths, bytes and the age of the oldest undelivered row, in one read."""
+        return await self._call(_stats)
+
+    @property
+    def is_open(self) -> bool:
+        """The writer thread runs and the connection opened (readiness, not a health check)."""
+        return self._thread.is_alive() and self._conn is not None
+
 
 def _succeed(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
@@ -358,5 +367,61 @@ def read_dead_letters(path: Path, limit: int = 100) -> list[dict[str, Any]]:
     try:
         db = sqlite_utils.Database(conn)
         return list(db["dead_letter"].rows_where(order_by="seq desc", limit=limit))
+    finally:
+        conn.close()
+
+
+def _stats(conn: sqlite3.Connection) -> QueueStats:
+    return queue_stats(conn, time.time())
+
+
+def queue_stats(conn: sqlite3.Connection, now: float) -> QueueStats:
+    inbox, inbox_bytes = conn.execute(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox").fetchone()
+    outbox, outbox_bytes, oldest = conn.execute(
+        "SELECT count(*), coalesce(sum(length(payload)), 0), min(created_at) FROM outbox"
+    ).fetchone()
+    dead = conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
+    delivered = conn.execute("SELECT value FROM counters WHERE name = 'delivered'").fetchone()
+    return QueueStats(
+        inbox=int(inbox), inbox_bytes=int(inbox_bytes), outbox=int(outbox),
+        outbox_bytes=int(outbox_bytes), dead_letter=int(dead),
+        delivered=int(delivered[0]) if delivered else 0,
+        oldest_undelivered_s=None if oldest is None else max(0.0, now - float(oldest)),
+    )
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise StoreUnreadable(f"no store at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def read_stats(path: Path) -> QueueStats:
+    """QueueStats through a separate read-only connection: safe while the agent runs."""
+    conn = _read_only(path)
+    try:
+        return queue_stats(conn, time.time())
+    except sqlite3.Error as exc:
+        raise StoreUnreadable(f"{path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def read_oldest(path: Path, table: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The oldest rows of `inbox` or `outbox` (without payloads), read-only."""
+    columns = {
+        "inbox": "seq, id, topic, route, priority, received_at AS at, attempts, leased, "
+                 "length(payload) AS payload_bytes",
+        "outbox": "seq, id, kind, topic, priority, created_at AS at, "
+                  "length(payload) AS payload_bytes",
+    }[table]
+    conn = _read_only(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute(f"SELECT {columns} FROM {table} ORDER BY seq LIMIT ?", (limit,))
+        return [dict(row) for row in rows]
+    except sqlite3.Error as exc:
+        raise StoreUnreadable(f"{path}: {exc}") from exc
     finally:
         conn.close()

@@ -20,3 +20,9 @@ async def wait_or_timeout(event: asyncio.Event, timeout_s: float) -> None:
     """Sleep for `timeout_s`, or less if the event is set first."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout_s)
+
+
+async def wait_or_timeout_any(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:
+    """Return when any of the events is set, or after `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(first_of(*events), timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any, TextIO
@@ -79,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-limit-mb", type=int, default=None)
     args = parser.parse_args(argv)
     out = _protocol_stream()
     started = time.perf_counter()
+    if args.memory_limit_mb:
+        # RLIMIT_AS bounds the whole address space (mmapped model included): an allocation over
+        # it fails inside llama.cpp instead of the kernel's OOM killer choosing a victim.
+        limit = args.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         llm = Llama(
             model_path=args.model,
@@ -91,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             verbose=False,
         )
     except Exception as exc:  # llama.cpp reports a bad file as ValueError or RuntimeError
-        _send(out, {"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        error = f"{type(exc).__name__}: {exc}"
+        if args.memory_limit_mb:
+            error += f" (address space limited to {args.memory_limit_mb} MiB)"
+        _send(out, {"event": "error", "error": error})
         return 1
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
                 "pid": os.getpid()})

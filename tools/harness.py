@@ -54,7 +54,10 @@ def _accepts(port: int) -> bool:
 class Mosquitto:
     """A mosquitto process on 127.0.0.1:`port`, configured from configs/mosquitto-<role>.conf."""
 
-    def __init__(self, role: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, role: str, workdir: Path, port: int | None = None,
+                 listener_options: str = "") -> None:
+        """`listener_options` go right after the `listener` line (e.g. TLS settings; more
+        `listener` lines may follow for extra listeners)."""
         if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.role = role
@@ -63,7 +66,8 @@ class Mosquitto:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
         base = (CONFIGS / f"mosquitto-{role}.conf").read_text()
-        extra = [f"listener {self.port} 127.0.0.1", f"persistence_location {self.dir}/"]
+        extra = [f"listener {self.port} 127.0.0.1", listener_options,
+                 f"persistence_location {self.dir}/"]
         if os.geteuid() == 0:
             extra.append("user root")  # else mosquitto drops to a user that cannot write here
         self.conf.write_text(base + "\n" + "\n".join(extra) + "\n")
@@ -250,6 +254,7 @@ def write_agent_config(
     device_id: str = "gw-test",
     routes: str = TEST_ROUTES,
     extra: str = "",
+    service: str = "metrics_port = 0",
 ) -> Path:
     """A configuration for an agent between two loopback brokers, with fast reconnects."""
     path.write_text(f"""
@@ -280,6 +285,8 @@ n_ctx = 512
 n_threads = 1
 request_timeout_s = 20
 {extra}
+[service]
+{service}
 {routes}
 """)
     return path

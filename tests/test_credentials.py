@@ -1,0 +1,66 @@
+"""Secrets from systemd credentials ($CREDENTIALS_DIRECTORY, LoadCredential=) fill what the file
+and the environment leave unset, and TLS files given without `tls = true` are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load
+
+BASE = """
+[agent]
+device_id = "gw-1"
+state_dir = "state"
+[model]
+path = "model.gguf"
+[[routes]]
+name = "t"
+topics = ["sensors/#"]
+instruction = "Classify."
+"""
+
+
+def test_broker_password_and_tls_files_come_from_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "cloud-broker-password").write_text("cl0ud-s3cret\n")
+    (creds / "cloud-broker-ca").write_text("-----BEGIN CERTIFICATE-----\n")
+    (creds / "local-broker-password").write_text("l0cal")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    config = tmp_path / "agent.toml"
+    config.write_text(BASE + "[cloud_broker]\ntls = true\nusername = \"gw\"\n")
+    settings = load(config)
+    assert settings.cloud_broker.password is not None
+    assert settings.cloud_broker.password.get_secret_value() == "cl0ud-s3cret"
+    assert settings.cloud_broker.ca_file == creds / "cloud-broker-ca"
+    assert settings.local_broker.password is not None
+    assert settings.local_broker.password.get_secret_value() == "l0cal"
+    # the local link is plaintext: a TLS credential for it would be meaningless, none is taken
+    assert settings.local_broker.ca_file is None
+    assert "cl0ud-s3cret" not in repr(settings)
+
+
+def test_the_environment_wins_over_a_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "cloud-broker-password").write_text("from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    monkeypatch.setenv("EDGE_AGENT_CLOUD_BROKER__PASSWORD", "from-env")
+    config = tmp_path / "agent.toml"
+    config.write_text(BASE)
+    password = load(config).cloud_broker.password
+    assert password is not None
+    assert password.get_secret_value() == "from-env"
+
+
+def test_tls_files_without_tls_are_refused_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(BASE + "[cloud_broker]\nca_file = \"ca.pem\"\n")
+    with pytest.raises(ConfigError, match=r"cloud_broker: .*ca_file given but tls = false"):
+        load(config)
