@@ -37,7 +37,6 @@ class Ingest:
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-in"
         self.subscribed = asyncio.Event()
         self.received = 0
-        self.last_progress = time.monotonic()
         self.liveness = Liveness("ingest")
         self.connects = 0
 
@@ -85,7 +84,6 @@ class Ingest:
             for message in batch:
                 link.ack(message)
             self.received += len(batch)
-            self.last_progress = time.monotonic()
             log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                       duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 

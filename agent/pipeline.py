@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any, Protocol
 
 import structlog
@@ -57,7 +56,6 @@ class Pipeline:
         self._routes = {route.name: route for route in settings.routes}
         self._versions = {route.name: prompt_version(route) for route in settings.routes}
         self.completed = 0
-        self.last_progress = time.monotonic()
         self.liveness = Liveness("pipeline")
         self.observer = observer
 
@@ -73,7 +71,6 @@ class Pipeline:
                 await first_of(self._store.inbox_changed, stop)
                 continue
             await self.process(reading)
-            self.last_progress = time.monotonic()
 
     async def process(self, reading: Reading) -> None:
         route = self._routes.get(reading.route)

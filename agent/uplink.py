@@ -47,7 +47,6 @@ class Uplink:
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-out"
         self.connected = False
         self.delivered = 0
-        self.last_progress = time.monotonic()
         self.liveness = Liveness("uplink")
         self.connects = 0
         self._status_due = 0.0
@@ -176,7 +175,6 @@ class Uplink:
     async def _retire(self, seqs: list[int]) -> None:
         await self._store.mark_delivered(seqs)
         self.delivered += len(seqs)
-        self.last_progress = time.monotonic()
         self.liveness.progressed()
         log.debug("outbox_batch_delivered", rows=len(seqs))
 
