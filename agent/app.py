@@ -17,10 +17,13 @@ import time
 
 import structlog
 
+from agent.cloud import CloudModel
 from agent.config import Settings
+from agent.executors import Executors
 from agent.inference import InferenceWorker, identify
 from agent.ingest import Ingest
 from agent.messages import Topics
+from agent.offload import CircuitBreaker
 from agent.pipeline import Pipeline
 from agent.store import Store
 from agent.uplink import Uplink
@@ -36,6 +39,8 @@ class Agent:
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        self._cloud: CloudModel | None = None
+        self._executors: Executors | None = None
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """First call starts the graceful drain; a second forces the stop."""
@@ -62,8 +67,11 @@ class Agent:
                                           seed=settings.model.seed, schema=None)
             log.info("model_answered", model=info.name, version=info.version,
                      sha256=info.sha256, probe_ms=round(probe.latency_ms, 1))
+            self._executors = self._build_executors(store)
             await self._serve(store, worker, started)
         finally:
+            if self._cloud is not None:
+                await self._cloud.aclose()
             if worker is not None:
                 await worker.close()
             await store.close()
@@ -73,7 +81,7 @@ class Agent:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
-        pipeline = Pipeline(settings, store, worker, topics)
+        pipeline = Pipeline(settings, store, worker, topics, self._executors)
         uplink = Uplink(settings, store)
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
@@ -95,6 +103,21 @@ class Agent:
             if not await self._within(uplink_task, deadline):
                 uplink_task.cancel()
             log.info("agent_drained", delivered_this_run=uplink.delivered, **await store.depths())
+
+    def _build_executors(self, store: Store) -> Executors:
+        """Issue 6: the cloud client (if configured) and the policy that chooses per reading."""
+        section = self.settings.cloud_model
+        if section.base_url is None:
+            return Executors()
+        self._cloud = CloudModel(section)
+        log.info("cloud_model_configured", base_url=section.base_url, model=section.model,
+                 routes={r.name: r.executor for r in self.settings.routes})
+
+        async def inbox_depth() -> int:
+            return (await store.depths())["inbox"]
+
+        breaker = CircuitBreaker(section.failure_threshold, section.cooldown_s)
+        return Executors(self._cloud, breaker, inbox_depth)
 
     async def _within(self, task: asyncio.Task[None], deadline: float) -> bool:
         """Wait for the task until the deadline or a forcing signal; True if it finished."""

@@ -17,6 +17,7 @@ import structlog
 
 from agent.config import Route, Settings
 from agent.errors import PermanentError, TransientError
+from agent.executors import Executors
 from agent.inference import InferenceWorker
 from agent.messages import Topics, dead_letter_row, result_row
 from agent.records import Completion, DeadLetter, Reading
@@ -34,7 +35,8 @@ RETRY_TEMPERATURE = 0.8
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, store: Store, worker: InferenceWorker, topics: Topics
+        self, settings: Settings, store: Store, worker: InferenceWorker, topics: Topics,
+        executors: Executors | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -43,6 +45,7 @@ class Pipeline:
         self._routes = {route.name: route for route in settings.routes}
         self._versions = {route.name: prompt_version(route) for route in settings.routes}
         self.completed = 0
+        self.executors = executors or Executors()  # issue 6: where each reading runs
         self.last_progress = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -82,15 +85,16 @@ class Pipeline:
         completion: Completion | None = None
         error: str | None = None
         output: Any = None
+        plan = await self.executors.plan(route)  # issue 6: local, cloud, or one then the other
+        outcome = None
         for attempt in range(route.output_attempts):
-            completion = await self._worker.complete(
-                messages,
-                max_tokens=route.max_tokens,
+            outcome = await self.executors.complete(
+                plan, self._worker, route, messages,
                 temperature=route.temperature if attempt == 0 else max(route.temperature,
                                                                       RETRY_TEMPERATURE),
                 seed=self._settings.model.seed + attempt,
-                schema=route.output_schema,
             )
+            completion, plan = outcome.completion, outcome.next_plan
             if route.output_schema is None:
                 output, error = completion.text, None
                 break
@@ -98,16 +102,19 @@ class Pipeline:
             if error is None:
                 break
             log.info("output_invalid", id=reading.id, route=route.name, attempt=attempt + 1,
-                     error=error, finish_reason=completion.finish_reason)
+                     error=error, finish_reason=completion.finish_reason,
+                     executor=outcome.executor)
         row = result_row(
             self._topics, reading, source,
             output=output if error is None else None,
             status="ok" if error is None else "failed",
             completion=completion,
-            model=self._worker.info,
+            model=outcome.model if outcome else self._worker.info,
             prompt_version=self._versions[route.name],
             error=error,
             raw=None if error is None or completion is None else completion.text,
+            executor=outcome.executor if outcome else "local",
+            executor_reason=outcome.reason if outcome else None,
         )
         await self._store.complete(reading.id, row)
         self.completed += 1

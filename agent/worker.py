@@ -21,7 +21,9 @@ import time
 from typing import Any, TextIO
 
 from llama_cpp import Llama
-from llama_cpp.llama_grammar import LlamaGrammar
+from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+from agent.grammar import forbid_raw_control_chars
 
 
 def _protocol_stream() -> TextIO:
@@ -47,7 +49,10 @@ class Engine:
         key = json.dumps(schema, sort_keys=True)
         grammar = self._grammars.get(key)
         if grammar is None:
-            grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            # Not LlamaGrammar.from_json_schema: its string rule admits raw control characters,
+            # which strict json.loads rejects (see agent/grammar.py).
+            gbnf = forbid_raw_control_chars(json_schema_to_gbnf(key))
+            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
             self._grammars[key] = grammar
         return grammar
 
