@@ -313,7 +313,7 @@ class LlamaServer:
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "512",
              "--n_threads", "1", "--model_alias", self.alias, "--api_key", self.api_key],
-            stdout=log, stderr=log,
+            stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         wait_until(lambda: _accepts(self.port) or not self.running, timeout_s,
                    f"llama_cpp.server on port {self.port}")
