@@ -20,6 +20,7 @@ from agent.cloud import CloudError, CloudModel
 from agent.config import Route
 from agent.offload import CircuitBreaker, Executor, LatencyWindow, Plan, plan, preferred
 from agent.records import Completion, ModelInfo
+from agent.routes import prompt_version
 
 log = structlog.get_logger()
 
@@ -40,6 +41,7 @@ class LocalModel(Protocol):
         temperature: float,
         seed: int,
         schema: dict[str, Any] | None,
+        prefix_key: str | None = None,
     ) -> Completion: ...
 
 
@@ -53,6 +55,12 @@ class Outcome:
     reason: str | None
     model: ModelInfo
     next_plan: Plan
+
+
+def prefix_key(route: Route) -> str:
+    """Names a route's fixed prompt prefix for the worker's prefix cache; a changed prompt gets
+    a new key, so a stale state is never restored for it."""
+    return f"{route.name}:{prompt_version(route)}"
 
 
 class Executors:
@@ -104,7 +112,7 @@ class Executors:
             if executor == "local":
                 completion = await local.complete(
                     messages, max_tokens=route.max_tokens, temperature=temperature, seed=seed,
-                    schema=route.output_schema)
+                    schema=route.output_schema, prefix_key=prefix_key(route))
                 self.latency.add(completion.latency_ms)
                 self.counts["local"] += 1
                 return Outcome(completion, "local", reason if want != "local" else None,
