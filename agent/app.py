@@ -21,11 +21,14 @@ from typing import Any
 import structlog
 
 from agent import mqtt
+from agent.cloud import CloudModel
 from agent.config import Settings, service_environment
+from agent.executors import Executors
 from agent.inference import InferenceWorker, identify
 from agent.ingest import Ingest
 from agent.messages import Topics
 from agent.metrics import Endpoint, Metrics
+from agent.offload import CircuitBreaker
 from agent.pipeline import Pipeline
 from agent.records import QueueStats
 from agent.retry import OutageLog
@@ -52,6 +55,8 @@ class Agent:
         self.service = Service(settings.service, env, self._notifier)
         self.metrics = Metrics()
         self._stats: QueueStats | None = None
+        self._cloud: CloudModel | None = None
+        self._executors: Executors | None = None
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """First call starts the graceful drain; a second forces the stop."""
@@ -83,6 +88,7 @@ class Agent:
                                           seed=settings.model.seed, schema=None)
             log.info("model_answered", model=info.name, version=info.version,
                      sha256=info.sha256, probe_ms=round(probe.latency_ms, 1))
+            self._executors = self._build_executors(store)
             self.metrics.active_model(info)
             self._stats = await store.stats()
             self.service.ready(summary_line(f"{info.name} v{info.version}", self._stats,
@@ -91,6 +97,8 @@ class Agent:
                      notify_socket=self._notifier.enabled)
             await self._serve(store, worker, started)
         finally:
+            if self._cloud is not None:
+                await self._cloud.aclose()
             if worker is not None:
                 await worker.close()
             await store.close()
@@ -101,7 +109,8 @@ class Agent:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
-        pipeline = Pipeline(settings, store, worker, topics, observer=self.metrics)
+        pipeline = Pipeline(settings, store, worker, topics, observer=self.metrics,
+                            executors=self._executors)
         uplink = Uplink(settings, store, status=lambda: self._status_body(ingest, uplink, worker))
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
@@ -136,6 +145,21 @@ class Agent:
             log.info("agent_drained", delivered_this_run=uplink.delivered, **await store.depths())
             for task in observers:
                 task.cancel()
+
+    def _build_executors(self, store: Store) -> Executors:
+        """Issue 6: the cloud client (if configured) and the policy that chooses per reading."""
+        section = self.settings.cloud_model
+        if section.base_url is None:
+            return Executors()
+        self._cloud = CloudModel(section)
+        log.info("cloud_model_configured", base_url=section.base_url, model=section.model,
+                 routes={r.name: r.executor for r in self.settings.routes})
+
+        async def inbox_depth() -> int:
+            return (await store.depths())["inbox"]
+
+        breaker = CircuitBreaker(section.failure_threshold, section.cooldown_s)
+        return Executors(self._cloud, breaker, inbox_depth)
 
     async def _within(self, task: asyncio.Task[None], deadline: float) -> bool:
         """Wait for the task until the deadline or a forcing signal; True if it finished."""

@@ -198,6 +198,19 @@ class Route(_Section):
     priority: int = Field(
         default=0, ge=0, le=9, description="Higher is leased first from the inbox."
     )
+    # -- co-inference (issue 6) --
+    executor: Literal["local", "cloud", "local-first", "cloud-first"] = Field(
+        default="local",
+        description="Where the route's readings run: local (never leaves the device), cloud, "
+        "local-first (offload when the local backlog exceeds latency_budget_ms) or "
+        "cloud-first (local when the cloud fails or its breaker is open).",
+    )
+    latency_budget_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="For local-first: offload to the cloud when the estimated wait in the local "
+        "backlog (inbox depth x recent mean local latency) exceeds this.",
+    )
 
     @model_validator(mode="after")
     def _check_topics(self) -> Route:
@@ -211,6 +224,53 @@ class Route(_Section):
             if problem:
                 raise ValueError(f"output_schema is not a valid JSON schema: {problem}")
         return self
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Route:
+        if self.executor == "local-first" and self.latency_budget_ms is None:
+            raise ValueError("latency_budget_ms is required when executor is local-first")
+        return self
+
+
+class CloudModelSection(_Section):
+    """The cloud executor (issue 6): any OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Base URL of the OpenAI-compatible API including /v1 (POST "
+        "<base_url>/chat/completions); unset means no cloud model: every route must be local.",
+    )
+    model: str = Field(
+        default="", description="Model name sent with each request and recorded in results."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token; give it as EDGE_AGENT_CLOUD_MODEL__API_KEY or api_key_file, "
+        "not in this file.",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token (e.g. a systemd credential under "
+        "$CREDENTIALS_DIRECTORY); read once at start.",
+    )
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline of one cloud request, connect to last byte."
+    )
+    response_format: Literal["json_schema", "json_object"] = Field(
+        default="json_schema",
+        description="How the route's schema is sent: json_schema (OpenAI, vLLM, Ollama) or "
+        "json_object with a schema key (llama-cpp-python's server).",
+    )
+    failure_threshold: int = Field(
+        default=3, ge=1, le=1000,
+        description="Consecutive cloud failures that open the circuit breaker.",
+    )
+    cooldown_s: float = Field(
+        default=30.0, gt=0,
+        description="How long the open breaker keeps requests local before one probe is let "
+        "through (half-open).",
+    )
 
 
 class Settings(BaseSettings):
@@ -239,6 +299,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ServiceSection(),
         description="systemd watchdog, status, metrics and health endpoints.",
     )
+    cloud_model: CloudModelSection = Field(
+        default_factory=CloudModelSection,
+        description="The cloud model that non-local routes may use.",
+    )
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:
@@ -246,6 +310,17 @@ class Settings(BaseSettings):
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if duplicated:
             raise ValueError(f"route names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _cloud_for_cloud_routes(self) -> Settings:
+        if self.cloud_model.base_url is None:
+            for index, route in enumerate(self.routes):
+                if route.executor != "local":
+                    raise ValueError(
+                        f"routes[{index}].executor is {route.executor!r} but "
+                        "cloud_model.base_url is not set"
+                    )
         return self
 
     @classmethod
@@ -286,7 +361,7 @@ def load(path: Path) -> Settings:
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe(exc)}") from exc
     settings = _with_credentials(settings, os.environ.get("CREDENTIALS_DIRECTORY"))
-    return _resolve_paths(settings, path.parent)
+    return _read_cloud_key(_resolve_paths(settings, path.parent), path.parent)
 
 
 def describe(exc: ValidationError) -> str:
@@ -431,3 +506,17 @@ def service_environment() -> ServiceEnvironment:
 
 # ServiceSection is defined after Settings (appended with the service work); resolve the reference.
 Settings.model_rebuild()
+def _read_cloud_key(settings: Settings, base: Path) -> Settings:
+    """Read cloud_model.api_key_file once, unless the key was given directly."""
+    cloud = settings.cloud_model
+    if cloud.api_key_file is None or cloud.api_key is not None:
+        return settings
+    key_path = cloud.api_key_file if cloud.api_key_file.is_absolute() else base / cloud.api_key_file
+    try:
+        key = key_path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cloud_model.api_key_file: cannot read {key_path}: {exc}") from exc
+    if not key:
+        raise ConfigError(f"cloud_model.api_key_file: {key_path} is empty")
+    cloud = cloud.model_copy(update={"api_key": SecretStr(key), "api_key_file": key_path})
+    return settings.model_copy(update={"cloud_model": cloud})

@@ -103,8 +103,12 @@ class InferenceWorker:
         temperature: float,
         seed: int,
         schema: dict[str, Any] | None,
+        prefix_key: str | None = None,
     ) -> Completion:
         """Run one chat completion under the per-request deadline.
+
+        `prefix_key` names the request's fixed prompt prefix (a route's prompt): the worker keeps
+        the model state for it and restores it instead of evaluating the prefix again.
 
         A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed.
         Either way the next call starts a fresh worker after a backoff.
@@ -117,7 +121,8 @@ class InferenceWorker:
             assert proc.stdin is not None
             request_id = next(self._ids)
             request = {"id": request_id, "messages": messages, "max_tokens": max_tokens,
-                       "temperature": temperature, "seed": seed, "schema": schema}
+                       "temperature": temperature, "seed": seed, "schema": schema,
+                       "prefix_key": prefix_key}
             self.liveness.busy()
             try:
                 proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -151,6 +156,7 @@ class InferenceWorker:
             completion_tokens=int(reply["completion_tokens"]),
             finish_reason=str(reply["finish_reason"]),
             latency_ms=float(reply["latency_ms"]),
+            reused_tokens=int(reply.get("reused_tokens", 0)),
         )
 
     async def _read(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:

@@ -46,6 +46,8 @@ def result_row(
     prompt_version: str,
     error: str | None = None,
     raw: str | None = None,
+    executor: str = "local",
+    executor_reason: str | None = None,
 ) -> NewOutboxRow:
     """The outbox row of one result; `id` is the reading's id, so retries give the same id."""
     body: dict[str, Any] = {
@@ -57,7 +59,7 @@ def result_row(
                    "payload": source_payload},
         "output": output,
         "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
-        "executor": "local",
+        "executor": executor,
         "prompt_version": prompt_version,
         "latency_ms": round(completion.latency_ms, 1) if completion else None,
         "tokens": {"prompt": completion.prompt_tokens if completion else 0,
@@ -68,6 +70,8 @@ def result_row(
         body["error"] = error
     if raw is not None:
         body["raw"] = raw
+    if executor_reason is not None:
+        body["executor_reason"] = executor_reason
     return NewOutboxRow(reading.id, "result", topics.result(reading.route), _dumps(body),
                         reading.priority)
 

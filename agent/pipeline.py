@@ -16,6 +16,7 @@ import structlog
 
 from agent.config import Route, Settings
 from agent.errors import PermanentError, TransientError
+from agent.executors import Executors
 from agent.inference import InferenceWorker
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
@@ -48,6 +49,7 @@ class Pipeline:
         worker: InferenceWorker,
         topics: Topics,
         observer: PipelineObserver | None = None,
+        executors: Executors | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -58,6 +60,7 @@ class Pipeline:
         self.completed = 0
         self.liveness = Liveness("pipeline")
         self.observer = observer
+        self.executors = executors or Executors()  # where each reading runs (local, cloud)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process readings until `stop` is set; the reading in hand is always finished first."""
@@ -98,18 +101,19 @@ class Pipeline:
         completion: Completion | None = None
         error: str | None = None
         output: Any = None
+        plan = await self.executors.plan(route)  # issue 6: local, cloud, or one then the other
+        outcome = None
         for attempt in range(route.output_attempts):
             # The worker judges its own request against the stall bound (its Liveness).
             self.liveness.idle("inference worker has the reading")
-            completion = await self._worker.complete(
-                messages,
-                max_tokens=route.max_tokens,
+            outcome = await self.executors.complete(
+                plan, self._worker, route, messages,
                 temperature=route.temperature if attempt == 0 else max(route.temperature,
                                                                       RETRY_TEMPERATURE),
                 seed=self._settings.model.seed + attempt,
-                schema=route.output_schema,
             )
             self.liveness.busy()
+            completion, plan = outcome.completion, outcome.next_plan
             if route.output_schema is None:
                 output, error = completion.text, None
                 break
@@ -117,22 +121,26 @@ class Pipeline:
             if error is None:
                 break
             log.info("output_invalid", id=reading.id, route=route.name, attempt=attempt + 1,
-                     error=error, finish_reason=completion.finish_reason)
+                     error=error, finish_reason=completion.finish_reason,
+                     executor=outcome.executor)
         row = result_row(
             self._topics, reading, source,
             output=output if error is None else None,
             status="ok" if error is None else "failed",
             completion=completion,
-            model=self._worker.info,
+            model=outcome.model if outcome else self._worker.info,
             prompt_version=self._versions[route.name],
             error=error,
             raw=None if error is None or completion is None else completion.text,
+            executor=outcome.executor if outcome else "local",
+            executor_reason=outcome.reason if outcome else None,
         )
         await self._store.complete(reading.id, row)
         self.completed += 1
         if self.observer is not None:
-            self.observer.result_recorded(route.name, "local", "ok" if error is None else "failed",
-                                          completion)
+            executor = outcome.executor if outcome else "local"
+            self.observer.result_recorded(route.name, executor,
+                                          "ok" if error is None else "failed", completion)
 
     async def _dead_letter(self, reading: Reading, reason: str) -> None:
         log.warning("reading_dead_lettered", id=reading.id, topic=reading.topic, reason=reason)

@@ -88,6 +88,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     latency_ms: float
+    reused_tokens: int = 0  # prompt tokens found already evaluated (prefix cache)
 
 
 JSONValue = Any

@@ -19,10 +19,13 @@ import os
 import resource
 import sys
 import time
+from collections import OrderedDict
 from typing import Any, TextIO
 
-from llama_cpp import Llama
-from llama_cpp.llama_grammar import LlamaGrammar
+from llama_cpp import Llama, LlamaState
+from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+from agent.grammar import forbid_raw_control_chars
 
 
 def _protocol_stream() -> TextIO:
@@ -37,24 +40,44 @@ def _send(stream: TextIO, message: dict[str, Any]) -> None:
     stream.flush()
 
 
+# Prefix states kept per worker (one per route prompt); a state of a ~1,000-token prefix on the
+# bench model is about 16 MB.
+PREFIX_STATES = 8
+
+
 class Engine:
     """A loaded model and the grammars built for it, one request at a time."""
 
     def __init__(self, llm: Llama) -> None:
         self._llm = llm
         self._grammars: dict[str, LlamaGrammar] = {}
+        # Prefix cache (issue 6): for each request's `prefix_key` (a route's fixed prompt), the
+        # model state after its first request. llama-cpp-python already reuses the KV cache for
+        # the prefix shared with the previous request; restoring this state extends that to a
+        # request whose previous one belonged to another route. The states live in this
+        # process, so a new model (a new worker) starts with none.
+        self._prefix_states: OrderedDict[str, LlamaState] = OrderedDict()
+        self._last_key: str | None = None
 
     def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
         key = json.dumps(schema, sort_keys=True)
         grammar = self._grammars.get(key)
         if grammar is None:
-            grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            # Not LlamaGrammar.from_json_schema: its string rule admits raw control characters,
+            # which strict json.loads rejects (see agent/grammar.py).
+            gbnf = forbid_raw_control_chars(json_schema_to_gbnf(key))
+            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
             self._grammars[key] = grammar
         return grammar
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         schema = request.get("schema")
         started = time.perf_counter()
+        key = request.get("prefix_key")
+        if key is not None and key != self._last_key and key in self._prefix_states:
+            self._llm.load_state(self._prefix_states[key])
+            self._prefix_states.move_to_end(key)
+        before = list(self._llm.input_ids)
         response: Any = self._llm.create_chat_completion(
             messages=request["messages"],
             max_tokens=int(request["max_tokens"]),
@@ -64,6 +87,11 @@ class Engine:
         )
         choice = response["choices"][0]
         usage = response.get("usage") or {}
+        self._last_key = key
+        if key is not None and key not in self._prefix_states:
+            self._prefix_states[key] = self._llm.save_state()
+            while len(self._prefix_states) > PREFIX_STATES:
+                self._prefix_states.popitem(last=False)
         return {
             "ok": True,
             "text": choice["message"].get("content") or "",
@@ -71,7 +99,19 @@ class Engine:
             "prompt_tokens": int(usage.get("prompt_tokens", 0)),
             "completion_tokens": int(usage.get("completion_tokens", 0)),
             "latency_ms": (time.perf_counter() - started) * 1000,
+            "reused_tokens": _common_prefix(before, list(self._llm.input_ids)),
         }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens the request found already evaluated (an upper bound: llama.cpp re-evaluates the
+    last one when the whole prompt matched)."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:

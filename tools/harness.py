@@ -290,3 +290,52 @@ request_timeout_s = 20
 {routes}
 """)
     return path
+
+
+class LlamaServer:
+    """The cloud model for tests (issue 6): `python -m llama_cpp.server` serving a GGUF on
+    127.0.0.1:`port`, an OpenAI-compatible endpoint. Its access log (uvicorn's, in `log_path`)
+    counts the chat-completion requests that reached it, across restarts on the same port."""
+
+    def __init__(self, model: Path, workdir: Path, *, alias: str = "cloud-tiny",
+                 api_key: str = "test-cloud-key", port: int | None = None) -> None:
+        self.model = model
+        self.alias = alias
+        self.api_key = api_key
+        self.port = port or free_port()
+        self.log_path = workdir / f"llama-server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 60.0) -> LlamaServer:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "512",
+             "--n_threads", "1", "--model_alias", self.alias, "--api_key", self.api_key],
+            stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        wait_until(lambda: _accepts(self.port) or not self.running, timeout_s,
+                   f"llama_cpp.server on port {self.port}")
+        if not self.running:
+            raise RuntimeError(f"llama_cpp.server exited; see {self.log_path}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a cloud that vanishes mid-request."""
+        if self.running and self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def requests(self) -> int:
+        """Chat-completion requests the server received (every start, every status)."""
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count('"POST /v1/chat/completions ')

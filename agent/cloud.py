@@ -1,0 +1,129 @@
+"""The cloud executor: one chat completion on an OpenAI-compatible endpoint (vLLM, Ollama,
+llama.cpp's server, a hosted API). The only module that imports httpx for inference.
+
+It owns the HTTP client, the request body (the same messages the local model gets, and the
+route's JSON schema as `response_format`) and the translation of every httpx failure into a
+`CloudError` whose `reason` is short enough to go into a result's `executor_reason`. It does not
+decide whether to call the cloud (agent/offload.py and agent/executors.py do) and never sees
+readings of a `local` route. The API key goes only into the Authorization header: never into a
+log event, an error message or the URL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from agent.config import CloudModelSection
+from agent.errors import TransientError
+from agent.records import Completion, ModelInfo
+
+
+class CloudError(TransientError):
+    """The cloud model gave no usable answer; `reason` names why in a few words."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CloudAnswer:
+    completion: Completion
+    model: ModelInfo
+
+
+class CloudModel:
+    """An HTTP client for one OpenAI-compatible endpoint. Close it with `aclose()`."""
+
+    def __init__(
+        self, section: CloudModelSection, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        if section.base_url is None:
+            raise ValueError("cloud_model.base_url is not set")
+        self._section = section
+        headers = {"Accept": "application/json"}
+        if section.api_key is not None:
+            headers["Authorization"] = f"Bearer {section.api_key.get_secret_value()}"
+        self._base_url = section.base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(section.timeout_s), transport=transport,
+            follow_redirects=False,
+        )
+        self.requests = 0
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def _body(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        schema: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self._section.model, "messages": messages,
+                                "max_tokens": max_tokens, "temperature": temperature,
+                                "seed": seed, "stream": False}
+        if schema is not None:
+            if self._section.response_format == "json_object":
+                # llama-cpp-python's server: {"type": "json_object", "schema": ...}; it refuses
+                # the "json_schema" type with a validation error.
+                body["response_format"] = {"type": "json_object", "schema": schema}
+            else:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": schema, "strict": True},
+                }
+        return body
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        schema: dict[str, Any] | None,
+    ) -> CloudAnswer:
+        """One chat completion; CloudError on a timeout, a refused connection, an HTTP error
+        status or an answer that is not an OpenAI chat completion."""
+        body = self._body(messages, max_tokens, temperature, seed, schema)
+        started = time.perf_counter()
+        self.requests += 1
+        try:
+            response = await self._client.post(f"{self._base_url}/chat/completions", json=body)
+        except httpx.TimeoutException as exc:
+            raise CloudError("cloud timeout", type(exc).__name__) from exc
+        except httpx.TransportError as exc:
+            raise CloudError("cloud unreachable", type(exc).__name__) from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        if response.status_code != 200:
+            raise CloudError(f"cloud error HTTP {response.status_code}",
+                             response.text[:200].replace("\n", " "))
+        try:
+            reply = response.json()
+            choice = reply["choices"][0]
+            text = choice["message"].get("content") or ""
+            usage = reply.get("usage") or {}
+            completion = Completion(
+                text=str(text),
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                finish_reason=str(choice.get("finish_reason") or ""),
+                latency_ms=latency_ms,
+            )
+            name = str(reply.get("model") or self._section.model)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise CloudError("cloud answer malformed", repr(exc)[:200]) from exc
+        # The cloud tells no version or file hash; the endpoint stands in for the path.
+        return CloudAnswer(completion, ModelInfo(name=name, version="", sha256="",
+                                                 path=self._base_url))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
