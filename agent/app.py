@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent import mqtt
+from agent import config, mqtt, reload
 from agent.cloud import CloudModel
 from agent.config import Settings, service_environment
+from agent.errors import ConfigError
 from agent.executors import Executors
 from agent.inference import InferenceWorker, identify
 from agent.ingest import Ingest
@@ -45,8 +47,10 @@ SAMPLE_INTERVAL_S = 2.0
 
 
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
         self.settings = settings
+        self._config_path = config_path
+        self._reload_requested = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
@@ -57,6 +61,11 @@ class Agent:
         self._stats: QueueStats | None = None
         self._cloud: CloudModel | None = None
         self._executors: Executors | None = None
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload routes and limits from the configuration file (see agent/reload.py)."""
+        log.info("config_reload_requested", path=str(self._config_path))
+        self._reload_requested.set()
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """First call starts the graceful drain; a second forces the stop."""
@@ -119,6 +128,8 @@ class Agent:
             pipeline_task = tasks.create_task(pipeline.run(stop_pipeline), name="pipeline")
             uplink_task = tasks.create_task(uplink.run(stop_uplink), name="uplink")
             ready_task = tasks.create_task(self._announce_ready(ingest, started), name="ready")
+            reload_task = tasks.create_task(self._reload_on_request(ingest, pipeline),
+                                            name="reloader")
             self.service.watch([ingest.liveness, pipeline.liveness, uplink.liveness,
                                 worker.liveness])
             observers = [
@@ -133,6 +144,7 @@ class Agent:
             await self._stop_requested.wait()
             deadline = time.monotonic() + settings.agent.drain_timeout_s
             ready_task.cancel()
+            reload_task.cancel()
             # Phase 1: stop taking input. Unacked messages stay with the local broker.
             ingest_task.cancel()
             # Phase 2: finish the reading in hand. Phase 3: flush the outbox.
@@ -222,19 +234,52 @@ class Agent:
             return "model not answering"
         return None
 
+    async def _reload_on_request(self, ingest: Ingest, pipeline: Pipeline) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            self.service.reloading()
+            try:
+                await self._reload(ingest, pipeline)
+            finally:
+                self.service.reloaded()
+
+    async def _reload(self, ingest: Ingest, pipeline: Pipeline) -> None:
+        """Apply what can change while running; name, by key, what needs a restart."""
+        if self._config_path is None:
+            log.warning("config_reload_unsupported", reason="started without a config file")
+            return
+        try:
+            new = config.load(self._config_path)
+        except ConfigError as exc:
+            log.error("config_reload_refused", error=str(exc), keeping="the running config")
+            return
+        keys = reload.changed_keys(self.settings, new)
+        merged = reload.merge(self.settings, new)
+        pipeline.apply(merged)
+        self.settings = merged
+        try:
+            await ingest.apply(merged)
+        except mqtt.LinkDown as exc:
+            # The link is broken: ingest reconnects and subscribes from the new routes anyway.
+            log.warning("config_reload_resubscribe_failed", error=str(exc))
+        log.info("config_reloaded", applied=[k for k in keys if reload.is_reloadable(k)],
+                 needs_restart=[k for k in keys if not reload.is_reloadable(k)])
+
     async def _announce_ready(self, ingest: Ingest, started: float) -> None:
         await ingest.subscribed.wait()
         log.info("agent_ready", startup_s=round(time.monotonic() - started, 3))
 
 
-async def run(settings: Settings) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
-    agent = Agent(settings)
+async def run(settings: Settings, config_path: Path | None = None) -> None:
+    """Run the agent until SIGTERM or SIGINT; SIGHUP reloads routes and limits."""
+    agent = Agent(settings, config_path)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, agent.request_stop, signal.Signals(signum).name)
+    loop.add_signal_handler(signal.SIGHUP, agent.request_reload)
     try:
         await agent.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent import app  # imported late: the config check needs none of the runtime
 
     try:
-        asyncio.run(app.run(settings))
+        asyncio.run(app.run(settings, args.config.resolve()))
     except ConfigError as exc:  # found only at start-up, e.g. a TLS file that cannot be loaded
         print(f"edge-agent: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

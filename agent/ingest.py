@@ -39,6 +39,10 @@ class Ingest:
         self.received = 0
         self.liveness = Liveness("ingest")
         self.connects = 0
+        self._link: mqtt.Link | None = None
+        # Filters dropped by a reload while the link was down: the persistent session still
+        # holds them until they are unsubscribed on the next connect.
+        self._stale_filters: set[str] = set()
 
     async def run(self) -> None:
         """Receive until cancelled; reconnect with capped, jittered backoff after any failure."""
@@ -54,7 +58,11 @@ class Ingest:
                     manual_ack=True,
                     name="local_broker",
                 ) as link:
+                    if self._stale_filters:
+                        await link.unsubscribe(sorted(self._stale_filters))
+                        self._stale_filters.clear()
                     await link.subscribe(subscriptions(self._settings.routes))
+                    self._link = link
                     outage.recovered()
                     backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
@@ -67,9 +75,27 @@ class Ingest:
             except StoreFull as exc:
                 # Unacked messages stay with the broker; reconnecting makes it redeliver them.
                 outage.failed(exc, store_full=True)
+            self._link = None
             self.subscribed.clear()
             self.liveness.idle("local broker link down")
             await asyncio.sleep(backoff.next_delay())
+
+    async def apply(self, settings: Settings) -> None:
+        """Take reloaded routes and limits; change the live subscriptions to match."""
+        before = subscriptions(self._settings.routes)
+        after = subscriptions(settings.routes)
+        self._settings = settings
+        self._broker = settings.local_broker
+        removed = [f for f in before if f not in after]
+        added = [f for f in after if f not in before]
+        link = self._link
+        if link is None:
+            self._stale_filters.update(removed)
+            return
+        if removed:
+            await link.unsubscribe(removed)
+        if added:
+            await link.subscribe(added)
 
     async def _receive(self, link: mqtt.Link) -> None:
         while True:

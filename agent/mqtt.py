@@ -53,6 +53,12 @@ class Link:
         if refused:
             raise LinkDown(f"broker refused subscriptions: {', '.join(refused)}")
 
+    async def unsubscribe(self, topic_filters: Sequence[str]) -> None:
+        try:
+            await self._client.unsubscribe(list(topic_filters))
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"unsubscribe failed: {exc}") from exc
+
     async def next_batch(self, max_messages: int, wait_s: float) -> list[IncomingMessage]:
         """Wait for one message, then gather what else arrives within `wait_s`, up to a limit.
 

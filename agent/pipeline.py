@@ -62,6 +62,12 @@ class Pipeline:
         self.observer = observer
         self.executors = executors or Executors()  # where each reading runs (local, cloud)
 
+    def apply(self, settings: Settings) -> None:
+        """Take reloaded routes and retry policy; the reading in hand finishes as it began."""
+        self._settings = settings
+        self._routes = {route.name: route for route in settings.routes}
+        self._versions = {route.name: prompt_version(route) for route in settings.routes}
+
     async def run(self, stop: asyncio.Event) -> None:
         """Process readings until `stop` is set; the reading in hand is always finished first."""
         while not stop.is_set():

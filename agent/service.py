@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -52,6 +53,14 @@ class Service:
     def ready(self, status: str) -> None:
         self._status = status
         self._notifier.notify(READY=1, STATUS=status)
+
+    def reloading(self) -> None:
+        """RELOADING=1 with MONOTONIC_USEC, as systemd (v253+) wants it for Type=notify-reload."""
+        self._notifier.notify(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000,
+                              STATUS="reloading configuration")
+
+    def reloaded(self) -> None:
+        self._notifier.notify(READY=1, STATUS=self._status or "ready")
 
     def stopping(self) -> None:
         self._notifier.notify(STOPPING=1, STATUS="stopping: draining")

@@ -38,6 +38,9 @@ def test_installed_unit_verifies_clean(tmp_path: Path) -> None:
     root = tmp_path / "root"
     # systemd's own units (sysinit.target, ...) that verify resolves dependencies against.
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    # ExecReload's /bin/kill, which every Debian system has (util-linux).
+    (root / "bin").mkdir()
+    shutil.copy2("/bin/kill", root / "bin" / "kill")
     env = dict(os.environ, EDGE_AGENT_PIP_OPTS="--no-deps")
     proc = subprocess.run(["bash", str(REPO / "tools" / "install.sh"), "--root", str(root)],
                           capture_output=True, text=True, timeout=240, env=env)
