@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,50 @@ def test_same_arguments_make_a_byte_identical_model(tmp_path: Path, tiny_model: 
     assert again.read_bytes() == tiny_model.read_bytes()
     other = make_model(tmp_path / "other.gguf", seed=1)
     assert other.read_bytes() != tiny_model.read_bytes()
+
+
+def crashing_model(path: Path) -> Path:
+    """A model that loads but aborts llama.cpp on its first token: one float64 norm tensor."""
+    import numpy as np
+
+    import tools.make_tiny_model as maker
+
+    original = maker.build_tensors
+
+    def with_float64(*args: Any) -> Any:
+        return [(name, arr.astype(np.float64) if name == "output_norm.weight" else arr)
+                for name, arr in original(*args)]
+
+    maker.build_tensors = with_float64  # type: ignore[assignment]
+    try:
+        return maker.make_model(path)
+    finally:
+        maker.build_tensors = original  # type: ignore[assignment]
+
+
+def test_a_worker_that_crashes_on_every_request_backs_off_between_restarts(
+    tmp_path: Path,
+) -> None:
+    """Every request aborts llama.cpp: each fails with WorkerCrashed, the worker is restarted
+    each time, and from the second restart on a jittered backoff of at least base/2 separates
+    the restarts, so a crash loop cannot spin."""
+    from structlog.testing import capture_logs
+
+    model = crashing_model(tmp_path / "crashes.gguf")
+
+    async def scenario() -> InferenceWorker:
+        worker = await started(model, request_timeout_s=30.0)
+        try:
+            for _ in range(4):
+                with pytest.raises(WorkerCrashed, match="SIGABRT"):
+                    await ask(worker)
+            return worker
+        finally:
+            await worker.close()
+
+    with capture_logs() as logs:
+        worker = asyncio.run(scenario())
+    delays = [e["delay_s"] for e in logs if e["event"] == "worker_restarting"]
+    assert worker.restarts == 3
+    assert delays[0] == 0
+    assert all(d >= 0.25 for d in delays[1:]), delays
