@@ -51,7 +51,7 @@ class Agent:
     async def run(self) -> None:
         started = time.monotonic()
         settings = self.settings
-        store = await Store.open(settings.store_path)
+        store = await Store.open(settings.store_path, settings.store)
         worker: InferenceWorker | None = None
         try:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
@@ -74,7 +74,7 @@ class Agent:
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
         pipeline = Pipeline(settings, store, worker, topics)
-        uplink = Uplink(settings, store)
+        uplink = Uplink(settings, store, topics)
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:

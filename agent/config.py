@@ -98,6 +98,32 @@ class CloudBrokerSection(BrokerSection):
     )
 
 
+class StoreSection(_Section):
+    max_outbox_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Most rows waiting for the cloud (results, dead-letter reports); "
+        "readings still in the inbox count against it too.",
+    )
+    max_outbox_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="Most payload bytes waiting for the cloud, inbox included.",
+    )
+    when_full: Literal["drop_oldest", "refuse_input"] = Field(
+        default="drop_oldest",
+        description="At the bound: drop_oldest deletes the lowest-priority, oldest outbox rows "
+        "(counted per route and reported on <prefix>/<device_id>/drops); refuse_input stops "
+        "acking readings so the local broker keeps them.",
+    )
+    max_page_count: int | None = Field(
+        default=None,
+        ge=16,
+        description="SQLite PRAGMA max_page_count (4 KiB pages): a hard database size limit. "
+        "Tests use it to make the store full; unset means the filesystem is the limit.",
+    )
+
+
 class ModelSection(_Section):
     path: Path = Field(description="The GGUF file the inference worker loads.")
     name: str = Field(default="", description="Model name in results; defaults to the file stem.")
@@ -197,6 +223,9 @@ class Settings(BaseSettings):
         default_factory=PipelineSection, description="Retry policy of the inference pipeline."
     )
     routes: list[Route] = Field(min_length=1, description="Which readings go to which prompt.")
+    store: StoreSection = Field(
+        default_factory=StoreSection, description="Bounds of the SQLite store."
+    )
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

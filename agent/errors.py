@@ -41,3 +41,7 @@ class ModelLoadError(PermanentError):
 
 class StoreFull(TransientError):
     """SQLite reported the disk or database full; input must stop being acked until it clears."""
+
+
+class OutboxFull(StoreFull):
+    """The outbox is at its configured bound and the policy is to refuse new input."""

@@ -17,7 +17,7 @@ import structlog
 
 from agent import mqtt, payload
 from agent.config import Settings
-from agent.errors import StoreFull
+from agent.errors import OutboxFull, StoreFull
 from agent.messages import Topics, dead_letter_row
 from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
 from agent.retry import Backoff, OutageLog
@@ -36,6 +36,8 @@ class Ingest:
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-in"
         self.subscribed = asyncio.Event()
         self.received = 0
+        # Why input is not being acked right now (store or outbox full), or None.
+        self.paused_reason: str | None = None
         self.last_progress = time.monotonic()
 
     async def run(self) -> None:
@@ -61,6 +63,10 @@ class Ingest:
                 outage.failed(exc)
             except StoreFull as exc:
                 # Unacked messages stay with the broker; reconnecting makes it redeliver them.
+                if self.paused_reason is None:
+                    log.error("ingest_paused", reason=str(exc),
+                              outbox_bound=isinstance(exc, OutboxFull))
+                self.paused_reason = str(exc)
                 outage.failed(exc, store_full=True)
             self.subscribed.clear()
             await asyncio.sleep(backoff.next_delay())
@@ -72,6 +78,9 @@ class Ingest:
             )
             readings, dead = self.classify(batch, time.time())
             outcome = await self._store.ingest(readings, dead)
+            if self.paused_reason is not None:
+                log.info("ingest_resumed", was=self.paused_reason)
+                self.paused_reason = None
             # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
             for message in batch:
                 link.ack(message)

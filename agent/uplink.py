@@ -9,12 +9,15 @@ with a fresh client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import structlog
 
 from agent import mqtt
 from agent.config import Settings
+from agent.errors import StoreFull
+from agent.messages import Topics, drops_row
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
 from agent.waits import first_of, wait_or_timeout
@@ -23,9 +26,12 @@ log = structlog.get_logger()
 
 
 class Uplink:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, topics: Topics | None = None) -> None:
         self._broker = settings.cloud_broker
         self._store = store
+        self._drops_row = functools.partial(
+            drops_row, topics or Topics(self._broker.topic_prefix, settings.agent.device_id)
+        )
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-out"
         self.connected = False
         self.delivered = 0
@@ -52,6 +58,9 @@ class Uplink:
                     return
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
+            except StoreFull as exc:
+                # Retiring delivered rows needs a little space too; they are resent (same ids).
+                outage.failed(exc, store_full=True)
             finally:
                 self.connected = False
             if stop.is_set():
@@ -63,6 +72,11 @@ class Uplink:
         timeout_s = self._broker.publish_timeout_s
         while True:
             self._store.outbox_changed.clear()
+            # Rows dropped at the outbox bound are reported once the link is up (and again
+            # whenever more were dropped); the report itself waits in the outbox like any row.
+            report = await self._store.report_drops(self._drops_row)
+            if report is not None:
+                log.warning("outbox_drops_reported", id=report.id)
             rows = await self._store.pending_outbox(self._broker.inflight_window)
             if not rows:
                 if stop.is_set():
