@@ -58,7 +58,7 @@ class Ingest:
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
                              client_id=self._client_id)
                     self.subscribed.set()
-                    await self._receive(link)
+                    await link.guard(self._receive(link))
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
             except StoreFull as exc:

@@ -54,7 +54,7 @@ class Uplink:
                     backoff.reset()
                     log.info("uplink_connected",
                              broker=f"{self._broker.host}:{self._broker.port}")
-                    await self._pump(link, stop)
+                    await link.guard(self._pump(link, stop))
                     return
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
