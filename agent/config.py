@@ -116,6 +116,13 @@ class StoreSection(_Section):
         "(counted per route and reported on <prefix>/<device_id>/drops); refuse_input stops "
         "acking readings so the local broker keeps them.",
     )
+    reserve_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        description="Ingest stops acking while less than this is free for the store (free "
+        "filesystem space, or room under max_page_count): room the pipeline needs to turn "
+        "waiting readings into results.",
+    )
     max_page_count: int | None = Field(
         default=None,
         ge=16,

@@ -54,7 +54,10 @@ class Ingest:
                 ) as link:
                     await link.subscribe(subscriptions(self._settings.routes))
                     outage.recovered()
-                    backoff.reset()
+                    if self.paused_reason is None:
+                        # While the store is full, retries stay paced by the backoff: the
+                        # broker redelivers the whole unacked window on every connect.
+                        backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
                              client_id=self._client_id)
                     self.subscribed.set()
@@ -67,7 +70,6 @@ class Ingest:
                     log.error("ingest_paused", reason=str(exc),
                               outbox_bound=isinstance(exc, OutboxFull))
                 self.paused_reason = str(exc)
-                outage.failed(exc, store_full=True)
             self.subscribed.clear()
             await asyncio.sleep(backoff.next_delay())
 
@@ -76,18 +78,33 @@ class Ingest:
             batch = await link.next_batch(
                 self._broker.batch_max_messages, self._broker.batch_wait_ms / 1000
             )
-            readings, dead = self.classify(batch, time.time())
-            outcome = await self._store.ingest(readings, dead)
+            await self._commit(link, batch)
             if self.paused_reason is not None:
                 log.info("ingest_resumed", was=self.paused_reason)
                 self.paused_reason = None
-            # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
-            for message in batch:
-                link.ack(message)
-            self.received += len(batch)
-            self.last_progress = time.monotonic()
-            log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
-                      duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
+
+    async def _commit(self, link: mqtt.Link, batch: list[IncomingMessage]) -> None:
+        """Commit a batch, then ack it. If the store is too full for the whole batch, commit
+        and ack it in halves, oldest first, so a nearly full store still takes what fits
+        (the broker redelivers the whole unacked window at once after a reconnect, which may
+        never fit in one transaction). StoreFull escapes only for a single message."""
+        readings, dead = self.classify(batch, time.time())
+        try:
+            outcome = await self._store.ingest(readings, dead)
+        except StoreFull:
+            if len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            await self._commit(link, batch[:half])
+            await self._commit(link, batch[half:])
+            return
+        # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
+        for message in batch:
+            link.ack(message)
+        self.received += len(batch)
+        self.last_progress = time.monotonic()
+        log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
+                  duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 
     def classify(
         self, batch: list[IncomingMessage], received_at: float

@@ -316,6 +316,19 @@ def _sizes(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(rows or 0), int(size or 0)
 
 
+def _room_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes the database can still grow by: free pages inside the file plus free filesystem
+    space, capped by PRAGMA max_page_count."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    max_pages = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+    database = conn.execute("PRAGMA database_list").fetchone()[2]
+    fs = os.statvfs(os.path.dirname(database) or ".")
+    room = fs.f_bavail * fs.f_frsize + free_pages * page_size
+    return int(min(room, (max_pages - pages + free_pages) * page_size))
+
+
 def _ingest(
     conn: sqlite3.Connection,
     readings: Sequence[Reading],
@@ -323,6 +336,12 @@ def _ingest(
     bounds: StoreSection,
 ) -> IngestOutcome:
     accepted = 0
+    room = _room_bytes(conn)
+    if room < bounds.reserve_bytes:
+        # A store filled to the last page by readings could not turn them into results (a
+        # result is larger than its reading): the deadlock this reserve prevents.
+        raise StoreFull(f"store is full: {room} bytes left, below the reserve of "
+                        f"{bounds.reserve_bytes} bytes; refusing input")
     if bounds.when_full == "refuse_input":
         rows, size = _sizes(conn)
         if rows >= bounds.max_outbox_rows or size >= bounds.max_outbox_bytes:

@@ -114,7 +114,7 @@ def test_full_database_refuses_the_batch_keeps_everything_committed_and_recovers
     """With PRAGMA max_page_count the database fills: the failing batch raises StoreFull and
     leaves no partial rows, every earlier reading is intact, and once rows are deleted the same
     connection accepts input again; integrity_check is ok."""
-    bounds = StoreSection(max_page_count=40)
+    bounds = StoreSection(max_page_count=40, reserve_bytes=0)
 
     async def scenario() -> tuple[int, int, list[str]]:
         store = await Store.open(tmp_path / "s.db", bounds)
@@ -149,6 +149,35 @@ def test_full_database_refuses_the_batch_keeps_everything_committed_and_recovers
     counts = read_counts(tmp_path / "s.db")
     assert counts["inbox"] == committed - committed // 2 + 1
     assert counts["delivered"] == committed // 2
+
+
+def test_ingest_is_refused_below_the_reserve_while_results_can_still_be_recorded(
+    tmp_path: Path,
+) -> None:
+    """With 40 pages and a 10-page reserve, ingest is refused (StoreFull) once fewer than 10
+    pages are free, and the pipeline can still turn every waiting reading into a result in the
+    room the reserve kept: a store full of readings cannot deadlock."""
+    bounds = StoreSection(max_page_count=40, reserve_bytes=10 * 4096)
+
+    async def scenario() -> int:
+        store = await Store.open(tmp_path / "s.db", bounds)
+        committed = 0
+        refusal = ""
+        while not refusal:
+            try:
+                await store.ingest([reading(committed, size=400)], [])
+            except StoreFull as exc:
+                refusal = str(exc)
+            else:
+                committed += 1
+        assert "reserve" in refusal
+        while (leased := await store.lease()) is not None:
+            await store.complete(leased.id, result(0, leased.id, 0, size=600))
+        counts = await store.depths()
+        await store.close()
+        return committed if counts["outbox"] == committed and counts["inbox"] == 0 else -1
+
+    assert asyncio.run(scenario()) > 0
 
 
 def _flip_bytes(path: Path, offset: int, count: int = 64) -> None:
