@@ -193,6 +193,13 @@ class Route(_Section):
     priority: int = Field(
         default=0, ge=0, le=9, description="Higher is leased first from the inbox."
     )
+    ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Results not delivered within this many seconds of the gateway running "
+        "(monotonic time, kept across restarts and reboots) are dropped and counted as "
+        "<route>/ttl drops; unset keeps them until delivered or dropped at the bound.",
+    )
 
     @model_validator(mode="after")
     def _check_topics(self) -> Route:

@@ -74,6 +74,11 @@ CREATE TABLE IF NOT EXISTS drops (
     dropped INTEGER NOT NULL DEFAULT 0,
     reported INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id TEXT NOT NULL,
+    last_mono REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sizes (
     name TEXT PRIMARY KEY,
     rows INTEGER NOT NULL,
@@ -279,6 +284,11 @@ class Store:
             self.outbox_changed.set()
         return row
 
+    async def expire(self, ttls: dict[str, float]) -> dict[str, int]:
+        """Drop results older than their route's TTL (seconds of monotonic time, carried
+        across restarts and reboots); each is counted as a drop of `<route>/ttl`."""
+        return await self._call(_expire, ttls)
+
     async def integrity_check(self) -> list[str]:
         """`PRAGMA integrity_check`: ["ok"] for a sound database."""
         return await self._call(_integrity_check)
@@ -306,8 +316,72 @@ def _open_schema(conn: sqlite3.Connection) -> None:
                 f"INSERT OR REPLACE INTO sizes (name, rows, bytes) "
                 f"SELECT '{table}', count(*), coalesce(sum(length(payload)), 0) FROM {table}"
             )
+        if "created_mono" not in columns:  # a store made before per-route TTLs
+            conn.execute("ALTER TABLE outbox ADD COLUMN created_mono REAL NOT NULL DEFAULT 0")
+        _carry_ages_across_boots(conn)
         # Leases belong to the process that took them; after a restart every reading is free.
         conn.execute("UPDATE inbox SET leased = 0 WHERE leased = 1")
+
+
+def _monotonic() -> float:
+    """The clock of outbox ages (a seam for the reboot test)."""
+    return time.monotonic()
+
+
+def _boot_id() -> str:
+    """This boot's id from the kernel, or "" where there is none (then a monotonic clock that
+    went backwards is the sign of a reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _carry_ages_across_boots(conn: sqlite3.Connection) -> None:
+    """Keep outbox ages in monotonic time across reboots.
+
+    A row's age is `time.monotonic() - created_mono`: immune to wall-clock jumps, but the
+    monotonic clock restarts at every boot. The store remembers the boot id and the last
+    monotonic time it saw; after a reboot every row's `created_mono` is shifted back by that
+    last time, so its age carries on from where it was. Time the gateway was off (or suspended)
+    does not count: a TTL here means time the gateway spent running, never an early expiry
+    from a clock that jumped.
+    """
+    boot, now = _boot_id(), _monotonic()
+    row = conn.execute("SELECT boot_id, last_mono FROM clock WHERE id = 1").fetchone()
+    if row is not None:
+        last_boot, last_mono = str(row[0]), float(row[1])
+        rebooted = boot != last_boot if boot and last_boot else now < last_mono
+        if rebooted:
+            conn.execute("UPDATE outbox SET created_mono = created_mono - ?", (last_mono,))
+    _touch_clock(conn, boot, now)
+
+
+def _touch_clock(conn: sqlite3.Connection, boot: str, now: float) -> None:
+    conn.execute("INSERT INTO clock (id, boot_id, last_mono) VALUES (1, ?, ?) ON CONFLICT (id) "
+                 "DO UPDATE SET boot_id = excluded.boot_id, last_mono = excluded.last_mono",
+                 (boot, now))
+
+
+def _expire(conn: sqlite3.Connection, ttls: dict[str, float]) -> dict[str, int]:
+    """Delete result rows older than their route's TTL; count them as drops of `<route>/ttl`."""
+    now = _monotonic()
+    expired: dict[str, int] = {}
+    with _Transaction(conn):
+        _touch_clock(conn, _boot_id(), now)
+        for route, ttl_s in ttls.items():
+            gone = conn.execute(
+                "DELETE FROM outbox WHERE kind = 'result' AND route = ? AND created_mono < ?",
+                (route, now - ttl_s),
+            ).rowcount
+            if gone:
+                expired[f"{route}/ttl"] = gone
+        conn.executemany(
+            "INSERT INTO drops (route, dropped) VALUES (?, ?) "
+            "ON CONFLICT (route) DO UPDATE SET dropped = dropped + excluded.dropped",
+            list(expired.items()),
+        )
+    return expired
 
 
 def _sizes(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -378,9 +452,10 @@ def _insert_dead_letter(conn: sqlite3.Connection, d: DeadLetter, report: NewOutb
 def _insert_outbox(conn: sqlite3.Connection, row: NewOutboxRow,
                    bounds: StoreSection | None = None) -> None:
     conn.execute(
-        "INSERT INTO outbox (id, kind, topic, payload, priority, created_at, route) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO NOTHING",
-        (row.id, row.kind, row.topic, row.payload, row.priority, time.time(), row.route),
+        "INSERT INTO outbox (id, kind, topic, payload, priority, created_at, route, "
+        "created_mono) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO NOTHING",
+        (row.id, row.kind, row.topic, row.payload, row.priority, time.time(), row.route,
+         _monotonic()),
     )
     if bounds is not None and bounds.when_full == "drop_oldest":
         _drop_over_bound(conn, bounds)

@@ -33,6 +33,8 @@ class Uplink:
             drops_row, topics or Topics(self._broker.topic_prefix, settings.agent.device_id)
         )
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-out"
+        self._ttls = {route.name: route.ttl_s for route in settings.routes
+                      if route.ttl_s is not None}
         self.connected = False
         self.delivered = 0
         self.last_progress = time.monotonic()
@@ -66,7 +68,19 @@ class Uplink:
             if stop.is_set():
                 log.info("uplink_stopped_offline")
                 return
+            await self._expire()  # rows age during an outage: checked at every retry
             await wait_or_timeout(stop, backoff.next_delay())
+
+    async def _expire(self) -> None:
+        if not self._ttls:
+            return
+        try:
+            expired = await self._store.expire(self._ttls)
+        except StoreFull as exc:  # expiry only frees space; it is tried again next round
+            log.warning("outbox_expiry_failed", error=str(exc))
+            return
+        if expired:
+            log.warning("outbox_rows_expired", expired=expired)
 
     async def _pump(self, link: mqtt.Link, stop: asyncio.Event) -> None:
         timeout_s = self._broker.publish_timeout_s
@@ -74,6 +88,7 @@ class Uplink:
             self._store.outbox_changed.clear()
             # Rows dropped at the outbox bound are reported once the link is up (and again
             # whenever more were dropped); the report itself waits in the outbox like any row.
+            await self._expire()
             report = await self._store.report_drops(self._drops_row)
             if report is not None:
                 log.warning("outbox_drops_reported", id=report.id)

@@ -7,9 +7,9 @@ import json
 import sqlite3
 from pathlib import Path
 
-from agent.store import read_counts
+from agent.store import read_counts, read_drops
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tools.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
 
 
 def padded_readings(n: int, pad: int = 100) -> list[tuple[str, bytes]]:
@@ -89,4 +89,44 @@ def test_corrupt_database_at_start_is_quarantined_and_the_agent_serves_on_a_fres
     assert (moved / "agent.db").exists()
     publish_readings(rig.local.port, [("sensors/s1/temperature", b'{"seq": 1000}')])
     wait_until(lambda: len(collector.distinct_ids()) == 21, 60, "a result from the fresh store")
+    collector.stop()
+
+
+def test_outbox_bound_during_an_outage_drops_oldest_and_reports_the_count(rig: Rig) -> None:
+    """Cloud down: a result of a route with a 1 s TTL expires while it waits. Then, with room
+    for 5 rows, 12 readings: the 5 newest results wait and 7 are dropped. When the cloud returns
+    it gets those 5 and drop reports counting 7 for the route and 1 for `pressure/ttl`."""
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    rig.cloud.stop()
+    routes = TEST_ROUTES + """
+[[routes]]
+name = "pressure"
+topics = ["sensors/+/pressure"]
+instruction = "Classify."
+max_tokens = 8
+ttl_s = 1.0
+"""
+    agent = rig.agent(rig.config(extra="[store]\nmax_outbox_rows = 5\n", routes=routes))
+    agent.wait_for_event("agent_ready")
+    publish_readings(rig.local.port, [("sensors/p/pressure", b'{"seq": 0}')])
+    wait_until(lambda: read_drops(rig.store).get("pressure/ttl") == 1, 60,
+               "the pressure result expired")
+    assert read_counts(rig.store)["outbox"] == 0
+    published = padded_readings(12, pad=0)
+    publish_readings(rig.local.port, published)
+    wait_until(lambda: read_counts(rig.store)["inbox"] == 0, 90, "all readings inferred")
+    wait_until(lambda: read_counts(rig.store)["dropped"] == 8, 30, "8 drops counted")
+    assert read_counts(rig.store)["outbox"] == 5
+
+    rig.cloud.start()
+    wait_until(lambda: len(collector.results("drops")) >= 1 and len(collector.results()) >= 5,
+               60, "5 results and a drops report")
+    kept = sorted(json.loads(json.dumps(r["source"]["payload"]))["seq"]
+                  for r in collector.results())
+    assert kept == [7, 8, 9, 10, 11]
+    reports = collector.results("drops")
+    assert sum(r["dropped"].get("temperature", 0) for r in reports) == 7
+    assert sum(r["dropped"].get("pressure/ttl", 0) for r in reports) == 1
     collector.stop()

@@ -252,3 +252,68 @@ def test_a_sound_database_is_not_quarantined(tmp_path: Path) -> None:
     assert store.quarantined is None
     assert inbox == 1
     assert not (tmp_path / "quarantine").exists()
+
+
+def test_ttl_drops_old_results_of_its_route_only_and_counts_them(tmp_path: Path) -> None:
+    """Results of a route with a 0.3 s TTL are expired after 0.5 s and counted as `t/ttl`;
+    a fresh result of that route and an old one of a route without TTL stay."""
+
+    async def scenario() -> tuple[dict[str, int], list[str]]:
+        store = await Store.open(tmp_path / "s.db")
+        await produce(store, [result(0, "t", 0), result(1, "keep", 0)])
+        await asyncio.sleep(0.5)
+        await produce(store, [result(2, "t", 0)])
+        expired = await store.expire({"t": 0.3})
+        kept = [row.id for row in await store.pending_outbox(10)]
+        await store.close()
+        return expired, kept
+
+    expired, kept = asyncio.run(scenario())
+    assert expired == {"t/ttl": 1}
+    assert kept == ["keep1", "t2"]
+    assert read_drops(tmp_path / "s.db") == {"t/ttl": 1}
+
+
+def test_ttl_age_carries_across_a_reboot_and_ignores_the_downtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row 0.4 s old when the store last saw the clock keeps that age after a reboot (a new
+    boot id, a monotonic clock that starts again near 0): with a 0.3 s TTL it expires, with 1 s
+    it does not. Without the carry its age would be negative (never expiring); with a wall
+    clock it would depend on the downtime."""
+    import time
+
+    import agent.store as store_module
+
+    path = tmp_path / "s.db"
+    t0 = time.monotonic()
+
+    def boot(boot_id: str, uptime_s: float) -> None:
+        monkeypatch.setattr(store_module, "_boot_id", lambda: boot_id)
+        start = time.monotonic()
+        monkeypatch.setattr(store_module, "_monotonic",
+                            lambda: uptime_s + time.monotonic() - start)
+
+    boot("boot-a", 5000.0)
+
+    async def before_reboot() -> None:
+        store = await Store.open(path)
+        await produce(store, [result(0, "t", 0)])
+        await asyncio.sleep(0.4)
+        await store.expire({"t": 100.0})  # the last monotonic time seen in boot-a
+        await store.close()
+
+    asyncio.run(before_reboot())
+    boot("boot-b", 0.05)
+
+    async def after_reboot() -> tuple[dict[str, int], dict[str, int]]:
+        store = await Store.open(path)
+        long_ttl = await store.expire({"t": 1.0})
+        short_ttl = await store.expire({"t": 0.3})
+        await store.close()
+        return long_ttl, short_ttl
+
+    long_ttl, short_ttl = asyncio.run(after_reboot())
+    assert time.monotonic() - t0 < 5, "the test ran too slowly to mean anything"
+    assert long_ttl == {}, "the row aged by more than the time the gateway ran"
+    assert short_ttl == {"t/ttl": 1}, "the age before the reboot was forgotten"
