@@ -86,7 +86,7 @@ class Agent:
             broker = getattr(settings, name)
             if broker.tls:
                 mqtt.tls_context(broker, name)  # a bad TLS file is a ConfigError (exit 78) now
-        store = await Store.open(settings.store_path)
+        store = await Store.open(settings.store_path, settings.store)
         worker: InferenceWorker | None = None
         try:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
@@ -120,7 +120,8 @@ class Agent:
         ingest = Ingest(settings, store, topics)
         pipeline = Pipeline(settings, store, worker, topics, observer=self.metrics,
                             executors=self._executors)
-        uplink = Uplink(settings, store, status=lambda: self._status_body(ingest, uplink, worker))
+        uplink = Uplink(settings, store, topics,
+                        status=lambda: self._status_body(ingest, uplink, worker))
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:

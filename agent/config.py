@@ -129,6 +129,39 @@ class CloudBrokerSection(BrokerSection):
     )
 
 
+class StoreSection(_Section):
+    max_outbox_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Most rows waiting for the cloud (results, dead-letter reports); "
+        "readings still in the inbox count against it too.",
+    )
+    max_outbox_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="Most payload bytes waiting for the cloud, inbox included.",
+    )
+    when_full: Literal["drop_oldest", "refuse_input"] = Field(
+        default="drop_oldest",
+        description="At the bound: drop_oldest deletes the lowest-priority, oldest outbox rows "
+        "(counted per route and reported on <prefix>/<device_id>/drops); refuse_input stops "
+        "acking readings so the local broker keeps them.",
+    )
+    reserve_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        description="Ingest stops acking while less than this is free for the store (free "
+        "filesystem space, or room under max_page_count): room the pipeline needs to turn "
+        "waiting readings into results.",
+    )
+    max_page_count: int | None = Field(
+        default=None,
+        ge=16,
+        description="SQLite PRAGMA max_page_count (4 KiB pages): a hard database size limit. "
+        "Tests use it to make the store full; unset means the filesystem is the limit.",
+    )
+
+
 class ModelSection(_Section):
     path: Path = Field(description="The GGUF file the inference worker loads.")
     name: str = Field(default="", description="Model name in results; defaults to the file stem.")
@@ -210,6 +243,13 @@ class Route(_Section):
         ge=1,
         description="For local-first: offload to the cloud when the estimated wait in the local "
         "backlog (inbox depth x recent mean local latency) exceeds this.",
+    )
+    ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Results not delivered within this many seconds of the gateway running "
+        "(monotonic time, kept across restarts and reboots) are dropped and counted as "
+        "<route>/ttl drops; unset keeps them until delivered or dropped at the bound.",
     )
 
     @model_validator(mode="after")
@@ -302,6 +342,9 @@ class Settings(BaseSettings):
     cloud_model: CloudModelSection = Field(
         default_factory=CloudModelSection,
         description="The cloud model that non-local routes may use.",
+    )
+    store: StoreSection = Field(
+        default_factory=StoreSection, description="Bounds of the SQLite store."
     )
 
     @model_validator(mode="after")

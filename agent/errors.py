@@ -45,3 +45,5 @@ class StoreFull(TransientError):
 
 class StoreUnreadable(PermanentError):
     """A read-only look at the store (the operator's commands) failed: no file, not a store."""
+class OutboxFull(StoreFull):
+    """The outbox is at its configured bound and the policy is to refuse new input."""

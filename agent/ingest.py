@@ -17,7 +17,7 @@ import structlog
 
 from agent import mqtt, payload
 from agent.config import Settings
-from agent.errors import StoreFull
+from agent.errors import OutboxFull, StoreFull
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row
 from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
@@ -43,6 +43,8 @@ class Ingest:
         # Filters dropped by a reload while the link was down: the persistent session still
         # holds them until they are unsubscribed on the next connect.
         self._stale_filters: set[str] = set()
+        # Why input is not being acked right now (store or outbox full), or None.
+        self.paused_reason: str | None = None
 
     async def run(self) -> None:
         """Receive until cancelled; reconnect with capped, jittered backoff after any failure."""
@@ -64,17 +66,23 @@ class Ingest:
                     await link.subscribe(subscriptions(self._settings.routes))
                     self._link = link
                     outage.recovered()
-                    backoff.reset()
+                    if self.paused_reason is None:
+                        # While the store is full, retries stay paced by the backoff: the
+                        # broker redelivers the whole unacked window on every connect.
+                        backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
                              client_id=self._client_id)
                     self.connects += 1
                     self.subscribed.set()
-                    await self._receive(link)
+                    await link.guard(self._receive(link))
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
             except StoreFull as exc:
                 # Unacked messages stay with the broker; reconnecting makes it redeliver them.
-                outage.failed(exc, store_full=True)
+                if self.paused_reason is None:
+                    log.error("ingest_paused", reason=str(exc),
+                              outbox_bound=isinstance(exc, OutboxFull))
+                self.paused_reason = str(exc)
             self._link = None
             self.subscribed.clear()
             self.liveness.idle("local broker link down")
@@ -104,14 +112,32 @@ class Ingest:
                 self._broker.batch_max_messages, self._broker.batch_wait_ms / 1000
             )
             self.liveness.busy()
-            readings, dead = self.classify(batch, time.time())
+            await self._commit(link, batch)
+            if self.paused_reason is not None:
+                log.info("ingest_resumed", was=self.paused_reason)
+                self.paused_reason = None
+
+    async def _commit(self, link: mqtt.Link, batch: list[IncomingMessage]) -> None:
+        """Commit a batch, then ack it. If the store is too full for the whole batch, commit
+        and ack it in halves, oldest first, so a nearly full store still takes what fits
+        (the broker redelivers the whole unacked window at once after a reconnect, which may
+        never fit in one transaction). StoreFull escapes only for a single message."""
+        readings, dead = self.classify(batch, time.time())
+        try:
             outcome = await self._store.ingest(readings, dead)
-            # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
-            for message in batch:
-                link.ack(message)
-            self.received += len(batch)
-            log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
-                      duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
+        except StoreFull:
+            if len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            await self._commit(link, batch[:half])
+            await self._commit(link, batch[half:])
+            return
+        # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
+        for message in batch:
+            link.ack(message)
+        self.received += len(batch)
+        log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
+                  duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 
     def classify(
         self, batch: list[IncomingMessage], received_at: float

@@ -15,6 +15,8 @@ from agent.records import Completion, DeadLetter, ModelInfo, NewOutboxRow, Readi
 # A dead letter's report carries at most this much of the refused payload (base64).
 REPORT_PAYLOAD_BYTES = 1024
 DEAD_LETTER_PRIORITY = 9
+# Above every route: a drop report is never itself dropped (the store exempts kind "drops").
+DROPS_PRIORITY = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,10 @@ class Topics:
     @property
     def dead_letter(self) -> str:
         return f"{self.prefix}/{self.device_id}/deadletter"
+
+    @property
+    def drops(self) -> str:
+        return f"{self.prefix}/{self.device_id}/drops"
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
@@ -73,7 +79,7 @@ def result_row(
     if executor_reason is not None:
         body["executor_reason"] = executor_reason
     return NewOutboxRow(reading.id, "result", topics.result(reading.route), _dumps(body),
-                        reading.priority)
+                        reading.priority, reading.route)
 
 
 def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
@@ -92,3 +98,17 @@ def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
     }
     return NewOutboxRow(dead.id, "dead_letter", topics.dead_letter, _dumps(body),
                         DEAD_LETTER_PRIORITY)
+
+
+def drops_row(topics: Topics, report: int, dropped: dict[str, int],
+              dropped_total: dict[str, int]) -> NewOutboxRow:
+    """The report of outbox rows dropped at the size bound: per route, since the last report and
+    in total. `report` numbers the reports of this store, so a resent report keeps its id."""
+    body = {
+        "id": f"{topics.device_id}-drops-{report}",
+        "device_id": topics.device_id,
+        "report": report,
+        "dropped": dropped,
+        "dropped_total": dropped_total,
+    }
+    return NewOutboxRow(str(body["id"]), "drops", topics.drops, _dumps(body), DROPS_PRIORITY)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
@@ -27,6 +28,8 @@ from agent.records import IncomingMessage
 QOS_AT_LEAST_ONCE = 1
 SUBACK_FAILURE = 0x80
 
+T = TypeVar("T")
+
 
 class LinkDown(TransientError):
     """The broker connection failed, was refused or broke; reconnect with backoff."""
@@ -35,8 +38,9 @@ class LinkDown(TransientError):
 class Link:
     """One live connection to a broker."""
 
-    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool) -> None:
+    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool, keepalive_s: int) -> None:
         self._client = client
+        self._keepalive_s = keepalive_s
         self._manual_ack = manual_ack
         self._messages = client.messages
 
@@ -78,6 +82,51 @@ class Link:
         while len(batch) < max_messages and not queue.empty():
             batch.append(_incoming(queue.get_nowait()))
         return batch
+
+    async def guard(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, but raise LinkDown as soon as the connection drops (paho's keepalive
+        gave up on a half-open link, or the peer reset it). Without this an idle publisher
+        would notice a dead link only at its next publish."""
+        # aiomqtt resolves `_disconnected` from paho's on_disconnect; it has no public
+        # equivalent in 2.5 (pinned, see the module docstring).
+        disconnected: asyncio.Future[None] = self._client._disconnected
+        work_task = asyncio.create_task(work, name="link-guarded-work")
+        lost_task: asyncio.Future[None] = asyncio.ensure_future(asyncio.shield(disconnected))
+        silence_task = asyncio.create_task(self._watch_silence(), name="link-silence-watch")
+        watched: list[asyncio.Future[Any]] = [work_task, lost_task, silence_task]
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if work_task.done():
+                return work_task.result()
+            if silence_task.done():
+                silence_task.result()  # raises LinkDown
+            raise LinkDown("connection lost")
+        finally:
+            lost_task.cancel()
+            silence_task.cancel()
+            if not work_task.done():
+                work_task.cancel()
+                # The work's own error after the cancel does not matter: the link is down.
+                await asyncio.gather(work_task, return_exceptions=True)
+
+    async def _watch_silence(self) -> None:
+        """Raise LinkDown when a PINGREQ has waited half a keepalive for its PINGRESP.
+
+        paho pings after one keepalive without traffic but gives up only one keepalive after an
+        unanswered ping, checked on aiomqtt's 1 s tick: up to 2 x keepalive + 1 s on a half-open
+        link (measured 8.8 s at keepalive 5 s). paho pings at most keepalive + 1 s after the
+        last exchange, so giving the PINGRESP half a keepalive detects a half-open link within
+        1.5 x keepalive + 1 s, the bound MQTT 3.1.1 section 3.1.2.10 sets for the server side.
+        `_ping_t` is paho's own record of the unanswered PINGREQ (0 when none is pending).
+        """
+        paho_client = self._client._client
+        patience_s = 0.5 * self._keepalive_s
+        while True:
+            pinged = float(paho_client._ping_t)
+            if pinged > 0 and time.monotonic() - pinged > patience_s:
+                raise LinkDown(f"half-open link: no PINGRESP within {patience_s:.1f} s "
+                               f"(keepalive {self._keepalive_s} s)")
+            await asyncio.sleep(0.25)
 
     def ack(self, message: IncomingMessage) -> None:
         """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
@@ -159,7 +208,7 @@ async def connect(
         client._client.manual_ack_set(True)
     try:
         async with client:
-            yield Link(client, manual_ack=manual_ack)
+            yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s)
     except aiomqtt.MqttError as exc:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ssl.SSLError):

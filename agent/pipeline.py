@@ -15,12 +15,13 @@ from typing import Any, Protocol
 import structlog
 
 from agent.config import Route, Settings
-from agent.errors import PermanentError, TransientError
+from agent.errors import PermanentError, StoreFull, TransientError
 from agent.executors import Executors
 from agent.inference import InferenceWorker
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
-from agent.records import Completion, DeadLetter, Reading
+from agent.records import Completion, DeadLetter, NewOutboxRow, Reading
+from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
 from agent.validation import check_output
@@ -79,7 +80,13 @@ class Pipeline:
                 self.liveness.idle("waiting for input")
                 await first_of(self._store.inbox_changed, stop)
                 continue
-            await self.process(reading)
+            try:
+                await self.process(reading)
+            except StoreFull as exc:
+                # Only a release after a failed attempt gets here; the reading stays leased
+                # until the next start, which frees every lease. Nothing is lost.
+                log.warning("pipeline_release_failed", id=reading.id, error=str(exc))
+                await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
 
     async def process(self, reading: Reading) -> None:
         route = self._routes.get(reading.route)
@@ -141,7 +148,7 @@ class Pipeline:
             executor=outcome.executor if outcome else "local",
             executor_reason=outcome.reason if outcome else None,
         )
-        await self._store.complete(reading.id, row)
+        await self._record(reading.id, row, None)
         self.completed += 1
         if self.observer is not None:
             executor = outcome.executor if outcome else "local"
@@ -154,5 +161,25 @@ class Pipeline:
             self.observer.result_recorded(reading.route, "local", "dead_letter", None)
         letter = DeadLetter(reading.id, reading.topic, reading.payload, reason,
                             reading.received_at)
-        await self._store.dead_letter_reading(letter, dead_letter_row(self._topics, letter))
+        await self._record(reading.id, dead_letter_row(self._topics, letter), letter)
+
+    async def _record(self, reading_id: str, row: NewOutboxRow,
+                      letter: DeadLetter | None) -> None:
+        """Commit a result (or a dead letter); while the store is full, keep the answer and
+        retry the commit with backoff instead of running inference again. The reading stays
+        leased meanwhile; a stop or a crash frees it for the next start."""
+        outage = OutageLog("pipeline_store")
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                if letter is None:
+                    await self._store.complete(reading_id, row)
+                else:
+                    await self._store.dead_letter_reading(letter, row)
+            except StoreFull as exc:
+                outage.failed(exc, id=reading_id)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            outage.recovered()
+            return
 

@@ -103,6 +103,8 @@ class NewOutboxRow:
     topic: str
     payload: bytes
     priority: int
+    # The route that produced the row; drops are counted per route (per kind when empty).
+    route: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -25,7 +26,8 @@ from typing import Any, TypeVar
 import sqlite_utils
 import structlog
 
-from agent.errors import StoreFull, StoreUnreadable
+from agent.config import StoreSection
+from agent.errors import OutboxFull, StoreFull, StoreUnreadable
 from agent.records import DeadLetter, NewOutboxRow, OutboxRow, QueueStats, Reading
 
 log = structlog.get_logger()
@@ -68,6 +70,33 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS drops (
+    route TEXT PRIMARY KEY,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    reported INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id TEXT NOT NULL,
+    last_mono REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sizes (
+    name TEXT PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+"""
+
+# Kept by triggers so the bound check costs O(1) per batch; recounted at every open.
+SIZE_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS {table}_added AFTER INSERT ON {table} BEGIN
+    UPDATE sizes SET rows = rows + 1, bytes = bytes + length(NEW.payload)
+    WHERE name = '{table}';
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_removed AFTER DELETE ON {table} BEGIN
+    UPDATE sizes SET rows = rows - 1, bytes = bytes - length(OLD.payload)
+    WHERE name = '{table}';
+END;
 """
 
 
@@ -80,7 +109,7 @@ class IngestOutcome:
     dead_lettered: int
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, max_page_count: int | None = None) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     db = sqlite_utils.Database(conn)
@@ -88,6 +117,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
     db.execute("PRAGMA busy_timeout=5000")
+    if max_page_count is not None:
+        db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
     return conn
 
 
@@ -110,16 +141,29 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
         else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR); a ROLLBACK
+        # then would raise "no transaction is active" and hide the error that matters.
+        if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
 
 class Store:
     """Async facade over the writer thread. Open with `await Store.open(path)`, then `close()`."""
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop,
+                 bounds: StoreSection | None = None) -> None:
         self.path = path
+        self.bounds = bounds or StoreSection()
+        self.quarantined: Quarantined | None = None
         self._loop = loop
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                             asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -130,11 +174,22 @@ class Store:
         self.outbox_changed = asyncio.Event()
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, bounds: StoreSection | None = None) -> Store:
+        """Open (or create) the store. A database that fails `quick_check` is moved aside to
+        `<dir>/quarantine/<time>/` with its -wal and -shm, and a fresh one is started."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, asyncio.get_running_loop())
+        store = cls(path, asyncio.get_running_loop(), bounds)
         store._thread.start()
-        await store._call(_open_schema)
+        try:
+            await store._call(_open_schema)
+        except BaseException:
+            await store.close()
+            raise
+        if store.quarantined is not None:
+            log.critical("store_quarantined", path=str(path),
+                         moved_to=str(store.quarantined.directory),
+                         reason=store.quarantined.reason,
+                         files=store.quarantined.files)
         return store
 
     async def close(self) -> None:
@@ -147,7 +202,8 @@ class Store:
 
     def _run(self) -> None:
         try:
-            self._conn = _connect(self.path)
+            self.quarantined = _quarantine_if_corrupt(self.path)
+            self._conn = _connect(self.path, self.bounds.max_page_count)
         except sqlite3.Error as exc:
             opening_error: Exception | None = _translate(exc)
         else:
@@ -181,7 +237,7 @@ class Store:
         self, readings: Sequence[Reading], dead: Sequence[tuple[DeadLetter, NewOutboxRow]]
     ) -> IngestOutcome:
         """Commit readings and dead letters in one transaction; after it, acking is safe."""
-        outcome = await self._call(_ingest, readings, dead)
+        outcome = await self._call(_ingest, readings, dead, self.bounds)
         if outcome.accepted:
             self.inbox_changed.set()
         if outcome.dead_lettered:
@@ -199,12 +255,12 @@ class Store:
 
     async def complete(self, reading_id: str, row: NewOutboxRow) -> None:
         """In one transaction: add the result to the outbox and retire the reading."""
-        await self._call(_complete, reading_id, row)
+        await self._call(_complete, reading_id, row, self.bounds)
         self.outbox_changed.set()
 
     async def dead_letter_reading(self, letter: DeadLetter, report: NewOutboxRow) -> None:
         """In one transaction: retire a leased reading into the dead-letter table and report it."""
-        await self._call(_dead_letter_reading, letter, report)
+        await self._call(_dead_letter_reading, letter, report, self.bounds)
         self.outbox_changed.set()
 
     async def pending_outbox(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
@@ -226,6 +282,25 @@ class Store:
     def is_open(self) -> bool:
         """The writer thread runs and the connection opened (readiness, not a health check)."""
         return self._thread.is_alive() and self._conn is not None
+    async def report_drops(
+        self, make_row: Callable[[int, dict[str, int], dict[str, int]], NewOutboxRow]
+    ) -> NewOutboxRow | None:
+        """If rows were dropped since the last report, add one report row to the outbox, in the
+        same transaction that marks those drops reported. `make_row(report_number, dropped,
+        dropped_total)` builds it (pure, runs on the writer thread)."""
+        row = await self._call(_report_drops, make_row)
+        if row is not None:
+            self.outbox_changed.set()
+        return row
+
+    async def expire(self, ttls: dict[str, float]) -> dict[str, int]:
+        """Drop results older than their route's TTL (seconds of monotonic time, carried
+        across restarts and reboots); each is counted as a drop of `<route>/ttl`."""
+        return await self._call(_expire, ttls)
+
+    async def integrity_check(self) -> list[str]:
+        """`PRAGMA integrity_check`: ["ok"] for a sound database."""
+        return await self._call(_integrity_check)
 
 
 def _succeed(future: asyncio.Future[Any], result: Any) -> None:
@@ -239,17 +314,123 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 
 def _open_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-    # Leases belong to the process that took them; after a restart every reading is free again.
-    conn.execute("UPDATE inbox SET leased = 0 WHERE leased = 1")
+    conn.executescript(SCHEMA + "".join(SIZE_TRIGGERS.format(table=t) for t in ("inbox", "outbox")))
+    with _Transaction(conn):
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+        if "route" not in columns:  # a store made before drops were counted per route
+            conn.execute("ALTER TABLE outbox ADD COLUMN route TEXT NOT NULL DEFAULT ''")
+        conn.execute("CREATE INDEX IF NOT EXISTS outbox_victims ON outbox (priority, seq)")
+        for table in ("inbox", "outbox"):
+            conn.execute(
+                f"INSERT OR REPLACE INTO sizes (name, rows, bytes) "
+                f"SELECT '{table}', count(*), coalesce(sum(length(payload)), 0) FROM {table}"
+            )
+        if "created_mono" not in columns:  # a store made before per-route TTLs
+            conn.execute("ALTER TABLE outbox ADD COLUMN created_mono REAL NOT NULL DEFAULT 0")
+        _carry_ages_across_boots(conn)
+        # Leases belong to the process that took them; after a restart every reading is free.
+        conn.execute("UPDATE inbox SET leased = 0 WHERE leased = 1")
+
+
+def _monotonic() -> float:
+    """The clock of outbox ages (a seam for the reboot test)."""
+    return time.monotonic()
+
+
+def _boot_id() -> str:
+    """This boot's id from the kernel, or "" where there is none (then a monotonic clock that
+    went backwards is the sign of a reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _carry_ages_across_boots(conn: sqlite3.Connection) -> None:
+    """Keep outbox ages in monotonic time across reboots.
+
+    A row's age is `time.monotonic() - created_mono`: immune to wall-clock jumps, but the
+    monotonic clock restarts at every boot. The store remembers the boot id and the last
+    monotonic time it saw; after a reboot every row's `created_mono` is shifted back by that
+    last time, so its age carries on from where it was. Time the gateway was off (or suspended)
+    does not count: a TTL here means time the gateway spent running, never an early expiry
+    from a clock that jumped.
+    """
+    boot, now = _boot_id(), _monotonic()
+    row = conn.execute("SELECT boot_id, last_mono FROM clock WHERE id = 1").fetchone()
+    if row is not None:
+        last_boot, last_mono = str(row[0]), float(row[1])
+        rebooted = boot != last_boot if boot and last_boot else now < last_mono
+        if rebooted:
+            conn.execute("UPDATE outbox SET created_mono = created_mono - ?", (last_mono,))
+    _touch_clock(conn, boot, now)
+
+
+def _touch_clock(conn: sqlite3.Connection, boot: str, now: float) -> None:
+    conn.execute("INSERT INTO clock (id, boot_id, last_mono) VALUES (1, ?, ?) ON CONFLICT (id) "
+                 "DO UPDATE SET boot_id = excluded.boot_id, last_mono = excluded.last_mono",
+                 (boot, now))
+
+
+def _expire(conn: sqlite3.Connection, ttls: dict[str, float]) -> dict[str, int]:
+    """Delete result rows older than their route's TTL; count them as drops of `<route>/ttl`."""
+    now = _monotonic()
+    expired: dict[str, int] = {}
+    with _Transaction(conn):
+        _touch_clock(conn, _boot_id(), now)
+        for route, ttl_s in ttls.items():
+            gone = conn.execute(
+                "DELETE FROM outbox WHERE kind = 'result' AND route = ? AND created_mono < ?",
+                (route, now - ttl_s),
+            ).rowcount
+            if gone:
+                expired[f"{route}/ttl"] = gone
+        conn.executemany(
+            "INSERT INTO drops (route, dropped) VALUES (?, ?) "
+            "ON CONFLICT (route) DO UPDATE SET dropped = dropped + excluded.dropped",
+            list(expired.items()),
+        )
+    return expired
+
+
+def _sizes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Rows and payload bytes waiting in the inbox and the outbox together."""
+    rows, size = conn.execute("SELECT sum(rows), sum(bytes) FROM sizes").fetchone()
+    return int(rows or 0), int(size or 0)
+
+
+def _room_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes the database can still grow by: free pages inside the file plus free filesystem
+    space, capped by PRAGMA max_page_count."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    max_pages = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+    database = conn.execute("PRAGMA database_list").fetchone()[2]
+    fs = os.statvfs(os.path.dirname(database) or ".")
+    room = fs.f_bavail * fs.f_frsize + free_pages * page_size
+    return int(min(room, (max_pages - pages + free_pages) * page_size))
 
 
 def _ingest(
     conn: sqlite3.Connection,
     readings: Sequence[Reading],
     dead: Sequence[tuple[DeadLetter, NewOutboxRow]],
+    bounds: StoreSection,
 ) -> IngestOutcome:
     accepted = 0
+    room = _room_bytes(conn)
+    if room < bounds.reserve_bytes:
+        # A store filled to the last page by readings could not turn them into results (a
+        # result is larger than its reading): the deadlock this reserve prevents.
+        raise StoreFull(f"store is full: {room} bytes left, below the reserve of "
+                        f"{bounds.reserve_bytes} bytes; refusing input")
+    if bounds.when_full == "refuse_input":
+        rows, size = _sizes(conn)
+        if rows >= bounds.max_outbox_rows or size >= bounds.max_outbox_bytes:
+            raise OutboxFull(f"outbox at its bound ({rows} rows, {size} bytes waiting; "
+                             f"max {bounds.max_outbox_rows} rows, {bounds.max_outbox_bytes} "
+                             "bytes); refusing input")
     with _Transaction(conn):
         for r in readings:
             # A redelivered reading whose result is already waiting in the outbox is not redone.
@@ -261,27 +442,62 @@ def _ingest(
                 (r.id, r.topic, r.payload, r.route, r.priority, r.received_at, r.id),
             )
             accepted += cursor.rowcount
-        dead_lettered = sum(_insert_dead_letter(conn, d, report) for d, report in dead)
+        dead_lettered = sum(_insert_dead_letter(conn, d, report, bounds) for d, report in dead)
     return IngestOutcome(accepted, len(readings) - accepted, dead_lettered)
 
 
-def _insert_dead_letter(conn: sqlite3.Connection, d: DeadLetter, report: NewOutboxRow) -> int:
+def _insert_dead_letter(conn: sqlite3.Connection, d: DeadLetter, report: NewOutboxRow,
+                        bounds: StoreSection) -> int:
     cursor = conn.execute(
         "INSERT INTO dead_letter (id, topic, payload, reason, received_at, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         (d.id, d.topic, d.payload, d.reason, d.received_at, time.time()),
     )
     if cursor.rowcount:
-        _insert_outbox(conn, report)
+        _insert_outbox(conn, report, bounds)
     return cursor.rowcount
 
 
-def _insert_outbox(conn: sqlite3.Connection, row: NewOutboxRow) -> None:
+def _insert_outbox(conn: sqlite3.Connection, row: NewOutboxRow,
+                   bounds: StoreSection | None = None) -> None:
     conn.execute(
-        "INSERT INTO outbox (id, kind, topic, payload, priority, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO NOTHING",
-        (row.id, row.kind, row.topic, row.payload, row.priority, time.time()),
+        "INSERT INTO outbox (id, kind, topic, payload, priority, created_at, route, "
+        "created_mono) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO NOTHING",
+        (row.id, row.kind, row.topic, row.payload, row.priority, time.time(), row.route,
+         _monotonic()),
     )
+    if bounds is not None and bounds.when_full == "drop_oldest":
+        _drop_over_bound(conn, bounds)
+
+
+def _drop_over_bound(conn: sqlite3.Connection, bounds: StoreSection) -> None:
+    """Delete the lowest-priority, oldest rows until the outbox is within its bound, counting
+    each per route. Drop reports (kind "drops") are never dropped. Runs inside the caller's
+    transaction, so a row is dropped exactly when the row that displaced it is committed."""
+    while True:
+        rows, size = conn.execute(
+            "SELECT rows, bytes FROM sizes WHERE name = 'outbox'"
+        ).fetchone()
+        if rows <= bounds.max_outbox_rows and size <= bounds.max_outbox_bytes:
+            return
+        victims = conn.execute(
+            "SELECT seq, CASE route WHEN '' THEN kind ELSE route END, length(payload) "
+            "FROM outbox WHERE kind != 'drops' ORDER BY priority, seq LIMIT 64"
+        ).fetchall()
+        if not victims:
+            return
+        counted: dict[str, int] = {}
+        for seq, route, length in victims:
+            if rows <= bounds.max_outbox_rows and size <= bounds.max_outbox_bytes:
+                break
+            conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            counted[route] = counted.get(route, 0) + 1
+            rows, size = rows - 1, size - length
+        conn.executemany(
+            "INSERT INTO drops (route, dropped) VALUES (?, ?) "
+            "ON CONFLICT (route) DO UPDATE SET dropped = dropped + excluded.dropped",
+            list(counted.items()),
+        )
 
 
 def _lease(conn: sqlite3.Connection) -> Reading | None:
@@ -309,16 +525,100 @@ def _release(conn: sqlite3.Connection, reading_id: str) -> None:
         conn.execute("UPDATE inbox SET leased = 0 WHERE id = ?", (reading_id,))
 
 
-def _complete(conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow) -> None:
+def _complete(conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow,
+              bounds: StoreSection) -> None:
     with _Transaction(conn):
-        _insert_outbox(conn, row)
+        # Retire the reading first: the outbox bound then sees its room in the same transaction.
         conn.execute("DELETE FROM inbox WHERE id = ?", (reading_id,))
+        _insert_outbox(conn, row, bounds)
 
 
-def _dead_letter_reading(conn: sqlite3.Connection, d: DeadLetter, report: NewOutboxRow) -> None:
+def _dead_letter_reading(conn: sqlite3.Connection, d: DeadLetter, report: NewOutboxRow,
+                         bounds: StoreSection) -> None:
     with _Transaction(conn):
-        _insert_dead_letter(conn, d, report)
         conn.execute("DELETE FROM inbox WHERE id = ?", (d.id,))
+        _insert_dead_letter(conn, d, report, bounds)
+
+
+def _report_drops(
+    conn: sqlite3.Connection,
+    make_row: Callable[[int, dict[str, int], dict[str, int]], NewOutboxRow],
+) -> NewOutboxRow | None:
+    with _Transaction(conn):
+        rows = conn.execute("SELECT route, dropped, reported FROM drops").fetchall()
+        dropped = {route: total - reported for route, total, reported in rows
+                   if total > reported}
+        if not dropped:
+            return None
+        number = conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('drop_reports', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
+        ).fetchone()[0]
+        row = make_row(int(number), dropped, {route: total for route, total, _ in rows})
+        _insert_outbox(conn, row)
+        conn.execute("UPDATE drops SET reported = dropped")
+    return row
+
+
+def _integrity_check(conn: sqlite3.Connection) -> list[str]:
+    return [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A database that failed `quick_check` at open and was moved aside."""
+
+    directory: Path
+    reason: str
+    files: list[str]
+
+
+def _quarantine_if_corrupt(path: Path) -> Quarantined | None:
+    """Run `PRAGMA quick_check` on an existing database; if it is damaged, move it (and its
+    -wal and -shm) to `<dir>/quarantine/<UTC time>/` durably, so a fresh store can start and
+    the damaged one is kept for an operator. Errors other than corruption are raised."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    reason = _quick_check(path)
+    if reason is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.parent / "quarantine" / f"{stamp}-{time.monotonic_ns() % 10**6:06d}"
+    target.mkdir(parents=True)
+    moved = []
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, target / source.name)
+            moved.append(source.name)
+    for directory in (target, target.parent, path.parent):
+        _fsync_dir(directory)
+    return Quarantined(target, reason, moved)
+
+
+def _quick_check(path: Path) -> str | None:
+    """None if the database is sound, else why not."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        raise  # locked, I/O error, disk full: not evidence of a damaged file
+    except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
+        return f"{getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}"
+    if rows == ["ok"]:
+        return None
+    return "quick_check: " + "; ".join(rows[:5])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pending_outbox(conn: sqlite3.Connection, limit: int, after_seq: int) -> list[OutboxRow]:
@@ -349,7 +649,19 @@ def snapshot_counts(db: sqlite_utils.Database) -> dict[str, int]:
     counts = {name: int(db[name].count) for name in ("inbox", "outbox", "dead_letter")}
     delivered = db.execute("SELECT value FROM counters WHERE name = 'delivered'").fetchone()
     counts["delivered"] = int(delivered[0]) if delivered else 0
+    if db["drops"].exists():
+        dropped = db.execute("SELECT coalesce(sum(dropped), 0) FROM drops").fetchone()
+        counts["dropped"] = int(dropped[0])
     return counts
+
+
+def read_drops(path: Path) -> dict[str, int]:
+    """Rows dropped at the outbox bound, per route, read-only."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {str(r): int(n) for r, n in conn.execute("SELECT route, dropped FROM drops")}
+    finally:
+        conn.close()
 
 
 def read_counts(path: Path) -> dict[str, int]:

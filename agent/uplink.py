@@ -10,6 +10,7 @@ on connect, a refresh every `service.status_interval_s`, a last will "offline".
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ import structlog
 
 from agent import mqtt
 from agent.config import Settings
+from agent.errors import StoreFull
 from agent.liveness import Liveness
+from agent.messages import Topics, drops_row
 from agent.records import OutboxRow
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
@@ -33,6 +36,7 @@ class Uplink:
         self,
         settings: Settings,
         store: Store,
+        topics: Topics | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         # status(): the JSON summary behind the retained <prefix>/<device_id>/status topic.
@@ -44,7 +48,12 @@ class Uplink:
         self._device_id = settings.agent.device_id
         self._broker = settings.cloud_broker
         self._store = store
+        self._drops_row = functools.partial(
+            drops_row, topics or Topics(self._broker.topic_prefix, settings.agent.device_id)
+        )
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-out"
+        self._ttls = {route.name: route.ttl_s for route in settings.routes
+                      if route.ttl_s is not None}
         self.connected = False
         self.delivered = 0
         self.liveness = Liveness("uplink")
@@ -72,18 +81,22 @@ class Uplink:
                     backoff.reset()
                     log.info("uplink_connected",
                              broker=f"{self._broker.host}:{self._broker.port}")
-                    await self._publish_status(link, "online")
-                    await self._pump(link, stop)
+                    self._status_due = 0.0  # the birth message goes out with the first rows
+                    await link.guard(self._pump(link, stop))
                     await self._publish_status(link, "offline")
                     return
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
+            except StoreFull as exc:
+                # Retiring delivered rows needs a little space too; they are resent (same ids).
+                outage.failed(exc, store_full=True)
             finally:
                 self.connected = False
             if stop.is_set():
                 log.info("uplink_stopped_offline")
                 return
             self.liveness.idle("cloud link down")
+            await self._expire()  # rows age during an outage: checked at every retry
             await wait_or_timeout(stop, backoff.next_delay())
 
     def _will(self) -> tuple[str, bytes] | None:
@@ -103,6 +116,17 @@ class Uplink:
                            timeout_s=self._broker.publish_timeout_s, retain=True)
         self._status_due = time.monotonic() + self._status_interval_s
 
+    async def _expire(self) -> None:
+        if not self._ttls:
+            return
+        try:
+            expired = await self._store.expire(self._ttls)
+        except StoreFull as exc:  # expiry only frees space; it is tried again next round
+            log.warning("outbox_expiry_failed", error=str(exc))
+            return
+        if expired:
+            log.warning("outbox_rows_expired", expired=expired)
+
     async def _pump(self, link: mqtt.Link, stop: asyncio.Event) -> None:
         """Keep up to `inflight_window` rows in flight; commit PUBACKed rows in groups.
 
@@ -119,9 +143,10 @@ class Uplink:
                 await window.idle.wait()
                 window.finish()
         except BaseExceptionGroup as group:
-            links = [e for e in group.exceptions if isinstance(e, mqtt.LinkDown)]
-            if len(links) == len(group.exceptions):
-                raise links[0] from group
+            # A broken link or a full store ends this connection the same way: run() retries.
+            known = [e for e in group.exceptions if isinstance(e, mqtt.LinkDown | StoreFull)]
+            if len(known) == len(group.exceptions):
+                raise known[0] from group
             raise
         finally:
             if window.acked:
@@ -132,9 +157,17 @@ class Uplink:
         sent_up_to = 0
         while True:
             if self._status is not None and time.monotonic() >= self._status_due:
-                self.liveness.busy()
-                await self._publish_status(link, "online")
+                # In flight beside the rows, never ahead of them: a status whose PUBACK is
+                # slow must not hold results back (its timeout ends the connection like theirs).
+                self._status_due = time.monotonic() + self._status_interval_s
+                tasks.create_task(self._publish_status(link, "online"), name="uplink-status")
             self._store.outbox_changed.clear()
+            # Rows dropped at the outbox bound are reported once the link is up (and again
+            # whenever more were dropped); the report itself waits in the outbox like any row.
+            await self._expire()
+            report = await self._store.report_drops(self._drops_row)
+            if report is not None:
+                log.warning("outbox_drops_reported", id=report.id)
             rows = await self._store.pending_outbox(window.size, after_seq=sent_up_to)
             if not rows:
                 if stop.is_set():

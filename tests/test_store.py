@@ -46,7 +46,7 @@ def test_a_redelivered_reading_is_ignored_in_the_inbox_and_after_its_result(tmp_
 
     assert run(scenario()) == (1, 1, 0)
     assert read_counts(tmp_path / "s.db") == {"inbox": 0, "outbox": 1, "dead_letter": 0,
-                                              "delivered": 0}
+                                              "delivered": 0, "dropped": 0}
 
 
 def test_lease_takes_highest_priority_then_oldest_and_restart_frees_leases(tmp_path: Path) -> None:

@@ -1,0 +1,149 @@
+"""Network faults between the agent and the cloud broker, made real by tests/fault_proxy.py:
+an outage, a flapping link, a half-open connection and lost PUBACKs. Real mosquitto, the real
+agent process, real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from agent.store import read_counts
+from tests.conftest import Rig
+from tests.fault_proxy import FaultProxy
+from tools.harness import (
+    AgentProcess,
+    CloudCollector,
+    publish_readings,
+    wait_until,
+    write_agent_config,
+)
+
+KEEPALIVE_S = 5
+
+
+def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"sensors/s{i % 3}/temperature", json.dumps({"seq": i, "celsius": 20}).encode())
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def proxied(rig: Rig) -> Iterator[tuple[Rig, FaultProxy, CloudCollector]]:
+    """Both brokers up, a collector subscribed, and a proxy in front of the cloud broker."""
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    proxy = FaultProxy(rig.cloud.port).start()
+    try:
+        yield rig, proxy, collector
+    finally:
+        collector.stop()
+        proxy.stop()
+
+
+def start_agent(rig: Rig, proxy: FaultProxy, extra: str = "") -> AgentProcess:
+    config = write_agent_config(
+        rig.workdir / "agent.toml", state_dir=rig.workdir / "state", model_path=rig.model,
+        local_port=rig.local.port, cloud_port=proxy.port, extra=extra,
+    )
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    return agent
+
+
+def events(agent: AgentProcess, name: str) -> list[dict[str, object]]:
+    return [e for e in agent.events() if e.get("event") == name]
+
+
+def stamp(event: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
+
+
+def test_outage_buffers_and_everything_is_delivered_when_the_link_returns(
+    proxied: tuple[Rig, FaultProxy, CloudCollector],
+) -> None:
+    """With the proxy refusing connections, 30 readings wait in the outbox and the uplink keeps
+    retrying; when the proxy passes again all 30 arrive and the outbox empties."""
+    rig, proxy, collector = proxied
+    proxy.set_mode("refuse")
+    agent = start_agent(rig, proxy)
+    publish_readings(rig.local.port, readings(30))
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 30, 90, "30 rows waiting")
+    agent.wait_for_event("uplink_link_failed")
+    assert collector.results() == []
+    proxy.set_mode("pass")
+    wait_until(lambda: len(collector.distinct_ids()) == 30, 60, "30 results delivered")
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 0, 30, "outbox drained")
+
+
+def test_flapping_link_delivers_everything_without_a_reconnect_storm(
+    proxied: tuple[Rig, FaultProxy, CloudCollector],
+) -> None:
+    """The proxy resets every connection every 0.7 s for 8 s while 60 readings flow: all 60
+    arrive, and the agent connects far fewer times than a tight retry loop would."""
+    rig, proxy, collector = proxied
+    agent = start_agent(rig, proxy)
+    publish_readings(rig.local.port, readings(60))
+    flapping_until = time.monotonic() + 8
+    resets = 0
+    while time.monotonic() < flapping_until:
+        time.sleep(0.7)
+        proxy.reset()
+        resets += 1
+    wait_until(lambda: len(collector.distinct_ids()) == 60, 90, "60 results delivered")
+    connects = len(events(agent, "uplink_connected"))
+    print(f"flapping: resets={resets} connects={connects} proxy_accepts={proxy.accepted}")
+    # Backoff (0.1 s doubling to 1 s, jittered) allows a few connects per reset, not hundreds.
+    assert connects <= 4 * resets + 2
+
+
+def test_half_open_connection_is_detected_within_one_and_a_half_keepalives(
+    proxied: tuple[Rig, FaultProxy, CloudCollector],
+) -> None:
+    """When the proxy silently stops forwarding (no FIN, no RST), the idle uplink notices within
+    1.5 x keepalive (plus the client's 1 s housekeeping tick), reconnects once the path works,
+    and delivers readings published meanwhile."""
+    rig, proxy, collector = proxied
+    agent = start_agent(rig, proxy)
+    publish_readings(rig.local.port, readings(3))
+    wait_until(lambda: len(collector.distinct_ids()) == 3, 60, "3 results")
+    time.sleep(1.0)
+    proxy.set_mode("blackhole")
+    silenced = time.time()
+    failed = agent.wait_for_event("uplink_link_failed", 4 * KEEPALIVE_S)
+    detected_s = stamp(failed) - silenced
+    print(f"half-open detected after {detected_s:.2f} s (keepalive {KEEPALIVE_S} s)")
+    assert detected_s <= 1.5 * KEEPALIVE_S + 1.0
+    publish_readings(rig.local.port, readings(3, 3))
+    proxy.set_mode("pass")
+    proxy.reset()  # the blackholed connections are gone for good
+    wait_until(lambda: len(collector.distinct_ids()) == 6, 60, "6 results")
+
+
+def test_lost_pubacks_leave_rows_undelivered_and_they_are_resent_with_the_same_ids(
+    proxied: tuple[Rig, FaultProxy, CloudCollector],
+) -> None:
+    """The proxy passes CONNACK (4 bytes) and drops every later server-to-client byte: the
+    broker gets the results but the agent never sees a PUBACK, so the rows stay in the outbox.
+    Once PUBACKs flow again the same ids are sent again; the store counts each row delivered
+    once and the receiver sees duplicates it can drop by id."""
+    rig, proxy, collector = proxied
+    agent = start_agent(rig, proxy)
+    proxy.set_mode("drop_s2c", s2c_bytes=4)
+    proxy.reset()
+    agent.wait_for_event("uplink_connected")
+    publish_readings(rig.local.port, readings(5))
+    wait_until(lambda: len(collector.distinct_ids()) == 5, 60, "5 results at the broker")
+    assert read_counts(rig.store)["outbox"] == 5, "a row was retired without its PUBACK"
+    agent.wait_for_event("uplink_link_failed", 30)
+    assert read_counts(rig.store)["outbox"] == 5
+    proxy.set_mode("pass")
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 0, 60, "outbox drained")
+    seen = Counter(body["id"] for body in collector.results())
+    assert len(seen) == 5
+    assert all(count >= 2 for count in seen.values()), f"not all ids resent: {seen}"
+    assert read_counts(rig.store)["delivered"] == 5
