@@ -17,13 +17,17 @@ import time
 
 import structlog
 
+from agent import ota
 from agent.config import Settings
-from agent.inference import InferenceWorker, identify
+from agent.inference import InferenceWorker
 from agent.ingest import Ingest
 from agent.messages import Topics
+from agent.otastate import ModelStore
 from agent.pipeline import Pipeline
+from agent.serving import Router
 from agent.store import Store
 from agent.uplink import Uplink
+from agent.watcher import Watcher
 
 log = structlog.get_logger()
 
@@ -52,32 +56,43 @@ class Agent:
         started = time.monotonic()
         settings = self.settings
         store = await Store.open(settings.store_path)
-        worker: InferenceWorker | None = None
+        router: Router | None = None
         try:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
-            info = await identify(settings.model, settings.model_name)
-            worker = InferenceWorker(settings.model, info)
+            models = ModelStore(settings.ota_dir)
+            # Counts this start against a model on trial and rolls back if it must.
+            startup = await ota.startup(settings, models)
+            info = startup.info
+            worker = InferenceWorker(startup.section, info)
+            router = Router(worker)
             await worker.start()
             probe = await worker.complete(PROBE_MESSAGES, max_tokens=1, temperature=0.0,
                                           seed=settings.model.seed, schema=None)
             log.info("model_answered", model=info.name, version=info.version,
                      sha256=info.sha256, probe_ms=round(probe.latency_ms, 1))
-            await self._serve(store, worker, started)
+            await self._serve(store, router, started, models, startup)
         finally:
-            if worker is not None:
-                await worker.close()
+            if router is not None:
+                await router.serving.worker.close()
             await store.close()
             log.info("agent_stopped")
 
-    async def _serve(self, store: Store, worker: InferenceWorker, started: float) -> None:
+    async def _serve(self, store: Store, router: Router, started: float, models: ModelStore,
+                     startup: ota.Startup) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
-        pipeline = Pipeline(settings, store, worker, topics)
+        pipeline = Pipeline(settings, store, router, topics)
         uplink = Uplink(settings, store)
+        updates = ota.Ota(settings, store, router, topics, models)
+        watcher = Watcher(settings.incoming_dir, [settings.ota_dir], updates.wake,
+                          settings.ota.watch_debounce_s)
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
+        stop_ota = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
+            ota_task = tasks.create_task(updates.run(stop_ota, startup.reports), name="ota")
+            tasks.create_task(watcher.run(stop_ota), name="ota-watcher")
             ingest_task = tasks.create_task(ingest.run(), name="ingest")
             pipeline_task = tasks.create_task(pipeline.run(stop_pipeline), name="pipeline")
             uplink_task = tasks.create_task(uplink.run(stop_uplink), name="uplink")
@@ -87,6 +102,10 @@ class Agent:
             ready_task.cancel()
             # Phase 1: stop taking input. Unacked messages stay with the local broker.
             ingest_task.cancel()
+            # A model update stops between steps; a trial left open is judged at the next start.
+            stop_ota.set()
+            if not await self._within(ota_task, deadline):
+                ota_task.cancel()
             # Phase 2: finish the reading in hand. Phase 3: flush the outbox.
             stop_pipeline.set()
             if not await self._within(pipeline_task, deadline):

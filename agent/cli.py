@@ -1,4 +1,5 @@
-"""The command line: `edge-agent run --config FILE` and `edge-agent check-config FILE`.
+"""The command line: `edge-agent run --config FILE`, `edge-agent check-config FILE`, and
+`edge-agent model ...` (agent/modelcli.py).
 
 Exit codes: 0 done, 1 failed at run time, 2 usage, 78 (EX_CONFIG) bad configuration, which the
 systemd unit tells systemd not to restart.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import config, logs
+from agent import config, logs, modelcli
 from agent.errors import EXIT_CONFIG, AgentError, ConfigError
 
 
@@ -24,11 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="the TOML configuration file")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", type=Path)
+    modelcli.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "model":
+        return modelcli.run(args)
     try:
         settings = config.load(args.config)
     except ConfigError as exc:

@@ -29,6 +29,18 @@ class Topics:
     def dead_letter(self) -> str:
         return f"{self.prefix}/{self.device_id}/deadletter"
 
+    @property
+    def model_events(self) -> str:
+        return f"{self.prefix}/{self.device_id}/events/model"
+
+    @property
+    def model_status(self) -> str:
+        return f"{self.prefix}/{self.device_id}/status/model"
+
+    @property
+    def model_command(self) -> str:
+        return f"{self.prefix}/{self.device_id}/cmd/model"
+
 
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
@@ -88,3 +100,22 @@ def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
     }
     return NewOutboxRow(dead.id, "dead_letter", topics.dead_letter, _dumps(body),
                         DEAD_LETTER_PRIORITY)
+
+
+MODEL_EVENT_PRIORITY = 8
+# Outbox rows of this kind are published with the MQTT retain flag (agent/uplink.py).
+RETAINED_KIND = "status"
+
+
+def model_event_row(topics: Topics, event_id: str, step: str, body: dict[str, Any]) -> NewOutboxRow:
+    """One step or outcome of a model update, for edge/<device_id>/events/model."""
+    full = {"id": event_id, "device_id": topics.device_id, "step": step, **body}
+    return NewOutboxRow(event_id, "model_event", topics.model_events, _dumps(full),
+                        MODEL_EVENT_PRIORITY)
+
+
+def model_status_row(topics: Topics, event_id: str, body: dict[str, Any]) -> NewOutboxRow:
+    """The retained status naming the active model, for edge/<device_id>/status/model."""
+    full = {"id": event_id, "device_id": topics.device_id, **body}
+    return NewOutboxRow(event_id, RETAINED_KIND, topics.model_status, _dumps(full),
+                        MODEL_EVENT_PRIORITY)

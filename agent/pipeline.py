@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import structlog
 
 from agent.config import Route, Settings
 from agent.errors import PermanentError, TransientError
-from agent.inference import InferenceWorker
 from agent.messages import Topics, dead_letter_row, result_row
-from agent.records import Completion, DeadLetter, Reading
+from agent.records import Completion, DeadLetter, ModelInfo, Reading
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
 from agent.validation import check_output
@@ -32,9 +32,28 @@ log = structlog.get_logger()
 RETRY_TEMPERATURE = 0.8
 
 
+class Completer(Protocol):
+    """One model answering chat completions (agent/inference.py, agent/serving.py)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    async def complete(
+        self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float, seed: int,
+        schema: dict[str, Any] | None,
+    ) -> Completion: ...
+
+
+class Models(Protocol):
+    """Where the model for one reading comes from: every attempt for a reading uses the model
+    it leased, and the result names that model, even if traffic is switched meanwhile."""
+
+    def lease(self) -> AbstractAsyncContextManager[Completer]: ...
+
+
 class Pipeline:
     def __init__(
-        self, settings: Settings, store: Store, worker: InferenceWorker, topics: Topics
+        self, settings: Settings, store: Store, worker: Models, topics: Topics
     ) -> None:
         self._settings = settings
         self._store = store
@@ -82,29 +101,32 @@ class Pipeline:
         completion: Completion | None = None
         error: str | None = None
         output: Any = None
-        for attempt in range(route.output_attempts):
-            completion = await self._worker.complete(
-                messages,
-                max_tokens=route.max_tokens,
-                temperature=route.temperature if attempt == 0 else max(route.temperature,
-                                                                      RETRY_TEMPERATURE),
-                seed=self._settings.model.seed + attempt,
-                schema=route.output_schema,
-            )
-            if route.output_schema is None:
-                output, error = completion.text, None
-                break
-            output, error = check_output(completion.text, route.output_schema)
-            if error is None:
-                break
-            log.info("output_invalid", id=reading.id, route=route.name, attempt=attempt + 1,
-                     error=error, finish_reason=completion.finish_reason)
+        async with self._worker.lease() as model:
+            for attempt in range(route.output_attempts):
+                completion = await model.complete(
+                    messages,
+                    max_tokens=route.max_tokens,
+                    temperature=route.temperature if attempt == 0 else max(route.temperature,
+                                                                          RETRY_TEMPERATURE),
+                    seed=self._settings.model.seed + attempt,
+                    schema=route.output_schema,
+                )
+                if route.output_schema is None:
+                    output, error = completion.text, None
+                    break
+                output, error = check_output(completion.text, route.output_schema)
+                if error is None:
+                    break
+                log.info("output_invalid", id=reading.id, route=route.name,
+                         attempt=attempt + 1, error=error,
+                         finish_reason=completion.finish_reason)
+            info = model.info
         row = result_row(
             self._topics, reading, source,
             output=output if error is None else None,
             status="ok" if error is None else "failed",
             completion=completion,
-            model=self._worker.info,
+            model=info,
             prompt_version=self._versions[route.name],
             error=error,
             raw=None if error is None or completion is None else completion.text,

@@ -15,6 +15,7 @@ import structlog
 
 from agent import mqtt
 from agent.config import Settings
+from agent.messages import RETAINED_KIND
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
 from agent.waits import first_of, wait_or_timeout
@@ -71,7 +72,8 @@ class Uplink:
                 continue
             # All publishes of a window are in flight together; paho sends them in this order.
             outcomes = await asyncio.gather(
-                *(link.publish(row.topic, row.payload, timeout_s=timeout_s) for row in rows),
+                *(link.publish(row.topic, row.payload, timeout_s=timeout_s,
+                               retain=row.kind == RETAINED_KIND) for row in rows),
                 return_exceptions=True,
             )
             acked = [row.seq for row, outcome in zip(rows, outcomes, strict=True)
