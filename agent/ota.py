@@ -32,7 +32,7 @@ from agent.inference import InferenceWorker, identify
 from agent.messages import Topics, model_event_row, model_status_row
 from agent.otastate import BASE, ModelStore, OtaState, Trial
 from agent.records import ModelInfo
-from agent.serving import Router, Served
+from agent.serving import Figures, Router, Served
 from agent.store import Store
 from agent.trial import Verdict, canaries_for, probation_verdict, run_canary
 from agent.waits import first_of
@@ -205,6 +205,8 @@ class Ota:
         finally:
             await asyncio.to_thread(self._discard, directory)
         await self.report("staged", version=manifest.version)
+        # The previous model's figures before a second worker competes with it for the CPU.
+        baseline = self._router.serving.window.figures()
         previous_version = (await asyncio.to_thread(self._models.read)).active
         trial = Trial(manifest.version, previous_version, "canary")
 
@@ -224,7 +226,7 @@ class Ota:
             await self._fail(trial, "canary", verdict)
             return False
         await self.report("canary_passed", version=trial.version, figures=verdict.figures)
-        return await self._switch_and_judge(trial, candidate, stop)
+        return await self._switch_and_judge(trial, candidate, baseline, stop)
 
     def _check_newer(self, manifest: modelpkg.Manifest) -> None:
         state = self._models.read()
@@ -261,7 +263,7 @@ class Ota:
         await self.report("loaded", version=trial.version, pid=worker.pid)
         return Served(worker)
 
-    async def _switch_and_judge(self, trial: Trial, candidate: Served,
+    async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures,
                                 stop: asyncio.Event) -> bool:
         def to_probation(state: OtaState) -> None:
             assert state.trial is not None
@@ -271,7 +273,6 @@ class Ota:
         await asyncio.to_thread(self._models.update, to_probation)
         switched_at = time.monotonic()
         previous = self._router.switch(candidate)
-        baseline = previous.window.figures()
         await self.report("switched", version=trial.version,
                           previous=previous.info.version, in_flight=previous.leases)
         await self.publish_status()
@@ -282,7 +283,7 @@ class Ota:
         log.debug("probation_took", s=round(time.monotonic() - switched_at, 2))
         return committed
 
-    async def _probation(self, trial: Trial, previous: Served | None, baseline: Any,
+    async def _probation(self, trial: Trial, previous: Served | None, baseline: Figures | None,
                          stop: asyncio.Event) -> bool | None:
         served = self._router.serving
         served.window.reset()
@@ -319,7 +320,7 @@ class Ota:
                 await previous.idle.wait()
                 await previous.worker.close()
             return True
-        verdict_at = time.monotonic()
+        verdict_at, verdict_wall = time.monotonic(), time.time()
         if previous is None:
             state = await asyncio.to_thread(self._models.read)
             section, info = await describe(self._settings, state, self._models, trial.previous)
@@ -328,7 +329,8 @@ class Ota:
             previous = Served(worker)
         self._router.switch(previous)
         back_ms = round((time.monotonic() - verdict_at) * 1000, 2)
-        await self._fail(trial, "probation", verdict, switched_back_ms=back_ms)
+        await self._fail(trial, "probation", verdict, switched_back_ms=back_ms,
+                         verdict_at=verdict_wall)
         await served.idle.wait()
         await served.worker.close()
         return False
