@@ -47,7 +47,7 @@ def test_a_flipped_byte_is_refused_by_the_hash(signed: tuple[Path, Path, str],
     data = bytearray(gguf_of(bad).read_bytes())
     data[len(data) // 2] ^= 0x01
     gguf_of(bad).write_bytes(bytes(data))
-    with pytest.raises(modelpkg.PackageRejected, match="sha256 .* does not match"):
+    with pytest.raises(modelpkg.PackageRejected, match=r"sha256 .* does not match"):
         modelpkg.verify_blocking(bad, [public])
 
 
@@ -56,7 +56,7 @@ def test_a_truncated_file_is_refused_by_its_size(signed: tuple[Path, Path, str],
     pkg, _, public = signed
     bad = copy(pkg, tmp_path / "truncated")
     os.truncate(gguf_of(bad), gguf_of(bad).stat().st_size - 1000)
-    with pytest.raises(modelpkg.PackageRejected, match="size .* the manifest says"):
+    with pytest.raises(modelpkg.PackageRejected, match=r"size .* the manifest says"):
         modelpkg.verify_blocking(bad, [public])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import sqlite3
 import statistics
@@ -140,7 +141,9 @@ async def test_a_model_too_slow_for_the_canary_budget_is_never_promoted(
         assert refused[0]["figures"]["answers"][0]["latency_ms"] > 50
         assert rig.router.info.version == "1"
         state = rig.models.read()
-        assert state.active == "base" and state.trial is None and "2" in state.failed
+        assert state.active == "base"
+        assert state.trial is None
+        assert "2" in state.failed
         await rig.feed(0, 3)
         await rig.drained()
         assert {r["model"]["version"] for r in rig.outbox("result")} == {"1"}
@@ -212,13 +215,15 @@ async def test_a_model_that_degrades_in_probation_is_rolled_back_automatically(
         assert figures["candidate"]["p95_ms"] > figures["p95_limit_ms"]
         assert rig.router.serving.worker.pid == old_pid
         state = rig.models.read()
-        assert state.active == "base" and state.trial is None
+        assert state.active == "base"
+        assert state.trial is None
         assert state.failed["2"]["figures"]["candidate"]["requests"] >= 12
         results = rig.outbox("result")
         assert len({r["id"] for r in results}) == sent
         assert all(r["status"] == "ok" for r in results)
         versions = [r["model"]["version"] for r in results]
-        assert "2" in versions and versions[-1] == "1"
+        assert "2" in versions
+        assert versions[-1] == "1"
         back = next(r["_created_at"] for r in results
                     if r["_created_at"] > rolled["verdict_at"] and r["model"]["version"] == "1")
         print(f"failed verdict -> traffic switched back {rolled['switched_back_ms']} ms, "
@@ -251,13 +256,13 @@ async def test_a_successful_swap_under_a_stream_fails_nothing_and_names_each_mod
         assert all(r["status"] == "ok" for r in results)
         versions = [r["model"]["version"] for r in results]
         first_new = versions.index("2")
-        assert set(versions[:first_new]) == {"1"} and set(versions[first_new:]) == {"2"}
-        gaps = [b["_created_at"] - a["_created_at"] for a, b in zip(results, results[1:],
-                                                                    strict=False)]
+        assert set(versions[:first_new]) == {"1"}
+        assert set(versions[first_new:]) == {"2"}
+        gaps = [b["_created_at"] - a["_created_at"] for a, b in itertools.pairwise(results)]
         switch_gap = gaps[first_new - 1]
         typical = statistics.median(gaps)
         print(f"swap pause: gap at switch {switch_gap * 1000:.1f} ms, "
               f"median gap {typical * 1000:.1f} ms, max gap {max(gaps) * 1000:.1f} ms")
         state = rig.models.read()
-        assert state.active == "2" and state.previous == "base" and state.trial is None
+        assert (state.active, state.previous, state.trial) == ("2", "base", None)
         assert [e["step"] for e in rig.outbox("model_event")][-1] == "committed"
