@@ -213,13 +213,6 @@ class OtaSection(_Section):
         default=1.0, ge=0,
         description="Quiet time after the last change in incoming/ before a package is read.",
     )
-    download_read_timeout_s: float = Field(
-        default=30.0, gt=0, description="A download that receives nothing for this long is cut."
-    )
-    download_attempts: int = Field(
-        default=5, ge=1, le=100,
-        description="Connections tried per download (each resumes with Range) before giving up.",
-    )
 
     @model_validator(mode="after")
     def _check_keys(self) -> OtaSection:
@@ -290,7 +283,7 @@ class Settings(BaseSettings):
 
     @property
     def incoming_dir(self) -> Path:
-        """Where model packages are dropped (by an operator, the CLI or the downloader)."""
+        """Where model packages are dropped (by an operator or `edge-agent model install`)."""
         return self.agent.state_dir / "incoming"
 
     @property

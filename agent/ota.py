@@ -175,7 +175,7 @@ class Ota:
         for entry in sorted(incoming.iterdir()):
             if stop.is_set():
                 return
-            # Names starting with "." are being written (the CLI and the downloader rename
+            # Names starting with "." are being written (`model install` renames
             # a finished package into place); plain files are not packages.
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
