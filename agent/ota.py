@@ -179,7 +179,12 @@ class Ota:
             # a finished package into place); plain files are not packages.
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            await self.install(entry, stop)
+            try:
+                await self.install(entry, stop)
+            except Exception as exc:  # one broken package must not take the agent down
+                log.error("model_update_failed", package=entry.name, error=str(exc),
+                          error_type=type(exc).__name__)
+                await asyncio.to_thread(self._discard, entry)
 
     # -- one package ----------------------------------------------------------------------------
 
