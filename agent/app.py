@@ -21,23 +21,26 @@ from typing import Any
 
 import structlog
 
-from agent import config, mqtt, reload
+from agent import config, mqtt, ota, reload
 from agent.cloud import CloudModel
 from agent.config import Settings, service_environment
 from agent.errors import ConfigError
 from agent.executors import Executors
-from agent.inference import InferenceWorker, identify
+from agent.inference import InferenceWorker
 from agent.ingest import Ingest
 from agent.messages import Topics
 from agent.metrics import Endpoint, Metrics
 from agent.offload import CircuitBreaker
+from agent.otastate import ModelStore
 from agent.pipeline import Pipeline
 from agent.records import QueueStats
 from agent.retry import OutageLog
 from agent.sdnotify import Notifier
 from agent.service import Service, summary_line
+from agent.serving import Router
 from agent.store import Store
 from agent.uplink import Uplink
+from agent.watcher import Watcher
 
 log = structlog.get_logger()
 
@@ -87,11 +90,15 @@ class Agent:
             if broker.tls:
                 mqtt.tls_context(broker, name)  # a bad TLS file is a ConfigError (exit 78) now
         store = await Store.open(settings.store_path, settings.store)
-        worker: InferenceWorker | None = None
+        router: Router | None = None
         try:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
-            info = await identify(settings.model, settings.model_name)
-            worker = InferenceWorker(settings.model, info)
+            models = ModelStore(settings.ota_dir)
+            # Counts this start against a model on trial and rolls back if it must.
+            startup = await ota.startup(settings, models)
+            info = startup.info
+            worker = InferenceWorker(startup.section, info)
+            router = Router(worker)
             await worker.start()
             probe = await worker.complete(PROBE_MESSAGES, max_tokens=1, temperature=0.0,
                                           seed=settings.model.seed, schema=None)
@@ -104,27 +111,34 @@ class Agent:
                                             local_up=False, cloud_up=False))
             log.info("service_ready", startup_s=round(time.monotonic() - started, 3),
                      notify_socket=self._notifier.enabled)
-            await self._serve(store, worker, started)
+            await self._serve(store, router, started, models, startup)
         finally:
             if self._cloud is not None:
                 await self._cloud.aclose()
-            if worker is not None:
-                await worker.close()
+            if router is not None:
+                await router.serving.worker.close()
             await store.close()
             self._notifier.close()
             log.info("agent_stopped")
 
-    async def _serve(self, store: Store, worker: InferenceWorker, started: float) -> None:
+    async def _serve(self, store: Store, router: Router, started: float, models: ModelStore,
+                     startup: ota.Startup) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)
-        pipeline = Pipeline(settings, store, worker, topics, observer=self.metrics,
+        pipeline = Pipeline(settings, store, router, topics, observer=self.metrics,
                             executors=self._executors)
         uplink = Uplink(settings, store, topics,
-                        status=lambda: self._status_body(ingest, uplink, worker))
+                        status=lambda: self._status_body(ingest, uplink, router))
+        updates = ota.Ota(settings, store, router, topics, models)
+        watcher = Watcher(settings.incoming_dir, [settings.ota_dir], updates.wake,
+                          settings.ota.watch_debounce_s)
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
+        stop_ota = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
+            ota_task = tasks.create_task(updates.run(stop_ota, startup.reports), name="ota")
+            tasks.create_task(watcher.run(stop_ota), name="ota-watcher")
             ingest_task = tasks.create_task(ingest.run(), name="ingest")
             pipeline_task = tasks.create_task(pipeline.run(stop_pipeline), name="pipeline")
             uplink_task = tasks.create_task(uplink.run(stop_uplink), name="uplink")
@@ -132,13 +146,13 @@ class Agent:
             reload_task = tasks.create_task(self._reload_on_request(ingest, pipeline),
                                             name="reloader")
             self.service.watch([ingest.liveness, pipeline.liveness, uplink.liveness,
-                                worker.liveness])
+                                _ServingWorker(router)])
             observers = [
                 tasks.create_task(self.service.run_watchdog(), name="watchdog"),
-                tasks.create_task(self._sample(store, ingest, uplink, worker), name="sampler"),
+                tasks.create_task(self._sample(store, ingest, uplink, router), name="sampler"),
             ]
             if settings.service.metrics_enabled:
-                endpoint = Endpoint(self.metrics, lambda: self._not_ready(store, worker))
+                endpoint = Endpoint(self.metrics, lambda: self._not_ready(store, router))
                 observers.append(tasks.create_task(
                     endpoint.serve(settings.service.metrics_host, settings.service.metrics_port),
                     name="metrics"))
@@ -148,6 +162,10 @@ class Agent:
             reload_task.cancel()
             # Phase 1: stop taking input. Unacked messages stay with the local broker.
             ingest_task.cancel()
+            # A model update stops between steps; a trial left open is judged at the next start.
+            stop_ota.set()
+            if not await self._within(ota_task, deadline):
+                ota_task.cancel()
             # Phase 2: finish the reading in hand. Phase 3: flush the outbox.
             stop_pipeline.set()
             if not await self._within(pipeline_task, deadline):
@@ -185,14 +203,16 @@ class Agent:
         return task.done()
 
     async def _sample(
-        self, store: Store, ingest: Ingest, uplink: Uplink, worker: InferenceWorker
+        self, store: Store, ingest: Ingest, uplink: Uplink, router: Router
     ) -> None:
         """Every SAMPLE_INTERVAL_S: read the store's depths once, then update the metrics and
         systemd's STATUS= line from that snapshot."""
-        model = f"{worker.info.name} v{worker.info.version}"
         loops = ["ingest", "pipeline", "uplink", "inference_worker"]
         outage = OutageLog("status_sample")
         while True:
+            worker = router.serving.worker  # changes when a model update is committed
+            model = f"{worker.info.name} v{worker.info.version}"
+            self.metrics.active_model(worker.info)
             try:
                 self._stats = await store.stats()
                 outage.recovered()
@@ -204,17 +224,18 @@ class Agent:
                     links={"local": (ingest.subscribed.is_set(), ingest.connects),
                            "cloud": (uplink.connected, uplink.connects)},
                     worker_restarts=worker.restarts, stalled=self.service.stalled, loops=loops,
-                    ready=self._not_ready(store, worker) is None)
+                    ready=self._not_ready(store, router) is None)
             self.service.status(summary_line(
                 model, self._stats, local_up=ingest.subscribed.is_set(),
                 cloud_up=uplink.connected, stalled=self.service.stalled))
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def _status_body(
-        self, ingest: Ingest, uplink: Uplink, worker: InferenceWorker
+        self, ingest: Ingest, uplink: Uplink, router: Router
     ) -> dict[str, Any]:
         """The JSON summary in the retained MQTT status (uplink adds state and time)."""
         stats = self._stats
+        worker = router.serving.worker
         return {
             "model": {"name": worker.info.name, "version": worker.info.version,
                       "sha256": worker.info.sha256},
@@ -228,10 +249,10 @@ class Agent:
         }
 
     @staticmethod
-    def _not_ready(store: Store, worker: InferenceWorker) -> str | None:
+    def _not_ready(store: Store, router: Router) -> str | None:
         if not store.is_open:
             return "store closed"
-        if not worker.answering:
+        if not router.serving.worker.answering:
             return "model not answering"
         return None
 
@@ -284,3 +305,15 @@ async def run(settings: Settings, config_path: Path | None = None) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+
+
+class _ServingWorker:
+    """The liveness of whichever worker serves traffic now: a model update replaces it."""
+
+    name = "inference_worker"
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def stalled_for(self, stall_after_s: float) -> float | None:
+        return self._router.serving.worker.liveness.stalled_for(stall_after_s)

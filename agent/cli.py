@@ -1,5 +1,6 @@
-"""The command line: `edge-agent run --config FILE` and `edge-agent check-config FILE`, and the
-operator's read-only views `edge-agent status` and `edge-agent queue` (agent/views.py).
+"""The command line: `edge-agent run --config FILE`, `edge-agent check-config FILE`, the
+operator's read-only views `edge-agent status` and `edge-agent queue` (agent/views.py), and
+`edge-agent model ...` (agent/modelcli.py).
 
 Exit codes: 0 done, 1 failed at run time, 2 usage, 78 (EX_CONFIG) bad configuration, which the
 systemd unit tells systemd not to restart.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import config, logs
+from agent import config, logs, modelcli
 from agent.errors import EXIT_CONFIG, AgentError, ConfigError, StoreUnreadable
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
@@ -35,11 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                        help=f"the agent's configuration (default {DEFAULT_CONFIG})")
     queue.add_argument("--limit", type=int, default=10, help="rows shown per list")
+    modelcli.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "model":
+        return modelcli.run(args)
     try:
         settings = config.load(args.config)
     except ConfigError as exc:

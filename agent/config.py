@@ -313,6 +313,57 @@ class CloudModelSection(_Section):
     )
 
 
+class OtaSection(_Section):
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="ed25519 public keys (base64 of the 32 raw bytes) whose model signatures "
+        "are trusted; empty refuses every update.",
+    )
+    canary_latency_budget_ms: float = Field(
+        default=10_000.0, gt=0,
+        description="A canary answer slower than this fails the candidate model (a manifest "
+        "may only tighten it).",
+    )
+    probation_requests: int = Field(
+        default=50, ge=1, description="Probation ends after this many requests on the new model."
+    )
+    probation_max_s: float = Field(
+        default=600.0, gt=0, description="Probation ends after this long even with fewer requests."
+    )
+    probation_max_error_rate: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Share of failed inference requests (crash, timeout) that fails probation.",
+    )
+    probation_max_schema_failure_rate: float = Field(
+        default=0.2, ge=0, le=1,
+        description="Share of answers failing the route's schema that fails probation.",
+    )
+    probation_latency_factor: float = Field(
+        default=3.0, ge=1,
+        description="Probation fails if the new model's p95 latency exceeds the previous "
+        "model's p95 times this.",
+    )
+    max_trial_starts: int = Field(
+        default=1, ge=1, le=10,
+        description="Agent starts tolerated while a model is on trial; reaching it rolls back.",
+    )
+    watch_debounce_s: float = Field(
+        default=1.0, ge=0,
+        description="Quiet time after the last change in incoming/ before a package is read.",
+    )
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> OtaSection:
+        from agent.signing import SignatureError, parse_public_key
+
+        for index, key in enumerate(self.trusted_keys):
+            try:
+                parse_public_key(key)
+            except SignatureError as exc:
+                raise ValueError(f"trusted_keys[{index}]: {exc}") from exc
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with `load()`, never directly."""
 
@@ -345,6 +396,9 @@ class Settings(BaseSettings):
     )
     store: StoreSection = Field(
         default_factory=StoreSection, description="Bounds of the SQLite store."
+    )
+    ota: OtaSection = Field(
+        default_factory=OtaSection, description="Over-the-air model updates."
     )
 
     @model_validator(mode="after")
@@ -381,6 +435,16 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.agent.state_dir / "agent.db"
+
+    @property
+    def ota_dir(self) -> Path:
+        """OTA state file, lock, reports and installed models (models/<version>/)."""
+        return self.agent.state_dir / "ota"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where model packages are dropped (by an operator or `edge-agent model install`)."""
+        return self.agent.state_dir / "incoming"
 
     @property
     def model_name(self) -> str:

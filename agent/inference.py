@@ -12,6 +12,8 @@ import itertools
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,12 @@ class InferenceWorker:
         self.liveness.idle("no request")
         log.info("worker_ready", pid=proc.pid, model=self.info.name,
                  load_ms=round(float(hello.get("load_ms", 0)), 1))
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[InferenceWorker]:
+        """A single worker serves every reading itself (agent/serving.py switches between
+        several)."""
+        yield self
 
     async def complete(
         self,

@@ -35,6 +35,18 @@ class Topics:
     def drops(self) -> str:
         return f"{self.prefix}/{self.device_id}/drops"
 
+    @property
+    def model_events(self) -> str:
+        return f"{self.prefix}/{self.device_id}/events/model"
+
+    @property
+    def model_status(self) -> str:
+        return f"{self.prefix}/{self.device_id}/status/model"
+
+    @property
+    def model_command(self) -> str:
+        return f"{self.prefix}/{self.device_id}/cmd/model"
+
 
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
@@ -112,3 +124,22 @@ def drops_row(topics: Topics, report: int, dropped: dict[str, int],
         "dropped_total": dropped_total,
     }
     return NewOutboxRow(str(body["id"]), "drops", topics.drops, _dumps(body), DROPS_PRIORITY)
+
+
+MODEL_EVENT_PRIORITY = 8
+# Outbox rows of this kind are published with the MQTT retain flag (agent/uplink.py).
+RETAINED_KIND = "status"
+
+
+def model_event_row(topics: Topics, event_id: str, step: str, body: dict[str, Any]) -> NewOutboxRow:
+    """One step or outcome of a model update, for edge/<device_id>/events/model."""
+    full = {"id": event_id, "device_id": topics.device_id, "step": step, **body}
+    return NewOutboxRow(event_id, "model_event", topics.model_events, _dumps(full),
+                        MODEL_EVENT_PRIORITY)
+
+
+def model_status_row(topics: Topics, event_id: str, body: dict[str, Any]) -> NewOutboxRow:
+    """The retained status naming the active model, for edge/<device_id>/status/model."""
+    full = {"id": event_id, "device_id": topics.device_id, **body}
+    return NewOutboxRow(event_id, RETAINED_KIND, topics.model_status, _dumps(full),
+                        MODEL_EVENT_PRIORITY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import structlog
@@ -17,10 +18,9 @@ import structlog
 from agent.config import Route, Settings
 from agent.errors import PermanentError, StoreFull, TransientError
 from agent.executors import Executors
-from agent.inference import InferenceWorker
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
-from agent.records import Completion, DeadLetter, NewOutboxRow, Reading
+from agent.records import Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
 from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
@@ -42,12 +42,31 @@ class PipelineObserver(Protocol):
     ) -> None: ...
 
 
+class Completer(Protocol):
+    """One model answering chat completions (agent/inference.py, agent/serving.py)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    async def complete(
+        self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float, seed: int,
+        schema: dict[str, Any] | None, prefix_key: str | None = None,
+    ) -> Completion: ...
+
+
+class Models(Protocol):
+    """Where the model for one reading comes from: every attempt for a reading uses the model
+    it leased, and the result names that model, even if traffic is switched meanwhile."""
+
+    def lease(self) -> AbstractAsyncContextManager[Completer]: ...
+
+
 class Pipeline:
     def __init__(
         self,
         settings: Settings,
         store: Store,
-        worker: InferenceWorker,
+        worker: Models,
         topics: Topics,
         observer: PipelineObserver | None = None,
         executors: Executors | None = None,
@@ -114,34 +133,37 @@ class Pipeline:
         completion: Completion | None = None
         error: str | None = None
         output: Any = None
-        plan = await self.executors.plan(route)  # issue 6: local, cloud, or one then the other
+        plan = await self.executors.plan(route)  # local, cloud, or one then the other
         outcome = None
-        for attempt in range(route.output_attempts):
-            # The worker judges its own request against the stall bound (its Liveness).
-            self.liveness.idle("inference worker has the reading")
-            outcome = await self.executors.complete(
-                plan, self._worker, route, messages,
-                temperature=route.temperature if attempt == 0 else max(route.temperature,
-                                                                      RETRY_TEMPERATURE),
-                seed=self._settings.model.seed + attempt,
-            )
-            self.liveness.busy()
-            completion, plan = outcome.completion, outcome.next_plan
-            if route.output_schema is None:
-                output, error = completion.text, None
-                break
-            output, error = check_output(completion.text, route.output_schema)
-            if error is None:
-                break
-            log.info("output_invalid", id=reading.id, route=route.name, attempt=attempt + 1,
-                     error=error, finish_reason=completion.finish_reason,
-                     executor=outcome.executor)
+        async with self._worker.lease() as model:
+            for attempt in range(route.output_attempts):
+                # The worker judges its own request against the stall bound (its Liveness).
+                self.liveness.idle("inference worker has the reading")
+                outcome = await self.executors.complete(
+                    plan, model, route, messages,
+                    temperature=route.temperature if attempt == 0 else max(route.temperature,
+                                                                          RETRY_TEMPERATURE),
+                    seed=self._settings.model.seed + attempt,
+                )
+                self.liveness.busy()
+                completion, plan = outcome.completion, outcome.next_plan
+                if route.output_schema is None:
+                    output, error = completion.text, None
+                    break
+                output, error = check_output(completion.text, route.output_schema)
+                if error is None:
+                    break
+                log.info("output_invalid", id=reading.id, route=route.name,
+                         attempt=attempt + 1, error=error,
+                         finish_reason=completion.finish_reason, executor=outcome.executor)
+            # The model that answered: the leased local one, or the cloud's.
+            info = outcome.model if outcome else model.info
         row = result_row(
             self._topics, reading, source,
             output=output if error is None else None,
             status="ok" if error is None else "failed",
             completion=completion,
-            model=outcome.model if outcome else self._worker.info,
+            model=info,
             prompt_version=self._versions[route.name],
             error=error,
             raw=None if error is None or completion is None else completion.text,

@@ -67,6 +67,7 @@ class OutboxRow:
     id: str
     topic: str
     payload: bytes
+    kind: str = "result"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ import asyncio
 import os
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
 from agent.config import ServiceEnvironment, ServiceSection
-from agent.liveness import Liveness
 from agent.records import QueueStats
 from agent.sdnotify import Notifier
 
@@ -25,6 +25,15 @@ log = structlog.get_logger()
 
 # Without a systemd watchdog the loops are still judged (and stalls logged) at this pace.
 CHECK_INTERVAL_S = 5.0
+
+
+class LoopLiveness(Protocol):
+    """A critical loop as the watchdog judges it (agent/liveness.Liveness, or a stand-in that
+    follows whichever inference worker serves traffic now)."""
+
+    name: str
+
+    def stalled_for(self, stall_after_s: float) -> float | None: ...
 
 
 class Service:
@@ -36,7 +45,7 @@ class Service:
     ) -> None:
         self._section = section
         self._notifier = notifier
-        self._loops: list[Liveness] = []
+        self._loops: list[LoopLiveness] = []
         self._status = ""
         self.stalled: list[str] = []
         self.pings = 0
@@ -46,7 +55,7 @@ class Service:
             env.watchdog_usec / 2 / 1_000_000 if env.watchdog_usec and ours else None
         )
 
-    def watch(self, loops: Sequence[Liveness]) -> None:
+    def watch(self, loops: Sequence[LoopLiveness]) -> None:
         """The critical loops whose liveness gates the watchdog."""
         self._loops = list(loops)
 

@@ -263,6 +263,11 @@ class Store:
         await self._call(_dead_letter_reading, letter, report, self.bounds)
         self.outbox_changed.set()
 
+    async def enqueue(self, row: NewOutboxRow) -> None:
+        """Add one record to the outbox on its own (a model-update report, for example)."""
+        await self._call(_enqueue, row)
+        self.outbox_changed.set()
+
     async def pending_outbox(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
         """Undelivered rows in delivery order (priority first, then oldest)."""
         return await self._call(_pending_outbox, limit, after_seq)
@@ -621,12 +626,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _enqueue(conn: sqlite3.Connection, row: NewOutboxRow) -> None:
+    with _Transaction(conn):
+        _insert_outbox(conn, row)
+
+
 def _pending_outbox(conn: sqlite3.Connection, limit: int, after_seq: int) -> list[OutboxRow]:
     rows = conn.execute(
-        "SELECT seq, id, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+        "SELECT seq, id, topic, payload, kind FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
         (after_seq, limit),
     ).fetchall()
-    return [OutboxRow(seq, id_, topic, bytes(payload)) for seq, id_, topic, payload in rows]
+    return [OutboxRow(seq, id_, topic, bytes(payload), kind)
+            for seq, id_, topic, payload, kind in rows]
 
 
 def _mark_delivered(conn: sqlite3.Connection, seqs: list[int]) -> None:

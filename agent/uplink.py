@@ -22,7 +22,7 @@ from agent import mqtt
 from agent.config import Settings
 from agent.errors import StoreFull
 from agent.liveness import Liveness
-from agent.messages import Topics, drops_row
+from agent.messages import RETAINED_KIND, Topics, drops_row
 from agent.records import OutboxRow
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
@@ -191,7 +191,9 @@ class Uplink:
 
     async def _publish(self, link: mqtt.Link, row: OutboxRow, window: _Window) -> None:
         try:
-            await link.publish(row.topic, row.payload, timeout_s=self._broker.publish_timeout_s)
+            # Rows of the retained kind (the model status) keep the broker's last value current.
+            await link.publish(row.topic, row.payload, timeout_s=self._broker.publish_timeout_s,
+                               retain=row.kind == RETAINED_KIND)
         finally:
             window.slots.release()
             window.finished()

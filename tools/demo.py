@@ -1,7 +1,8 @@
 """The edge-agent demo, on real parts: two mosquitto brokers on loopback (the gateway's and a
 stand-in for the cloud's), a generated GGUF model, the agent, and a sensor simulator.
 
-It shows, in order: results flowing; a cloud outage bridged by the SQLite outbox with nothing
+It shows, in order: results flowing; a signed model update swapped in while readings flow; a
+cloud outage bridged by the SQLite outbox with nothing
 lost; a malformed payload dead-lettered with its reason; a graceful stop. Run it with tools/demo.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import json
 import random
 import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent import modelpkg, signing
 from agent.store import read_counts
 from tools.harness import (
     AgentProcess,
@@ -89,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     cloud = Mosquitto("cloud", work).start()
     say(f"local broker on 127.0.0.1:{local.port}, cloud broker on 127.0.0.1:{cloud.port}")
     collector = CloudCollector(cloud.port, client_id="demo-cloud-consumer").start()
+    public = signing.generate(work / "release.pem")
     config = write_agent_config(work / "agent.toml", state_dir=work / "state",
                                 model_path=model, local_port=local.port,
-                                cloud_port=cloud.port, device_id="demo-gateway")
+                                cloud_port=cloud.port, device_id="demo-gateway",
+                                extra=f'[ota]\ntrusted_keys = ["{public}"]\n'
+                                'probation_requests = 20\nprobation_latency_factor = 10.0\n')
     agent = AgentProcess(config, work / "agent.log").start()
     store = work / "state" / "agent.db"
     try:
@@ -106,7 +112,30 @@ def main(argv: list[str] | None = None) -> int:
         say(f"   {sim.sent} readings published, {len(collector.distinct_ids())} results "
             "received at the cloud")
 
-        say("2. cloud outage: stopping the cloud broker, sensors keep publishing for 5 s")
+        say("2. model update: version 2 signed, installed while sensors publish")
+        new = make_model(work / "models" / "tiny-v2.gguf", seed=2)
+        modelpkg.build(new, work / "package-v2", name="tiny-test", version="2", n_ctx=512,
+                       canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
+                       key=work / "release.pem")
+        subprocess.run([sys.executable, "-m", "agent", "model", "install",
+                        str(work / "package-v2"), "--config", str(config)], check=True,
+                       stdout=subprocess.DEVNULL)
+        before = sim.sent
+        sim.run_for(4, args.rate)
+        wait_until(lambda: any(e.get("step") in ("committed", "rolled_back", "refused")
+                               for e in agent.events()), 120, "the update's verdict")
+        for event in agent.events():
+            if event.get("event") == "model_update_step":
+                say(f"   model {event.get('version', event.get('package'))}: {event['step']}"
+                    + (f" ({event['reason']})" if "reason" in event else ""))
+        wait_until(lambda: len(collector.distinct_ids()) >= sim.sent, 60, "results")
+        versions = Counter(body["model"]["version"] for body in collector.results()[shown:])
+        say(f"   {sim.sent - before} readings during the update, results by model version: "
+            f"{dict(versions)}, failed: "
+            f"{sum(body['status'] != 'ok' for body in collector.results())}")
+        shown = len(collector.results())
+
+        say("3. cloud outage: stopping the cloud broker, sensors keep publishing for 5 s")
         cloud.stop()
         before = sim.sent
         sim.run_for(5, args.rate)
@@ -120,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"   backlog delivered in {time.monotonic() - started:.1f} s")
         shown = show_results(collector, shown, 3)
 
-        say("3. bad input: a payload that is not JSON")
+        say("4. bad input: a payload that is not JSON")
         publish_readings(local.port, [("sensors/press-1/temperature", b"{celsius: 21")],
                          client_id="demo-sensors")
         wait_until(lambda: bool(collector.results("deadletter")), 30, "the dead letter")
@@ -128,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"   dead-lettered {letter['id'][:8]} from {letter['source']['topic']}: "
             f"{letter['reason']}")
 
-        say("4. graceful stop (SIGTERM)")
+        say("5. graceful stop (SIGTERM)")
         started = time.monotonic()
         code = agent.terminate()
         say(f"   agent exited with {code} in {time.monotonic() - started:.1f} s")

@@ -1,0 +1,395 @@
+"""Over-the-air model updates: one pipeline for every package, whichever way it came in.
+
+incoming/<package>/ -> verify (signature, size, sha256; agent/modelpkg.py) -> anti-rollback
+(newer than every installed or failed version) -> stage (ota/models/<version>/) -> a second
+inference worker loads it -> canary -> switch traffic (agent/serving.py: the reading in flight
+finishes on the old worker) -> probation -> commit, or switch back to the still-running old
+worker and mark the version failed.
+
+Every state change is written to ota/state.json before it takes effect, so a SIGKILL at any step
+leaves one consistent active model: a start that finds a trial in the state file counts it, and
+at `ota.max_trial_starts` rolls back (agent/ota.py `startup`). Every step is reported through the
+outbox on <prefix>/<device_id>/events/model, and the retained .../status/model names the active
+model. Owns the OTA flow; never touches llama.cpp, MQTT or SQLite directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__, modelpkg
+from agent.config import ModelSection, Settings
+from agent.errors import AgentError, ModelLoadError
+from agent.inference import InferenceWorker, identify
+from agent.messages import Topics, model_event_row, model_status_row
+from agent.otastate import BASE, ModelStore, OtaState, Trial
+from agent.records import ModelInfo
+from agent.serving import Figures, Router, Served
+from agent.store import Store
+from agent.trial import Verdict, canaries_for, probation_verdict, run_canary
+from agent.waits import first_of
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Startup:
+    """The model to serve at start, and what start-up recovery did."""
+
+    section: ModelSection
+    info: ModelInfo
+    reports: list[tuple[str, dict[str, Any]]]
+
+
+def model_for(settings: Settings, state: OtaState, models: ModelStore, version: str
+              ) -> tuple[ModelSection, str]:
+    """The worker settings and model name of a version ("base" is the [model] section)."""
+    if version == BASE:
+        return settings.model, settings.model_name
+    record = state.installed[version]
+    section = settings.model.model_copy(update={
+        "path": models.model_dir(version) / record["file"], "version": version,
+        "n_ctx": int(record["n_ctx"]), "name": record["name"]})
+    return section, str(record["name"])
+
+
+async def describe(settings: Settings, state: OtaState, models: ModelStore, version: str
+                   ) -> tuple[ModelSection, ModelInfo]:
+    section, name = model_for(settings, state, models, version)
+    info = await identify(section, name)
+    expected = state.installed.get(version, {}).get("sha256")
+    if expected is not None and info.sha256 != expected:
+        raise ModelLoadError(f"{section.path}: sha256 {info.sha256} is not the installed "
+                             f"{expected}; the file changed on disk")
+    return section, info
+
+
+async def startup(settings: Settings, models: ModelStore) -> Startup:
+    """Count this start against a trial in progress, roll back when it reaches
+    `ota.max_trial_starts`, clear leftovers of an interrupted install, pick the active model."""
+    reports: list[tuple[str, dict[str, Any]]] = []
+    limit = settings.ota.max_trial_starts
+
+    def count_start(state: OtaState) -> None:
+        trial = state.trial
+        if trial is None:
+            return
+        trial.starts += 1
+        if trial.starts < limit and trial.phase == "probation":
+            return
+        reason = (f"the agent started {trial.starts} time(s) while version {trial.version} "
+                  f"was on trial ({trial.phase})")
+        state.failed[trial.version] = {"reason": reason, "step": "restart", "at": time.time(),
+                                       "figures": {"starts": trial.starts}}
+        state.active, state.previous, state.trial = trial.previous, trial.earlier, None
+        reports.append(("rolled_back", {"version": trial.version, "reason": reason,
+                                        "active": state.active,
+                                        "figures": {"starts": trial.starts}}))
+
+    state = await asyncio.to_thread(models.update, count_start)
+    removed = await asyncio.to_thread(models.remove_leftovers, state)
+    if removed:
+        log.info("ota_leftovers_removed", entries=removed)
+    try:
+        section, info = await describe(settings, state, models, state.active)
+    except ModelLoadError as exc:
+        if state.active == BASE:
+            raise
+        bad, why = state.active, str(exc)
+
+        def fall_back(current: OtaState) -> None:
+            current.failed[bad] = {"reason": why, "step": "start", "at": time.time()}
+            current.active, current.previous, current.trial = BASE, None, None
+
+        state = await asyncio.to_thread(models.update, fall_back)
+        reports.append(("rolled_back", {"version": bad, "reason": why, "active": BASE}))
+        section, info = await describe(settings, state, models, BASE)
+    return Startup(section, info, reports)
+
+
+class Ota:
+    """Runs update jobs one at a time, woken by the incoming-dir watcher or a request file."""
+
+    def __init__(self, settings: Settings, store: Store, router: Router, topics: Topics,
+                 models: ModelStore) -> None:
+        self._settings = settings
+        self._ota = settings.ota
+        self._store = store
+        self._router = router
+        self._topics = topics
+        self._models = models
+        self.wake = asyncio.Event()
+        self._busy = False
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    async def report(self, step: str, **body: Any) -> None:
+        """Log the step and queue it for the cloud (kept in the outbox until delivered)."""
+        log.info("model_update_step", step=step, **body)
+        await self._store.enqueue(model_event_row(self._topics, uuid.uuid4().hex, step,
+                                                  {"at": time.time(), **body}))
+
+    async def publish_status(self) -> None:
+        state = await asyncio.to_thread(self._models.read)
+        info = self._router.info
+        body = {"at": time.time(),
+                "active": {"name": info.name, "version": info.version, "sha256": info.sha256},
+                "state_active": state.active, "previous": state.previous,
+                "trial": None if state.trial is None else state.trial.version,
+                "failed": sorted(state.failed)}
+        await self._store.enqueue(model_status_row(self._topics, uuid.uuid4().hex, body))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, startup_reports: list[tuple[str, dict[str, Any]]]
+                  ) -> None:
+        for step, body in startup_reports:
+            await self.report(step, **body)
+        if self._ota.trusted_keys:  # without trusted keys updates are off: nothing to announce
+            await self.publish_status()
+        state = await asyncio.to_thread(self._models.read)
+        if state.trial is not None and state.trial.phase == "probation":
+            # Restarted during probation with starts left: judge the trial again from zero.
+            await self._probation(state.trial, previous=None, baseline=None, stop=stop)
+        while not stop.is_set():
+            self.wake.clear()
+            await self.scan(stop)
+            await first_of(self.wake, stop)
+
+    async def scan(self, stop: asyncio.Event) -> None:
+        """Act on a rollback request, then on each complete package in incoming/."""
+        if self._models.rollback_request.exists():
+            self._models.rollback_request.unlink(missing_ok=True)
+            await self._operator_rollback()
+        incoming = self._settings.incoming_dir
+        if not incoming.is_dir():
+            return
+        for entry in sorted(incoming.iterdir()):
+            if stop.is_set():
+                return
+            # Names starting with "." are being written (`model install` renames
+            # a finished package into place); plain files are not packages.
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                await self.install(entry, stop)
+            except Exception as exc:  # one broken package must not take the agent down
+                log.error("model_update_failed", package=entry.name, error=str(exc),
+                          error_type=type(exc).__name__)
+                await asyncio.to_thread(self._discard, entry)
+
+    # -- one package ----------------------------------------------------------------------------
+
+    async def install(self, directory: Path, stop: asyncio.Event) -> bool:
+        """Take one package through the whole pipeline; True if it was committed."""
+        await self.report("received", package=directory.name)
+        try:
+            package = await modelpkg.verify(directory, self._ota.trusted_keys)
+            await asyncio.to_thread(self._check_newer, package.manifest)
+        except modelpkg.PackageRejected as exc:
+            await self.report("rejected", package=directory.name, reason=str(exc))
+            await asyncio.to_thread(self._discard, directory)
+            return False
+        manifest = package.manifest
+        await self.report("verified", version=manifest.version, name=manifest.name,
+                          sha256=manifest.sha256, size=manifest.size, key_id=package.key_id)
+        try:
+            await asyncio.to_thread(self._models.stage, package)
+        except (OSError, modelpkg.PackageRejected) as exc:
+            await self.report("rejected", version=manifest.version,
+                              reason=f"staging failed: {exc}")
+            return False
+        finally:
+            await asyncio.to_thread(self._discard, directory)
+        await self.report("staged", version=manifest.version)
+        # The previous model's figures before a second worker competes with it for the CPU.
+        baseline = self._router.serving.window.figures()
+        previous_version = (await asyncio.to_thread(self._models.read)).active
+        trial = Trial(manifest.version, previous_version, "canary")
+
+        def begin(state: OtaState) -> None:
+            trial.earlier = state.previous
+            state.trial = trial
+
+        state = await asyncio.to_thread(self._models.update, begin)
+        candidate = await self._start_candidate(state, trial, manifest)
+        if candidate is None:
+            return False
+        verdict = await run_canary(candidate, self._settings.routes,
+                                   canaries_for(self._settings.routes, manifest.canary),
+                                   self._ota, self._settings.model.seed)
+        if not verdict.passed:
+            await candidate.worker.close()
+            await self._fail(trial, "canary", verdict)
+            return False
+        await self.report("canary_passed", version=trial.version, figures=verdict.figures)
+        return await self._switch_and_judge(trial, candidate, baseline, stop)
+
+    def _check_newer(self, manifest: modelpkg.Manifest) -> None:
+        state = self._models.read()
+        if manifest.version in state.failed:
+            raise modelpkg.PackageRejected(f"version {manifest.version} failed before: "
+                                           f"{state.failed[manifest.version].get('reason')}")
+        highest = state.highest_version()
+        base = self._settings.model.version
+        if modelpkg.is_version(base):
+            highest = max(highest or (), modelpkg.version_key(base))
+        if highest is not None and modelpkg.version_key(manifest.version) <= highest:
+            shown = ".".join(str(p) for p in highest)
+            raise modelpkg.PackageRejected(
+                f"version {manifest.version} is not newer than installed {shown} (anti-rollback)")
+        minimum = manifest.min_agent_version
+        if minimum and modelpkg.version_key(minimum) > modelpkg.version_key(__version__):
+            raise modelpkg.PackageRejected(
+                f"version {manifest.version} needs agent {minimum}; this is {__version__}")
+
+    def _discard(self, directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    async def _start_candidate(self, state: OtaState, trial: Trial,
+                               manifest: modelpkg.Manifest) -> Served | None:
+        section, name = model_for(self._settings, state, self._models, trial.version)
+        info = ModelInfo(name=name, version=trial.version, sha256=manifest.sha256,
+                         path=str(section.path))
+        worker = InferenceWorker(section, info)
+        try:
+            await worker.start()
+        except ModelLoadError as exc:
+            await self._fail(trial, "load", Verdict(False, str(exc), {}))
+            return None
+        await self.report("loaded", version=trial.version, pid=worker.pid)
+        return Served(worker)
+
+    async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures,
+                                stop: asyncio.Event) -> bool:
+        def to_probation(state: OtaState) -> None:
+            assert state.trial is not None
+            state.trial.phase = "probation"
+            state.active, state.previous = trial.version, trial.previous
+
+        await asyncio.to_thread(self._models.update, to_probation)
+        switched_at = time.monotonic()
+        previous = self._router.switch(candidate)
+        await self.report("switched", version=trial.version,
+                          previous=previous.info.version, in_flight=previous.leases)
+        await self.publish_status()
+        committed = await self._probation(trial, previous, baseline, stop)
+        if committed is None:  # stopping: the trial stays in the state file for the next start
+            await previous.worker.close()
+            return False
+        log.debug("probation_took", s=round(time.monotonic() - switched_at, 2))
+        return committed
+
+    async def _probation(self, trial: Trial, previous: Served | None, baseline: Figures | None,
+                         stop: asyncio.Event) -> bool | None:
+        served = self._router.serving
+        served.window.reset()
+        deadline = time.monotonic() + self._ota.probation_max_s
+        await self.report("probation_started", version=trial.version,
+                          requests=self._ota.probation_requests,
+                          max_s=self._ota.probation_max_s)
+        operator = False
+        while served.window.figures().requests < self._ota.probation_requests:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.is_set():
+                break
+            if self._models.rollback_request.exists():
+                self._models.rollback_request.unlink(missing_ok=True)
+                operator = True
+                break
+            served.window.changed.clear()
+            self.wake.clear()
+            await wait_any(remaining, served.window.changed, self.wake, stop)
+        if stop.is_set():
+            return None
+        verdict = probation_verdict(served.window.figures(), baseline, self._ota,
+                                    self._ota.canary_latency_budget_ms)
+        if operator:
+            verdict = Verdict(False, "operator rollback during probation", verdict.figures)
+        if verdict.passed:
+            def commit(state: OtaState) -> None:
+                state.trial = None
+
+            await asyncio.to_thread(self._models.update, commit)
+            await self.report("committed", version=trial.version, figures=verdict.figures)
+            await self.publish_status()
+            if previous is not None:
+                await previous.idle.wait()
+                await previous.worker.close()
+            return True
+        verdict_at, verdict_wall = time.monotonic(), time.time()
+        if previous is None:
+            state = await asyncio.to_thread(self._models.read)
+            section, info = await describe(self._settings, state, self._models, trial.previous)
+            worker = InferenceWorker(section, info)
+            await worker.start()
+            previous = Served(worker)
+        self._router.switch(previous)
+        back_ms = round((time.monotonic() - verdict_at) * 1000, 2)
+        await self._fail(trial, "probation", verdict, switched_back_ms=back_ms,
+                         verdict_at=verdict_wall)
+        await served.idle.wait()
+        await served.worker.close()
+        return False
+
+    async def _fail(self, trial: Trial, step: str, verdict: Verdict, **extra: Any) -> None:
+        """Mark the version failed and make its predecessor the active model again."""
+        def roll_back(state: OtaState) -> None:
+            state.failed[trial.version] = {"reason": verdict.reason, "step": step,
+                                           "at": time.time(), "figures": verdict.figures}
+            if state.active == trial.version:  # it was serving: its predecessor comes back
+                state.active, state.previous = trial.previous, trial.earlier
+            state.trial = None
+            self._models.prune(state)
+
+        await asyncio.to_thread(self._models.update, roll_back)
+        await self.report("rolled_back" if step == "probation" else "refused",
+                          version=trial.version, stage=step, reason=verdict.reason,
+                          figures=verdict.figures, active=trial.previous, **extra)
+        await self.publish_status()
+
+    async def _operator_rollback(self) -> None:
+        """`edge-agent model rollback`: back to the previous model; the current one is failed."""
+        state = await asyncio.to_thread(self._models.read)
+        if state.previous is None:
+            await self.report("rollback_refused", reason="no previous model to roll back to",
+                              active=state.active)
+            return
+        current, target = state.active, state.previous
+        try:
+            section, info = await describe(self._settings, state, self._models, target)
+            worker = InferenceWorker(section, info)
+            await worker.start()
+        except AgentError as exc:
+            await self.report("rollback_refused", reason=str(exc), active=current)
+            return
+        served = self._router.switch(Served(worker))
+
+        def roll_back(s: OtaState) -> None:
+            s.failed[current] = {"reason": "operator rollback", "step": "operator",
+                                 "at": time.time()}
+            s.active, s.previous, s.trial = target, None, None
+
+        await asyncio.to_thread(self._models.update, roll_back)
+        await self.report("rolled_back", version=current, stage="operator",
+                          reason="operator rollback", active=target)
+        await self.publish_status()
+        await served.idle.wait()
+        await served.worker.close()
+
+
+async def wait_any(timeout_s: float, *events: asyncio.Event) -> None:
+    """Wait until one of the events is set, at most `timeout_s`."""
+    either = asyncio.ensure_future(first_of(*events))
+    try:
+        await asyncio.wait([either], timeout=timeout_s)
+    finally:
+        either.cancel()

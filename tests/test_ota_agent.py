@@ -1,0 +1,139 @@
+"""Model updates through the real agent process: a package handed over with
+`edge-agent model install` while sensors publish, and a SIGKILL in the middle of a trial."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import Rig
+from tests.otakit import keypair, package
+from tools.harness import CloudCollector, publish_readings, wait_until
+
+
+def ota_config(rig: Rig, public: str, **ota: object) -> Path:
+    lines = [f"trusted_keys = [{json.dumps(public)}]", "watch_debounce_s = 0.3"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in ota.items()]
+    return rig.config(extra="[ota]\n" + "\n".join(lines) + "\n")
+
+
+def model_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "model", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def steps(agent_events: list[dict[str, object]]) -> list[object]:
+    return [e.get("step") for e in agent_events if e.get("event") == "model_update_step"]
+
+
+class Sensors(threading.Thread):
+    """Publishes one reading every `interval_s` until stopped."""
+
+    def __init__(self, port: int, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.interval_s = port, interval_s
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            payload = json.dumps({"seq": self.sent, "celsius": 20 + self.sent % 70}).encode()
+            publish_readings(self.port, [(f"sensors/s{self.sent % 3}/temperature", payload)],
+                             client_id="ota-sensors")
+            self.sent += 1
+            time.sleep(self.interval_s)
+
+
+def test_a_steady_stream_through_a_successful_swap_loses_and_fails_nothing(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Sensors publish throughout; `edge-agent model install` hands version 2 to the running
+    agent, which verifies, canaries, switches and commits it. Every reading has exactly one ok
+    result at the cloud, results go from version 1 to 2 once, the cloud hears every step, and
+    the retained status names version 2."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    agent = rig.agent(ota_config(rig, public, probation_requests=15,
+                                 probation_latency_factor=20.0))
+    agent.wait_for_event("agent_ready")
+    sensors = Sensors(rig.local.port, 0.05)
+    sensors.start()
+    try:
+        wait_until(lambda: len(collector.distinct_ids()) >= 20, 60, "results before the swap")
+        installed = model_cli("install", str(pkg), "--config", str(agent.config))
+        assert installed.returncode == 0, installed.stderr
+        wait_until(lambda: "committed" in steps(agent.events())
+                   or "rolled_back" in steps(agent.events()), 120, "the verdict")
+        at_verdict = sensors.sent
+        wait_until(lambda: len(collector.distinct_ids()) >= at_verdict + 10, 60,
+                   "results after the swap")
+    finally:
+        sensors.stop.set()
+        sensors.join(10)
+    assert steps(agent.events())[-1] == "committed", steps(agent.events())
+    wait_until(lambda: len(collector.distinct_ids()) == sensors.sent, 60, "every result")
+    results = collector.results()
+    assert all(r["status"] == "ok" for r in results)
+    assert not collector.results("deadletter")
+    versions = [r["model"]["version"] for r in results]
+    first_new = versions.index("2")
+    assert set(versions[:first_new]) == {"1"}
+    assert set(versions[first_new:]) == {"2"}
+    told = [body["step"] for topic, body in collector.messages if topic.endswith("events/model")]
+    for step in ("received", "verified", "staged", "loaded", "canary_passed", "switched",
+                 "probation_started", "committed"):
+        assert step in told
+    late = CloudCollector(rig.cloud.port, "edge/+/status/model", client_id="late").start()
+    wait_until(lambda: bool(late.messages), 10, "the retained status")
+    assert late.messages[-1][1]["active"]["version"] == "2"
+    late.stop()
+    listed = json.loads(model_cli("list", "--config", str(agent.config)).stdout)
+    assert (listed["active"], listed["previous"]) == ("2", "base")
+    print(f"swap under a stream: published={sensors.sent} results={len(collector.distinct_ids())} "
+          f"v1={versions.count('1')} v2={versions.count('2')}")
+    collector.stop()
+
+
+def test_a_sigkill_during_the_trial_rolls_back_at_the_next_start(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Version 2 is switched in and on probation when the agent is SIGKILLed; the next start
+    finds the open trial, makes the previous model active, marks 2 failed with the reason,
+    reports it to the cloud, and serves readings with version 1."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    config = ota_config(rig, public, probation_requests=100000)
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
+    wait_until(lambda: "probation_started" in steps(agent.events()), 60, "the trial")
+    state = json.loads((rig.workdir / "state" / "ota" / "state.json").read_text())
+    assert state["active"] == "2"
+    assert state["trial"]["phase"] == "probation"
+    agent.kill()
+
+    again = rig.agent(config)
+    answered = again.wait_for_event("model_answered")
+    assert answered["version"] == "1"
+    again.wait_for_event("agent_ready")
+    state = json.loads((rig.workdir / "state" / "ota" / "state.json").read_text())
+    assert state["active"] == "base"
+    assert state["trial"] is None
+    assert "while version 2 was on trial" in state["failed"]["2"]["reason"]
+    publish_readings(rig.local.port, [("sensors/s1/temperature", b'{"seq": 1, "celsius": 30}')])
+    wait_until(lambda: len(collector.results()) == 1, 60, "a result after the restart")
+    assert collector.results()[0]["model"]["version"] == "1"
+    wait_until(lambda: any(body.get("step") == "rolled_back" for topic, body in
+                           collector.messages if topic.endswith("events/model")), 30,
+               "the rollback report at the cloud")
+    collector.stop()

@@ -1,0 +1,133 @@
+"""Model packages on real files: every tampering is refused before llama.cpp could parse the
+GGUF, with a message naming the check; versions order as documented; the CLI round-trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import modelpkg, signing
+from tests.otakit import keypair, package
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    work = tmp_path_factory.mktemp("pkg")
+    key, public = keypair(work)
+    return package(work, key, "2", seed=2), key, public
+
+
+def copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for item in src.iterdir():
+        (dst / item.name).write_bytes(item.read_bytes())
+    return dst
+
+
+def gguf_of(directory: Path) -> Path:
+    return next(directory.glob("*.gguf"))
+
+
+def test_a_signed_package_verifies_with_its_key(signed: tuple[Path, Path, str]) -> None:
+    pkg, _, public = signed
+    verified = modelpkg.verify_blocking(pkg, [public])
+    assert verified.manifest.version == "2"
+    assert verified.key_id == signing.key_id(public)
+
+
+def test_a_flipped_byte_is_refused_by_the_hash(signed: tuple[Path, Path, str],
+                                               tmp_path: Path) -> None:
+    pkg, _, public = signed
+    bad = copy(pkg, tmp_path / "flipped")
+    data = bytearray(gguf_of(bad).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    gguf_of(bad).write_bytes(bytes(data))
+    with pytest.raises(modelpkg.PackageRejected, match=r"sha256 .* does not match"):
+        modelpkg.verify_blocking(bad, [public])
+
+
+def test_a_truncated_file_is_refused_by_its_size(signed: tuple[Path, Path, str],
+                                                 tmp_path: Path) -> None:
+    pkg, _, public = signed
+    bad = copy(pkg, tmp_path / "truncated")
+    os.truncate(gguf_of(bad), gguf_of(bad).stat().st_size - 1000)
+    with pytest.raises(modelpkg.PackageRejected, match=r"size .* the manifest says"):
+        modelpkg.verify_blocking(bad, [public])
+
+
+def test_an_unsigned_package_is_refused(signed: tuple[Path, Path, str], tmp_path: Path) -> None:
+    pkg, _, public = signed
+    bad = copy(pkg, tmp_path / "unsigned")
+    (bad / modelpkg.SIGNATURE).unlink()
+    with pytest.raises(modelpkg.PackageRejected, match="unsigned package"):
+        modelpkg.verify_blocking(bad, [public])
+
+
+def test_a_package_signed_with_another_key_is_refused(signed: tuple[Path, Path, str],
+                                                      tmp_path: Path) -> None:
+    pkg, _, _ = signed
+    _, other_public = keypair(tmp_path, "other")
+    with pytest.raises(modelpkg.PackageRejected, match="does not verify with any trusted key"):
+        modelpkg.verify_blocking(pkg, [other_public])
+
+
+@pytest.mark.parametrize(("field", "value"), [("version", "99"), ("size", 1), ("n_ctx", 4096),
+                                              ("canary", [])])
+def test_a_manifest_field_edited_after_signing_is_refused(
+    signed: tuple[Path, Path, str], tmp_path: Path, field: str, value: object
+) -> None:
+    pkg, _, public = signed
+    bad = copy(pkg, tmp_path / "edited")
+    body = json.loads((bad / modelpkg.MANIFEST).read_text())
+    body[field] = value
+    (bad / modelpkg.MANIFEST).write_text(json.dumps(body))
+    with pytest.raises(modelpkg.PackageRejected, match="signature does not verify"):
+        modelpkg.verify_blocking(bad, [public])
+
+
+def test_reformatting_the_manifest_keeps_the_signature_valid(
+    signed: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """The signature covers the canonical bytes, not the file's whitespace or key order."""
+    pkg, _, public = signed
+    same = copy(pkg, tmp_path / "reformatted")
+    body = json.loads((same / modelpkg.MANIFEST).read_text())
+    (same / modelpkg.MANIFEST).write_text(json.dumps(dict(reversed(body.items()))))
+    assert modelpkg.verify_blocking(same, [public]).manifest.version == "2"
+
+
+def test_versions_compare_number_by_number() -> None:
+    key = modelpkg.version_key
+    assert key("1.10") > key("1.9") > key("1.2.0") == key("1.2") > key("1")
+    assert key("2") > key("1.99.99")
+    for bad in ("v2", "1..2", "", "1.2-beta", "01x"):
+        with pytest.raises(ValueError, match="dotted numbers"):
+            key(bad)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "model", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_keygen_sign_verify_round_trip_and_refusal(tmp_path: Path,
+                                                       tiny_model: Path) -> None:
+    """keygen writes KEY and KEY.pub; sign makes a package; verify exits 0 with the key and 1,
+    naming the reason, with another key."""
+    assert cli("keygen", str(tmp_path / "k.pem")).returncode == 0
+    public = (tmp_path / "k.pem.pub").read_text().strip()
+    signed = cli("sign", str(tiny_model), "--name", "t", "--version", "3", "--key",
+                 str(tmp_path / "k.pem"), "--out", str(tmp_path / "pkg"))
+    assert signed.returncode == 0, signed.stderr
+    assert cli("verify", str(tmp_path / "pkg"), "--trusted-key", public).returncode == 0
+    cli("keygen", str(tmp_path / "other.pem"))
+    other = (tmp_path / "other.pem.pub").read_text().strip()
+    refused = cli("verify", str(tmp_path / "pkg"), "--trusted-key", other)
+    assert refused.returncode == 1
+    assert "does not verify with any trusted key" in refused.stderr
+    assert cli("keygen", str(tmp_path / "k.pem")).returncode == 1, "overwrote a private key"

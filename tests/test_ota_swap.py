@@ -1,0 +1,268 @@
+"""The OTA flow in-process on real parts: real llama.cpp workers on generated models, a real
+SQLite store, the real pipeline taking readings while a model is judged and swapped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import sqlite3
+import statistics
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import Settings
+from agent.inference import InferenceWorker
+from agent.messages import Topics
+from agent.ota import Ota, startup
+from agent.otastate import ModelStore
+from agent.pipeline import Pipeline
+from agent.records import Reading, reading_id
+from agent.serving import Router
+from agent.store import Store
+from tests.otakit import SLOW, keypair, package, wrong_shapes_package
+from tools.harness import TEST_ROUTES
+
+ROUTE = {"name": "temperature", "topics": ["sensors/+/temperature"],
+         "instruction": "Classify the temperature reading as normal, warning or critical.",
+         "max_tokens": 24,
+         "output_schema": {"type": "object", "required": ["level"],
+                           "additionalProperties": False,
+                           "properties": {"level": {"enum": ["normal", "warning", "critical"]}}}}
+assert "temperature" in TEST_ROUTES
+
+
+def make_settings(tmp_path: Path, model: Path, public: str, version: str = "1",
+                  **ota: Any) -> Settings:
+    return Settings(
+        agent={"device_id": "gw", "state_dir": tmp_path / "state"},
+        model={"path": model, "n_ctx": 512, "n_threads": 1, "name": "base", "version": version},
+        pipeline={"max_attempts": 2, "retry_backoff_s": 0},
+        routes=[ROUTE],
+        ota={"trusted_keys": [public], **ota},
+    )
+
+
+@dataclass
+class Running:
+    settings: Settings
+    store: Store
+    router: Router
+    ota: Ota
+    models: ModelStore
+
+    async def feed(self, start: int, n: int) -> None:
+        batch = []
+        for i in range(start, start + n):
+            topic = f"sensors/s{i % 3}/temperature"
+            payload = json.dumps({"seq": i, "celsius": 20 + i % 70}).encode()
+            batch.append(Reading(reading_id("gw", topic, payload), topic, payload, time.time(),
+                                 "temperature", 0))
+        await self.store.ingest(batch, [])
+
+    def outbox(self, kind: str) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.settings.store_path)
+        try:
+            rows = conn.execute("SELECT payload, created_at FROM outbox WHERE kind = ? "
+                                "ORDER BY seq", (kind,)).fetchall()
+        finally:
+            conn.close()
+        return [{**json.loads(payload), "_created_at": created} for payload, created in rows]
+
+    def events(self, step: str) -> list[dict[str, Any]]:
+        return [e for e in self.outbox("model_event") if e["step"] == step]
+
+    async def drained(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (await self.store.depths())["inbox"]:
+            assert time.monotonic() < deadline, "the pipeline did not drain the inbox"
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    store = await Store.open(settings.store_path)
+    models = ModelStore(settings.ota_dir)
+    start = await startup(settings, models)
+    worker = InferenceWorker(start.section, start.info)
+    await worker.start()
+    router = Router(worker)
+    topics = Topics("edge", "gw")
+    ota = Ota(settings, store, router, topics, models)
+    pipeline = Pipeline(settings, store, router, topics)
+    stop = asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(pipeline.run(stop), name="pipeline")
+            try:
+                yield Running(settings, store, router, ota, models)
+            finally:
+                stop.set()
+    finally:
+        await router.serving.worker.close()
+        await store.close()
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("ota-kit")
+    key, public = keypair(work)
+    return {"work": work, "key": key, "public": public}
+
+
+def fresh(kit: dict[str, Any], tmp_path: Path, version: str, **model: int) -> Path:
+    """A package copied into this test's incoming/ (the flow deletes what it consumed)."""
+    src = package(kit["work"], kit["key"], version, seed=int(version.split(".")[0]), **model)
+    dst = tmp_path / "state" / "incoming" / f"pkg-{version}"
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        (dst / item.name).write_bytes(item.read_bytes())
+    return dst
+
+
+async def test_a_model_too_slow_for_the_canary_budget_is_never_promoted(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """A valid, hash-checked but slow model misses a 50 ms canary budget: it never serves, it
+    is marked failed with the figures, and the base model keeps answering."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], canary_latency_budget_ms=50)
+    pkg = fresh(kit, tmp_path, "2", **SLOW)
+    async with running(settings) as rig:
+        assert not await rig.ota.install(pkg, asyncio.Event())
+        refused = rig.events("refused")
+        assert refused[0]["stage"] == "canary"
+        assert "over the 50.0 ms budget" in refused[0]["reason"]
+        assert refused[0]["figures"]["answers"][0]["latency_ms"] > 50
+        assert rig.router.info.version == "1"
+        state = rig.models.read()
+        assert state.active == "base"
+        assert state.trial is None
+        assert "2" in state.failed
+        await rig.feed(0, 3)
+        await rig.drained()
+        assert {r["model"]["version"] for r in rig.outbox("result")} == {"1"}
+
+
+async def test_a_model_with_wrong_shapes_fails_to_load_and_is_never_promoted(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """A signed GGUF whose n_embd metadata contradicts its tensors is refused by llama.cpp in
+    the candidate worker; the serving worker is untouched."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"])
+    src = wrong_shapes_package(kit["work"], kit["key"], "7")
+    pkg = tmp_path / "state" / "incoming" / "broken"
+    pkg.mkdir(parents=True)
+    for item in src.iterdir():
+        (pkg / item.name).write_bytes(item.read_bytes())
+    async with running(settings) as rig:
+        pid = rig.router.serving.worker.pid
+        assert not await rig.ota.install(pkg, asyncio.Event())
+        refused = rig.events("refused")
+        assert refused[0]["stage"] == "load"
+        assert "llama.cpp refused" in refused[0]["reason"]
+        assert rig.router.serving.worker.pid == pid
+        await rig.feed(0, 2)
+        await rig.drained()
+        assert [r["status"] for r in rig.outbox("result")] == ["ok", "ok"]
+
+
+async def test_an_older_or_equal_version_is_refused_by_anti_rollback(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """With base version 3 a validly signed version 2 (and 3.0) is refused before staging."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], version="3")
+    async with running(settings) as rig:
+        for version in ("2", "3.0"):
+            assert not await rig.ota.install(fresh(kit, tmp_path, version), asyncio.Event())
+        reasons = [e["reason"] for e in rig.events("rejected")]
+        assert len(reasons) == 2
+        assert all("not newer than installed 3 (anti-rollback)" in r for r in reasons)
+        assert not list(rig.models.models.iterdir()), "a refused version was staged"
+
+
+async def test_a_model_that_degrades_in_probation_is_rolled_back_automatically(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """A slower model passes a generous canary, then its probation p95 exceeds 1.5 times
+    the previous model's: the old worker (still running) serves again, the version is failed
+    with the figures, and every reading still has an ok result naming the model that made it."""
+    # 1.5: the slow model is several times slower, but 2 shared cores make latency noisy.
+    settings = make_settings(tmp_path, tiny_model, kit["public"], probation_requests=12,
+                             probation_latency_factor=1.5)
+    pkg = fresh(kit, tmp_path, "2", **SLOW)
+    async with running(settings) as rig:
+        await rig.feed(0, 60)  # the previous model's p95 from a warm, steady window
+        await rig.drained()
+        old_pid = rig.router.serving.worker.pid
+        install = asyncio.create_task(rig.ota.install(pkg, asyncio.Event()))
+        sent = 60
+        while not install.done():
+            await rig.feed(sent, 2)
+            sent += 2
+            await asyncio.sleep(0.1)
+        assert install.result() is False, json.dumps(rig.events("committed")[0]["figures"])
+        await rig.drained()
+        rolled = rig.events("rolled_back")[0]
+        assert rolled["stage"] == "probation"
+        assert "p95 latency" in rolled["reason"]
+        figures = rolled["figures"]
+        assert figures["candidate"]["p95_ms"] > figures["p95_limit_ms"]
+        assert rig.router.serving.worker.pid == old_pid
+        state = rig.models.read()
+        assert state.active == "base"
+        assert state.trial is None
+        assert state.failed["2"]["figures"]["candidate"]["requests"] >= 12
+        results = rig.outbox("result")
+        assert len({r["id"] for r in results}) == sent
+        assert all(r["status"] == "ok" for r in results)
+        versions = [r["model"]["version"] for r in results]
+        assert "2" in versions
+        assert versions[-1] == "1"
+        back = next(r["_created_at"] for r in results
+                    if r["_created_at"] > rolled["verdict_at"] and r["model"]["version"] == "1")
+        print(f"failed verdict -> traffic switched back {rolled['switched_back_ms']} ms, "
+              f"first result of the old model {(back - rolled['verdict_at']) * 1000:.0f} ms")
+        assert rolled["switched_back_ms"] < 1000
+
+
+async def test_a_successful_swap_under_a_stream_fails_nothing_and_names_each_model(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """Readings keep arriving while version 2 is loaded, canaried, switched in and committed:
+    every reading gets an ok result, results switch from version 1 to 2 exactly once, and
+    the pause in the result stream at the switch is measured."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], probation_requests=10,
+                             probation_latency_factor=20.0)
+    pkg = fresh(kit, tmp_path, "2")
+    async with running(settings) as rig:
+        await rig.feed(0, 10)
+        await rig.drained()
+        install = asyncio.create_task(rig.ota.install(pkg, asyncio.Event()))
+        sent = 10
+        while not install.done():
+            await rig.feed(sent, 1)
+            sent += 1
+            await asyncio.sleep(0.02)
+        assert install.result() is True, rig.events("rolled_back")
+        await rig.drained()
+        results = rig.outbox("result")
+        assert len({r["id"] for r in results}) == sent
+        assert all(r["status"] == "ok" for r in results)
+        versions = [r["model"]["version"] for r in results]
+        first_new = versions.index("2")
+        assert set(versions[:first_new]) == {"1"}
+        assert set(versions[first_new:]) == {"2"}
+        gaps = [b["_created_at"] - a["_created_at"] for a, b in itertools.pairwise(results)]
+        switch_gap = gaps[first_new - 1]
+        typical = statistics.median(gaps)
+        print(f"swap pause: gap at switch {switch_gap * 1000:.1f} ms, "
+              f"median gap {typical * 1000:.1f} ms, max gap {max(gaps) * 1000:.1f} ms")
+        state = rig.models.read()
+        assert (state.active, state.previous, state.trial) == ("2", "base", None)
+        assert [e["step"] for e in rig.outbox("model_event")][-1] == "committed"
