@@ -219,6 +219,11 @@ class Route(_Section):
         default=None,
         description="JSON schema the output must satisfy; it becomes a llama.cpp grammar.",
     )
+    input_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON schema a reading's payload must satisfy; one that does not is "
+        "dead-lettered with the violation, before any inference.",
+    )
     max_tokens: int = Field(default=64, ge=1, le=8192, description="Generation bound per answer.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature.")
     output_attempts: int = Field(
@@ -259,10 +264,11 @@ class Route(_Section):
                 ("+" in level or "#" in level) and len(level) > 1 for level in topic.split("/")
             ):
                 raise ValueError(f"invalid MQTT topic filter {topic!r}")
-        if self.output_schema is not None:
-            problem = schema_problem(self.output_schema)
+        for name, schema in (("output_schema", self.output_schema),
+                             ("input_schema", self.input_schema)):
+            problem = schema_problem(schema) if schema is not None else None
             if problem:
-                raise ValueError(f"output_schema is not a valid JSON schema: {problem}")
+                raise ValueError(f"{name} is not a valid JSON schema: {problem}")
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, re
 from agent.retry import Backoff, OutageLog
 from agent.routes import route_for, subscriptions
 from agent.store import Store
+from agent.validation import schema_violation
 
 log = structlog.get_logger()
 
@@ -154,13 +155,18 @@ class Ingest:
                 reason = "no route takes this topic"
             else:
                 try:
-                    payload.parse(
+                    value = payload.parse(
                         message.payload,
                         max_bytes=self._broker.max_payload_bytes,
                         max_depth=self._broker.max_json_depth,
                     )
                 except payload.PayloadRejected as exc:
                     reason = str(exc)
+                else:
+                    if route.input_schema is not None:
+                        problem = schema_violation(value, route.input_schema)
+                        if problem is not None:
+                            reason = f"payload fails the route's input schema {problem}"
             if reason is None and route is not None:
                 readings.append(Reading(rid, message.topic, message.payload, received_at,
                                         route.name, route.priority))

@@ -36,9 +36,17 @@ def check_output(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         value = json.loads(text, parse_constant=_no_constants)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return None, f"output is not strict JSON: {exc}"
+    problem = schema_violation(value, schema)
+    if problem is not None:
+        return None, f"output fails the schema {problem}"
+    return value, None
+
+
+def schema_violation(value: Any, schema: dict[str, Any]) -> str | None:
+    """Where and how a decoded value breaks the schema ("at <path>: <message>"), or None."""
     validator = _validator(json.dumps(schema, sort_keys=True))
     error = next(iter(validator.iter_errors(value)), None)
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return None, f"output fails the schema at {where}: {error.message}"
-    return value, None
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"at {where}: {error.message}"

@@ -52,3 +52,14 @@ def test_arbitrary_bytes_either_decode_or_are_refused(payload: bytes) -> None:
     else:
         reason = "decoded"
     assert reason
+
+
+def test_a_route_input_schema_violation_names_where() -> None:
+    from agent.validation import schema_violation
+
+    schema = {"type": "object", "required": ["celsius"],
+              "properties": {"celsius": {"type": "number"}}}
+    assert schema_violation({"celsius": 21.5}, schema) is None
+    assert schema_violation({"celsius": "hot"}, schema) == (
+        "at celsius: 'hot' is not of type 'number'")
+    assert schema_violation([1], schema) == "at (root): [1] is not of type 'object'"
