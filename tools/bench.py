@@ -22,6 +22,8 @@ import json
 import os
 import platform
 import sqlite3
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -64,10 +66,11 @@ class Sizes:
     ingest: int
     uplink: int
     model_preset: str
+    prefix_readings: int
 
 
-FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench")
-QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny")
+FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench", prefix_readings=8)
+QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny", prefix_readings=2)
 
 
 def reading(i: int) -> tuple[str, bytes]:
@@ -276,6 +279,122 @@ def agent_uplink(rig: Rig, n: int, size: int) -> float:
         agent.terminate()
 
 
+# -- hot swap -------------------------------------------------------------------------------
+
+
+class TimedCollector(CloudCollector):
+    """A collector that also notes when each result arrived (wall clock, like the readings'
+    own publish stamps)."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        super().__init__(port, client_id=client_id)
+        self.arrived: dict[str, float] = {}
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        super()._on_message(client, userdata, message)
+        body = json.loads(message.payload)
+        if "/results/" in message.topic:
+            self.arrived.setdefault(body["id"], now)
+
+
+def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
+    """Readings every `interval_s` while a signed version 2 is installed: the worst publish-to-
+    result latency of a reading during the update, against the median before it, and failures."""
+    from agent import modelpkg, signing
+
+    public = signing.generate(rig.work / "release.pem")
+    agent = rig.agent("swap")
+    agent.config.write_text(agent.config.read_text() + (
+        f'[ota]\ntrusted_keys = ["{public}"]\nprobation_requests = 10\n'
+        "probation_latency_factor = 10.0\n"))
+    collector = TimedCollector(rig.cloud.port, client_id="bench-swap").start()
+    agent.start()
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-swap-pub")
+    publisher.connect("127.0.0.1", rig.local.port)
+    publisher.loop_start()
+    sent: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        seq = 0
+        while not stop.is_set():
+            stamp = time.time()
+            body = json.dumps({"seq": seq, "celsius": 20 + seq % 60, "ts": stamp})
+            publisher.publish(f"sensors/s{seq % 4}/temperature", body, qos=1)
+            sent.append((seq, stamp))
+            seq += 1
+            time.sleep(interval_s)
+
+    streamer = threading.Thread(target=stream, name="bench-swap-stream")
+    try:
+        agent.wait_for_event("agent_ready", 120)
+        streamer.start()
+        time.sleep(3)
+        new = make_model(rig.work / "swap-v2.gguf", preset=preset, seed=2)
+        modelpkg.build(new, rig.work / "package-v2", name="bench", version="2", n_ctx=1024,
+                       canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
+                       key=rig.work / "release.pem")
+        update_started = time.time()
+        subprocess.run([sys.executable, "-m", "agent", "model", "install",
+                        str(rig.work / "package-v2"), "--config", str(agent.config)],
+                       check=True, stdout=subprocess.DEVNULL)
+        wait_until(lambda: any(e.get("step") in ("committed", "rolled_back", "refused")
+                               for e in agent.events()), 300, "the update's verdict")
+        verdict = next(e["step"] for e in agent.events()
+                       if e.get("step") in ("committed", "rolled_back", "refused"))
+        update_ended = time.time()
+        time.sleep(1)
+    finally:
+        stop.set()
+        if streamer.is_alive():
+            streamer.join()
+    try:
+        wait_until(lambda: len(collector.arrived) >= len(sent), 120,
+                   f"{len(sent)} swap results (have {len(collector.arrived)}, dead letters "
+                   f"{len(collector.results('deadletter'))})")
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+        agent.terminate()
+        collector.stop()
+    results = collector.results()
+    by_seq = {r["source"]["payload"]["seq"]: r for r in results}
+    latency = {seq: (collector.arrived[by_seq[seq]["id"]] - stamp) * 1000
+               for seq, stamp in sent if seq in by_seq}
+    during = [latency[seq] for seq, stamp in sent if update_started <= stamp <= update_ended]
+    # The baseline is every reading outside the update (before it and after the verdict).
+    outside = [latency[seq] for seq, stamp in sent
+               if not update_started <= stamp <= update_ended]
+    baseline = statistics.median(outside)
+    return {
+        "verdict_committed": float(verdict == "committed"),
+        "readings": float(len(sent)),
+        "failed_or_missing": float(len(sent) - sum(1 for r in by_seq.values()
+                                                   if r["status"] == "ok")),
+        "median_latency_outside_update_ms": baseline,
+        "worst_latency_during_ms": max(during),
+        "largest_added_latency_ms": max(during) - baseline,
+        "results_from_v2": float(sum(1 for r in results if r["model"]["version"] == "2")),
+    }
+
+
+# -- prefix cache ---------------------------------------------------------------------------
+
+
+def prefix_cache(model: Path, readings: int) -> dict[str, Any]:
+    """tools/bench_prefix.py's measurement: two routes with ~1,000-token prompts alternating."""
+    import asyncio
+
+    from tools.bench_prefix import run as run_prefix
+
+    rows = asyncio.run(run_prefix(model, readings))
+    without = rows["two routes alternating, no prefix cache"]["median_ms"]
+    with_cache = rows["two routes alternating, prefix cache"]["median_ms"]
+    return {"rows": rows, "without_ms": without, "with_ms": with_cache,
+            "speedup": without / with_cache}
+
+
 # -- footprint ------------------------------------------------------------------------------
 
 
@@ -322,6 +441,10 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
             rig, sizes.uplink, 600, 64))
         agent_up = _timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
         foot = _timed("footprint", lambda: footprint(rig))
+        # The tiny model for the swap whatever the preset: the figure is the switch's cost, and
+        # the stream must stay below what the model sustains on a busy 2-core machine.
+        swap = _timed("hot swap", lambda: hot_swap(rig, 0.1, "tiny"))
+        prefix = _timed("prefix cache", lambda: prefix_cache(model, sizes.prefix_readings))
     finally:
         rig.close()
     return {
@@ -337,11 +460,14 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         "uplink": {"agent_per_s": agent_up, "raw_per_s": raw_up,
                    "ratio": agent_up / raw_up, "target": 0.5},
         "footprint": foot,
+        "hot_swap": swap,
+        "prefix_cache": prefix,
     }
 
 
 def table(results: dict[str, Any]) -> str:
     inf, ing, up, foot = (results[k] for k in ("inference", "ingest", "uplink", "footprint"))
+    swap, prefix = results["hot_swap"], results["prefix_cache"]
     rows = [
         ("inference results/s", inf["agent"]["results_per_s"], inf["raw"]["results_per_s"],
          inf["ratio"], ">= 0.90"),
@@ -358,6 +484,10 @@ def table(results: dict[str, Any]) -> str:
         f"| agent RSS without worker | {foot['agent_rss_mib']:.1f} MiB | | | |",
         f"| worker RSS less model file | {foot['worker_rss_less_model_mib']:.1f} MiB | | | |",
         f"| start to READY | {foot['start_to_ready_s']:.2f} s | | | |",
+        f"| hot swap: largest added latency | {swap['largest_added_latency_ms']:.0f} ms | | | "
+        f"failed {swap['failed_or_missing']:.0f} of {swap['readings']:.0f} (target 0) |",
+        f"| prefix cache ms/reading (2 routes) | {prefix['with_ms']:,.0f} | "
+        f"{prefix['without_ms']:,.0f} (no cache) | {prefix['speedup']:.1f}x | |",
     ]
     return "\n".join(lines)
 
