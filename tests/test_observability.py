@@ -95,6 +95,10 @@ def test_metrics_health_status_topic_and_operator_commands(rig: Rig) -> None:
     rows = {s["queue"]: v for s, v in series["edge_agent_queue_rows"]}
     assert rows == {"inbox": 0.0, "outbox": 0.0}
 
+    # The status is refreshed every second, independently of the sampler: wait for a refresh
+    # that has seen the dead letter.
+    wait_until(lambda: (retained_status(rig.cloud.port, "edge/gw-test/status").get("queues")
+                        or {}).get("dead_letter") == 1, 15, "a status refresh after the letter")
     status = retained_status(rig.cloud.port, "edge/gw-test/status")
     assert status["state"] == "online"
     assert status["model"]["sha256"] == sha

@@ -78,7 +78,7 @@ def test_a_steady_stream_through_a_successful_swap_loses_and_fails_nothing(
         sensors.stop.set()
         sensors.join(10)
     assert steps(agent.events())[-1] == "committed", steps(agent.events())
-    wait_until(lambda: len(collector.distinct_ids()) == sensors.sent, 60, "every result")
+    wait_until(lambda: len(collector.distinct_ids()) == sensors.sent, 180, "every result")
     results = collector.results()
     assert all(r["status"] == "ok" for r in results)
     assert not collector.results("deadletter")

@@ -74,7 +74,9 @@ def test_a_reading_whose_inference_keeps_hanging_is_dead_lettered_after_max_atte
     second (max_attempts = 2) dead-letters it with the reason."""
 
     async def scenario() -> None:
-        cfg = settings(tmp_path, tiny_model, max_tokens=32, request_timeout_s=0.5)
+        # Long enough for a fresh worker's first answer on a loaded machine (the warm-up
+        # request below), short enough that the two SIGSTOPped attempts stay quick.
+        cfg = settings(tmp_path, tiny_model, max_tokens=32, request_timeout_s=5.0)
         store, worker, pipeline = await rig(cfg)
         try:
             await store.ingest([READING], [])
