@@ -115,6 +115,16 @@ class LocalBrokerSection(BrokerSection):
     max_json_depth: int = Field(
         default=32, ge=1, le=512, description="Deeper JSON payloads are dead-lettered."
     )
+    max_readings_per_s_per_topic: float | None = Field(
+        default=None,
+        gt=0,
+        description="Load shedding: a topic sending faster than this on average has the excess "
+        "dead-lettered (reason 'shed: ...'), so a flooding sensor cannot crowd out the others; "
+        "unset sheds nothing.",
+    )
+    burst_readings_per_topic: int = Field(
+        default=20, ge=1, description="Readings a topic may send at once above its rate."
+    )
 
 
 class CloudBrokerSection(BrokerSection):

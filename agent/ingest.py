@@ -23,6 +23,7 @@ from agent.messages import Topics, dead_letter_row
 from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
 from agent.retry import Backoff, OutageLog
 from agent.routes import route_for, subscriptions
+from agent.shedding import TopicLimiter
 from agent.store import Store
 from agent.validation import schema_violation
 
@@ -44,6 +45,8 @@ class Ingest:
         # Filters dropped by a reload while the link was down: the persistent session still
         # holds them until they are unsubscribed on the next connect.
         self._stale_filters: set[str] = set()
+        self._limiter = _limiter(settings)
+        self.shed = 0
         # Why input is not being acked right now (store or outbox full), or None.
         self.paused_reason: str | None = None
 
@@ -95,6 +98,7 @@ class Ingest:
         after = subscriptions(settings.routes)
         self._settings = settings
         self._broker = settings.local_broker
+        self._limiter = _limiter(settings)
         removed = [f for f in before if f not in after]
         added = [f for f in after if f not in before]
         link = self._link
@@ -153,6 +157,12 @@ class Ingest:
             reason: str | None = None
             if route is None:
                 reason = "no route takes this topic"
+            elif self._limiter is not None and not self._limiter.allow(message.topic):
+                reason = (f"shed: topic over {self._limiter.rate_per_s:g} readings/s "
+                          "(local_broker.max_readings_per_s_per_topic)")
+                self.shed += 1
+                if self.shed == 1 or self.shed % 1000 == 0:
+                    log.warning("ingest_shedding", topic=message.topic, shed_total=self.shed)
             else:
                 try:
                     value = payload.parse(
@@ -175,3 +185,10 @@ class Ingest:
                 letter = DeadLetter(rid, message.topic, kept, reason or "", received_at)
                 dead.append((letter, dead_letter_row(self._topics, letter)))
         return readings, dead
+
+
+def _limiter(settings: Settings) -> TopicLimiter | None:
+    broker = settings.local_broker
+    if broker.max_readings_per_s_per_topic is None:
+        return None
+    return TopicLimiter(broker.max_readings_per_s_per_topic, broker.burst_readings_per_topic)

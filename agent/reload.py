@@ -1,7 +1,7 @@
 """What a SIGHUP may change in a running agent, and what needs a restart. Pure logic.
 
-Reloadable: the routes, the pipeline's retry policy, and the local broker's input limits and
-batching. Everything else (identity, state directory, broker addresses, TLS, client ids, the model,
+Reloadable: the routes, the pipeline's retry policy, and the local broker's input limits,
+batching and load shedding. Everything else (identity, state directory, broker addresses, TLS, client ids, the model,
 the cloud model, the service section) is fixed for the life of the process: a change there is
 reported by key and takes effect at the next restart.
 """
@@ -13,7 +13,8 @@ from typing import Any
 from agent.config import Settings
 
 LOCAL_BROKER_RELOADABLE = ("batch_max_messages", "batch_wait_ms", "max_payload_bytes",
-                           "max_json_depth")
+                           "max_json_depth", "max_readings_per_s_per_topic",
+                           "burst_readings_per_topic")
 SECTIONS_RELOADABLE = ("routes", "pipeline")
 
 
