@@ -1,8 +1,9 @@
 """What a SIGHUP may change in a running agent, and what needs a restart. Pure logic.
 
 Reloadable: the routes, the pipeline's retry policy, and the local broker's input limits,
-batching and load shedding. Everything else (identity, state directory, broker addresses, TLS, client ids, the model,
-the cloud model, the service section) is fixed for the life of the process: a change there is
+batching and load shedding. Everything else (identity, state directory, broker addresses, TLS,
+client ids, the model, the cloud model, the service section) is fixed for the life of the
+process: a change there is
 reported by key and takes effect at the next restart.
 """
 
