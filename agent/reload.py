@@ -3,8 +3,7 @@
 Reloadable: the routes, the pipeline's retry policy, and the local broker's input limits,
 batching and load shedding. Everything else (identity, state directory, broker addresses, TLS,
 client ids, the model, the cloud model, the service section) is fixed for the life of the
-process: a change there is
-reported by key and takes effect at the next restart.
+process: a change there is reported by key and takes effect at the next restart.
 """
 
 from __future__ import annotations
