@@ -16,6 +16,8 @@ as_root() {
 missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v c++ >/dev/null || missing+=(build-essential)
+# tests/test_clock_jumps.py moves the agent's wall clock with libfaketime.
+command -v faketime >/dev/null || missing+=(faketime)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]} from Debian's packages"
