@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -90,13 +91,19 @@ def test_flapping_link_delivers_everything_without_a_reconnect_storm(
     publish_readings(rig.local.port, readings(60))
     flapping_until = time.monotonic() + 8
     resets = 0
+    rss_kib: list[int] = []
     while time.monotonic() < flapping_until:
         time.sleep(0.7)
         proxy.reset()
         resets += 1
+        rss_kib.append(_rss_kib(agent))
     wait_until(lambda: len(collector.distinct_ids()) == 60, 90, "60 results delivered")
     connects = len(events(agent, "uplink_connected"))
-    print(f"flapping: resets={resets} connects={connects} proxy_accepts={proxy.accepted}")
+    growth_mib = (rss_kib[-1] - rss_kib[1]) / 1024
+    print(f"flapping: resets={resets} connects={connects} proxy_accepts={proxy.accepted} "
+          f"rss_mib={rss_kib[1] / 1024:.1f}->{rss_kib[-1] / 1024:.1f}")
+    # Memory stays flat: a leak per connection (clients, tasks, buffers) would show here.
+    assert growth_mib < 8, f"agent RSS grew {growth_mib:.1f} MiB over {resets} resets"
     # Backoff (0.1 s doubling to 1 s, jittered) allows a few connects per reset, not hundreds.
     assert connects <= 4 * resets + 2
 
@@ -147,3 +154,11 @@ def test_lost_pubacks_leave_rows_undelivered_and_they_are_resent_with_the_same_i
     assert len(seen) == 5
     assert all(count >= 2 for count in seen.values()), f"not all ids resent: {seen}"
     assert read_counts(rig.store)["delivered"] == 5
+
+
+def _rss_kib(agent: AgentProcess) -> int:
+    assert agent.proc is not None
+    for line in Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0

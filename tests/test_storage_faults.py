@@ -130,3 +130,35 @@ ttl_s = 1.0
     assert sum(r["dropped"].get("temperature", 0) for r in reports) == 7
     assert sum(r["dropped"].get("pressure/ttl", 0) for r in reports) == 1
     collector.stop()
+
+
+def test_refuse_input_at_the_outbox_bound_leaves_readings_with_the_broker_until_room_returns(
+    rig: Rig,
+) -> None:
+    """Cloud down, room for 5 rows and when_full = refuse_input: a first batch of 12 fills the
+    store past its bound (the bound is checked before each batch), then ingest stops acking and
+    the local broker keeps the next 10; nothing is dropped, and when the cloud returns all 22
+    readings are delivered."""
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    rig.cloud.stop()
+    agent = rig.agent(rig.config(
+        extra='[store]\nmax_outbox_rows = 5\nwhen_full = "refuse_input"\n'))
+    agent.wait_for_event("agent_ready")
+    readings = padded_readings(22, pad=0)
+    publish_readings(rig.local.port, readings[:12])
+    wait_until(lambda: read_counts(rig.store)["inbox"] + read_counts(rig.store)["outbox"] == 12,
+               60, "the first batch stored")
+    publish_readings(rig.local.port, readings[12:])
+    paused = agent.wait_for_event("ingest_paused", 60)
+    assert paused["outbox_bound"] is True
+    counts = read_counts(rig.store)
+    assert counts["inbox"] + counts["outbox"] == 12, "a reading past the bound was stored"
+    assert counts["dropped"] == 0
+
+    rig.cloud.start()
+    wait_until(lambda: len(collector.distinct_ids()) == 22, 120, "all 22 results")
+    assert read_counts(rig.store)["dropped"] == 0
+    agent.wait_for_event("ingest_resumed", 60)
+    collector.stop()
