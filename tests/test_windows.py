@@ -238,7 +238,7 @@ def test_a_window_that_keeps_hanging_is_released_whole_then_dead_lettered_per_re
     async def scenario() -> None:
         cfg = settings(tmp_path, tiny_model, window_max_readings=4)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"request_timeout_s": 1.0})})
+            update={"request_timeout_s": 3.0})})
         store = await Store.open(cfg.store_path)
         worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"))
         await worker.start()
