@@ -20,10 +20,12 @@ from agent.config import ConfigError, Settings, load
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
-from agent.records import NewOutboxRow, Reading
+from agent.records import NewOutboxRow, Reading, reading_id
 from agent.routes import DATA_CLOSE, DATA_OPEN
-from agent.store import Store, read_dead_letters
+from agent.store import Store, read_counts, read_dead_letters
 from agent.windows import build_window_messages, window_id
+from tests.conftest import Rig
+from tools.harness import CloudCollector, publish_readings, wait_until
 
 SCHEMA = {"type": "object", "required": ["level"],
           "properties": {"level": {"enum": ["normal", "critical"]}}}
@@ -266,3 +268,87 @@ def test_a_window_that_keeps_hanging_is_released_whole_then_dead_lettered_per_re
     assert sorted(letter["id"] for letter in letters) == [f"r{i:03d}" for i in range(4)]
     assert all(letter["reason"].startswith("inference failed 2 times in a window of 4")
                for letter in letters)
+
+
+# -- end to end: the agent process between real brokers --------------------------------------
+
+WINDOW_ROUTES = """
+[[routes]]
+name = "temperature"
+topics = ["sensors/+/temperature"]
+instruction = "Classify the temperature readings as normal, warning or critical."
+max_tokens = 24
+window_max_readings = 4
+window_cap_readings = 16
+window_max_wait_ms = 300
+[routes.output_schema]
+type = "object"
+required = ["level"]
+additionalProperties = false
+[routes.output_schema.properties.level]
+enum = ["normal", "warning", "critical"]
+"""
+
+
+def sensor_readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"sensors/s{i % 4}/temperature", json.dumps({"seq": i, "c": 20 + i % 30}).encode())
+            for i in range(start, start + n)]
+
+
+def test_agent_answers_a_backlog_in_windows_and_a_sigkill_loses_no_reading(rig: Rig) -> None:
+    """Through the agent process and real mosquitto brokers. 40 readings published while the
+    agent is down arrive as a backlog: fewer results than readings, windows larger than 4, each
+    reading id covered exactly once. Then 120 more, a SIGKILL after the first results, a
+    restart: every reading id is covered at the cloud (a reading may be covered twice only by
+    a redelivery; counted) and the store ends empty."""
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    config = rig.config(routes=WINDOW_ROUTES)
+    config.write_text(config.read_text().replace("n_ctx = 512", "n_ctx = 2048"))
+
+    def covered() -> Counter[str]:
+        # Per reading id, how many distinct results cover it (resent results share an id).
+        distinct = {body["id"]: body for body in collector.results()}
+        return Counter(rid for body in distinct.values() for rid in body["covers"])
+
+    def ids(batch: list[tuple[str, bytes]]) -> set[str]:
+        return {reading_id("gw-test", topic, payload) for topic, payload in batch}
+
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    assert agent.terminate() == 0  # the local session now exists and keeps what comes next
+    first = sensor_readings(40)
+    publish_readings(rig.local.port, first)
+    started = time.monotonic()
+    rig.agent(config).wait_for_event("agent_ready")
+    wait_until(lambda: set(covered()) >= ids(first), 120, "all 40 readings covered")
+    elapsed = time.monotonic() - started
+    results = {body["id"]: body for body in collector.results()}
+    sizes = sorted(len(body["covers"]) for body in results.values())
+    assert set(covered().values()) == {1}
+    assert len(results) < 40
+    assert max(sizes) > 4
+    assert all(body["id"] == window_id(body["covers"]) for body in results.values())
+    assert not collector.results("deadletter")
+
+    second = sensor_readings(120, 40)
+    rig.agents[-1].terminate()
+    publish_readings(rig.local.port, second)
+    victim = rig.agent(config)
+    victim.wait_for_event("agent_ready")
+    wait_until(lambda: len(set(covered()) & ids(second)) >= 10, 120, "the first windows")
+    victim.kill()
+    partial = len(set(covered()) & ids(second))
+    assert partial < 120, "the kill came too late to test anything"
+    rig.agent(config).wait_for_event("agent_ready")
+    wait_until(lambda: set(covered()) >= ids(first) | ids(second), 180, "all 160 covered")
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 0, 60, "outbox drained")
+    counts = read_counts(rig.store)
+    assert (counts["inbox"], counts["dead_letter"]) == (0, 0)
+    twice = sum(1 for n in covered().values() if n > 1)
+    resent = len(collector.results()) - len({body["id"] for body in collector.results()})
+    print(f"backlog of 40: {len(results)} results, window sizes {sizes}, "
+          f"{40 / elapsed:.1f} readings/s end to end; after SIGKILL at {partial}/120: "
+          f"covered twice={twice} resent results={resent}")
+    collector.stop()
