@@ -25,7 +25,8 @@ from agent.routes import DATA_CLOSE, DATA_OPEN
 from agent.store import Store, read_counts, read_dead_letters
 from agent.windows import build_window_messages, window_id
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tools.cloud_ingest import CloudIngest, report
+from tools.harness import CloudCollector, Mosquitto, publish_readings, wait_until
 
 SCHEMA = {"type": "object", "required": ["level"],
           "properties": {"level": {"enum": ["normal", "critical"]}}}
@@ -352,3 +353,24 @@ def test_agent_answers_a_backlog_in_windows_and_a_sigkill_loses_no_reading(rig: 
           f"{40 / elapsed:.1f} readings/s end to end; after SIGKILL at {partial}/120: "
           f"covered twice={twice} resent results={resent}")
     collector.stop()
+
+
+def test_cloud_ingest_dedupes_window_results_per_covered_reading(tmp_path: Path) -> None:
+    """The reference consumer on a real broker: a resent window result is a duplicate by id; a
+    different result covering an already covered reading is kept but the reading is counted
+    as covered again, so a receiver sees each reading once."""
+    broker = Mosquitto("cloud", tmp_path).start()
+    try:
+        db = tmp_path / "cloud.db"
+        consumer = CloudIngest(db, port=broker.port).start()
+        first = json.dumps({"id": window_id(["a", "b"]), "covers": ["a", "b"]}).encode()
+        other = json.dumps({"id": window_id(["b", "c"]), "covers": ["b", "c"]}).encode()
+        topic = "edge/gw/results/w"
+        publish_readings(broker.port, [(topic, first), (topic, first), (topic, other)])
+        wait_until(lambda: report(db)["received"] == 3, 10, "3 messages")
+        consumer.stop()
+        counts = report(db)
+        assert (counts["distinct"], counts["duplicates"]) == (2, 1)
+        assert (counts["covered_readings"], counts["covered_again"]) == (3, 1)
+    finally:
+        broker.kill()
