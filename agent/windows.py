@@ -40,12 +40,15 @@ def build_window_messages(route: Route, readings: Sequence[Reading]) -> list[dic
     """Chat messages for one window: instruction first, then every reading as one JSON line
     `{"index": i, "topic": ..., "reading": <payload>}` inside one data block.
 
-    The payloads are JSON the ingest validated; the delimiters are stripped from each, so no
-    reading can close the block early.
+    The payloads are JSON the ingest validated, re-serialised on one line each; the delimiters
+    are stripped from each, so no reading can close the block early.
     """
     lines = []
     for index, reading in enumerate(readings):
-        payload = reading.payload.decode().replace(DATA_OPEN, "").replace(DATA_CLOSE, "")
+        # Re-serialised compactly: a pretty-printed payload still takes one line.
+        compact = json.dumps(json.loads(reading.payload), ensure_ascii=False,
+                             separators=(", ", ": "))
+        payload = compact.replace(DATA_OPEN, "").replace(DATA_CLOSE, "")
         lines.append(f'{{"index": {index}, "topic": {json.dumps(reading.topic)}, '
                      f'"reading": {payload}}}')
     body = "\n".join(lines)
