@@ -375,3 +375,49 @@ def test_cloud_ingest_dedupes_window_results_per_covered_reading(tmp_path: Path)
         assert (counts["covered_readings"], counts["covered_again"]) == (3, 1)
     finally:
         broker.kill()
+
+
+def test_a_window_waits_for_more_readings_up_to_window_max_wait_ms(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Window of 4, wait 1.5 s: one reading, then three more 0.3 s later, make one result
+    covering all four; two readings and no more make one result covering two, after the
+    wait and not before."""
+
+    async def scenario() -> list[tuple[list[str], float]]:
+        cfg = settings(tmp_path, tiny_model, window_max_readings=4, window_max_wait_ms=1500)
+        store = await Store.open(cfg.store_path)
+        worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"))
+        await worker.start()
+        pipeline = Pipeline(cfg, store, worker, Topics("edge", "gw"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(pipeline.run(stop), name="pipeline")
+        seen: list[tuple[list[str], float]] = []
+        try:
+            for batch in ([[reading(0)], [reading(1), reading(2), reading(3)]],
+                          [[reading(4), reading(5)]]):
+                started = time.monotonic()
+                for i, readings in enumerate(batch):
+                    if i:
+                        await asyncio.sleep(0.3)
+                    await store.ingest(readings, [])
+                while True:
+                    store.outbox_changed.clear()  # before the check, so no commit is missed
+                    if rows := await store.pending_outbox(10, len(seen)):
+                        break
+                    await asyncio.wait_for(store.outbox_changed.wait(), 60)
+                body = json.loads(rows[0].payload)
+                seen.append((body["covers"], time.monotonic() - started))
+            stop.set()
+            await task
+            assert (await store.depths())["inbox"] == 0
+        finally:
+            stop.set()
+            await worker.close()
+            await store.close()
+        return seen
+
+    (full, _), (partial, waited_s) = asyncio.run(scenario())
+    assert full == ["r000", "r001", "r002", "r003"]
+    assert partial == ["r004", "r005"]
+    assert waited_s >= 1.5
