@@ -287,6 +287,44 @@ class Route(_Section):
             raise ValueError("latency_budget_ms is required when executor is local-first")
         return self
 
+    # -- windows of readings (issue 6, item 5) --
+    window_max_readings: int = Field(
+        default=1, ge=1, le=256,
+        description="Readings of this route put into one prompt and answered by one result; "
+        "1 answers each reading on its own (one result per reading, id = the reading's id).",
+    )
+    window_max_wait_ms: int = Field(
+        default=0, ge=0, le=600_000,
+        description="How long a window that is not yet full waits for more readings of its "
+        "route before it is inferred as it is; 0 infers whatever the inbox holds at once.",
+    )
+    window_cap_readings: int | None = Field(
+        default=None, ge=1, le=256,
+        description="Coalescing: while the route's inbox backlog exceeds window_max_readings, a "
+        "window grows up to this many readings; unset means window_max_readings (no growth).",
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> Route:
+        cap = self.window_cap_readings
+        if cap is not None and cap < self.window_max_readings:
+            raise ValueError(f"window_cap_readings ({cap}) must be at least "
+                             f"window_max_readings ({self.window_max_readings})")
+        if self.window_max_readings == 1 and (cap or 1) == 1 and self.window_max_wait_ms:
+            raise ValueError("window_max_wait_ms needs window_max_readings or "
+                             "window_cap_readings above 1")
+        return self
+
+    @property
+    def windowed(self) -> bool:
+        """Readings of this route are answered in windows (results cover a list of readings)."""
+        return self.window_max_readings > 1 or (self.window_cap_readings or 1) > 1
+
+    @property
+    def window_cap(self) -> int:
+        """The most readings one window may hold."""
+        return self.window_cap_readings or self.window_max_readings
+
 
 class CloudModelSection(_Section):
     """The cloud executor (issue 6): any OpenAI-compatible chat-completions endpoint."""

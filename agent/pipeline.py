@@ -1,16 +1,21 @@
-"""Pipeline: lease a reading from the inbox, build its route's prompt, infer, and record the result.
+"""Pipeline: lease a reading (or a window of readings) from the inbox, build its route's prompt,
+infer, and record the result.
 
 The result goes to the outbox and the reading leaves the inbox in one transaction. A worker crash
 or missed deadline releases the reading for another attempt, up to `pipeline.max_attempts`, then
 dead-letters it. An answer that fails the route's schema is retried within the route's bound,
 then recorded as a failed result with the raw text: never passed on as if it were valid.
+A windowed route's readings are answered together (agent/windows.py): one result covers them,
+and it is recorded and they are retired in one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -25,13 +30,32 @@ from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
 from agent.validation import check_output
-from agent.waits import first_of
+from agent.waits import first_of, wait_or_timeout_any
+from agent.windows import (
+    build_window_messages,
+    window_id,
+    window_prompt_version,
+    window_result_row,
+)
 
 log = structlog.get_logger()
 
 # Retries of an answer that failed the schema sample rather than decode greedily, or the retry
 # would repeat the same answer.
 RETRY_TEMPERATURE = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the executors made of one prompt (a reading's or a window's)."""
+
+    output: Any
+    error: str | None
+    completion: Completion | None
+    model: ModelInfo
+    raw: str | None
+    executor: str
+    executor_reason: str | None
 
 
 class PipelineObserver(Protocol):
@@ -94,7 +118,15 @@ class Pipeline:
             # Clear before leasing: a reading committed after the lease found none sets it again.
             self._store.inbox_changed.clear()
             self.liveness.busy()
-            reading = await self._store.lease()
+            windows = self._window_sizes()
+            if windows:
+                window = await self._store.lease_window(windows)
+                if window and window[0].route in windows:
+                    await self._run_window(window, stop)
+                    continue
+                reading = window[0] if window else None
+            else:
+                reading = await self._store.lease()
             if reading is None:
                 self.liveness.idle("waiting for input")
                 await first_of(self._store.inbox_changed, stop)
@@ -106,6 +138,98 @@ class Pipeline:
                 # until the next start, which frees every lease. Nothing is lost.
                 log.warning("pipeline_release_failed", id=reading.id, error=str(exc))
                 await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+
+    def _window_sizes(self) -> dict[str, tuple[int, int]]:
+        """(window_max_readings, window cap) of each windowed route."""
+        return {route.name: (route.window_max_readings, route.window_cap)
+                for route in self._routes.values() if route.windowed}
+
+    async def _run_window(self, window: list[Reading], stop: asyncio.Event) -> None:
+        try:
+            await self.process_window(window, stop)
+        except StoreFull as exc:
+            # As for one reading: the window stays leased until the next start.
+            log.warning("pipeline_release_failed", ids=[r.id for r in window], error=str(exc))
+            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+
+    async def process_window(self, window: list[Reading],
+                             stop: asyncio.Event | None = None) -> None:
+        """Answer leased readings of one windowed route with one result covering all of them.
+
+        A window that is not full waits up to the route's window_max_wait_ms for more. A failed
+        attempt releases every reading; a reading at `pipeline.max_attempts` is dead-lettered
+        on its own with the reason, the others are released for the next window."""
+        route = self._routes.get(window[0].route)
+        if route is None or not route.windowed:
+            for reading in window:
+                await self.process(reading)  # dead-lettered or answered on its own
+            return
+        window = await self._fill_window(route, window, stop)
+        try:
+            await self._infer_and_record_window(route, window)
+        except TransientError as exc:
+            limit = self._settings.pipeline.max_attempts
+            for reading in window:
+                if reading.attempts >= limit:
+                    await self._dead_letter(
+                        reading, f"inference failed {reading.attempts} times in a window of "
+                        f"{len(window)}; last: {exc}")
+            rest = [reading.id for reading in window if reading.attempts < limit]
+            if rest:
+                log.warning("window_retry", route=route.name, readings=len(window),
+                            released=len(rest), error=str(exc))
+                await self._store.release_many(rest)
+            self.liveness.idle("retry backoff")
+            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+        except PermanentError as exc:
+            for reading in window:
+                await self._dead_letter(
+                    reading, f"inference refused the window of {len(window)}: {exc}")
+
+    async def _fill_window(self, route: Route, window: list[Reading],
+                           stop: asyncio.Event | None) -> list[Reading]:
+        """Lease more readings of the route until the window holds window_max_readings or
+        window_max_wait_ms has passed (a window that grew under backlog is already full)."""
+        want = route.window_max_readings - len(window)
+        if want <= 0 or route.window_max_wait_ms == 0:
+            return window
+        window = list(window)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + route.window_max_wait_ms / 1000
+        events = (self._store.inbox_changed,) if stop is None else (self._store.inbox_changed,
+                                                                     stop)
+        while True:
+            self._store.inbox_changed.clear()
+            more = await self._store.lease_route(route.name, want)
+            window.extend(more)
+            want -= len(more)
+            remaining = deadline - loop.time()
+            if want <= 0 or remaining <= 0 or (stop is not None and stop.is_set()):
+                return window
+            self.liveness.idle("filling a window")
+            await wait_or_timeout_any(events, remaining)
+            self.liveness.busy()
+
+    async def _infer_and_record_window(self, route: Route, window: list[Reading]) -> None:
+        ids = [reading.id for reading in window]
+        answer = await self._infer(route, build_window_messages(route, window), window_id(ids))
+        row = window_result_row(
+            self._topics, window,
+            output=answer.output if answer.error is None else None,
+            status="ok" if answer.error is None else "failed",
+            completion=answer.completion,
+            model=answer.model,
+            prompt_version=window_prompt_version(route),
+            error=answer.error,
+            raw=answer.raw,
+            executor=answer.executor,
+            executor_reason=answer.executor_reason,
+        )
+        await self._commit(row.id, lambda: self._store.complete_window(ids, row))
+        log.info("window_recorded", id=row.id, route=route.name, readings=len(window),
+                 status="ok" if answer.error is None else "failed")
+        self.completed += len(window)
+        self._observe(route, answer)
 
     async def process(self, reading: Reading) -> None:
         route = self._routes.get(reading.route)
@@ -130,6 +254,27 @@ class Pipeline:
     async def _infer_and_record(self, route: Route, reading: Reading) -> None:
         source = json.loads(reading.payload)
         messages = build_messages(route, reading.topic, reading.payload.decode())
+        answer = await self._infer(route, messages, reading.id)
+        row = result_row(
+            self._topics, reading, source,
+            output=answer.output if answer.error is None else None,
+            status="ok" if answer.error is None else "failed",
+            completion=answer.completion,
+            model=answer.model,
+            prompt_version=self._versions[route.name],
+            error=answer.error,
+            raw=answer.raw,
+            executor=answer.executor,
+            executor_reason=answer.executor_reason,
+        )
+        await self._record(reading.id, row, None)
+        self.completed += 1
+        self._observe(route, answer)
+
+    async def _infer(self, route: Route, messages: list[dict[str, str]],
+                     log_id: str) -> Answer:
+        """Run the route's prompt through its executors, retrying an answer that fails the
+        schema up to the route's bound."""
         completion: Completion | None = None
         error: str | None = None
         output: Any = None
@@ -153,29 +298,23 @@ class Pipeline:
                 output, error = check_output(completion.text, route.output_schema)
                 if error is None:
                     break
-                log.info("output_invalid", id=reading.id, route=route.name,
+                log.info("output_invalid", id=log_id, route=route.name,
                          attempt=attempt + 1, error=error,
                          finish_reason=completion.finish_reason, executor=outcome.executor)
             # The model that answered: the leased local one, or the cloud's.
             info = outcome.model if outcome else model.info
-        row = result_row(
-            self._topics, reading, source,
-            output=output if error is None else None,
-            status="ok" if error is None else "failed",
-            completion=completion,
-            model=info,
-            prompt_version=self._versions[route.name],
-            error=error,
+        return Answer(
+            output=output, error=error, completion=completion, model=info,
             raw=None if error is None or completion is None else completion.text,
             executor=outcome.executor if outcome else "local",
             executor_reason=outcome.reason if outcome else None,
         )
-        await self._record(reading.id, row, None)
-        self.completed += 1
+
+    def _observe(self, route: Route, answer: Answer) -> None:
         if self.observer is not None:
-            executor = outcome.executor if outcome else "local"
-            self.observer.result_recorded(route.name, executor,
-                                          "ok" if error is None else "failed", completion)
+            self.observer.result_recorded(route.name, answer.executor,
+                                          "ok" if answer.error is None else "failed",
+                                          answer.completion)
 
     async def _dead_letter(self, reading: Reading, reason: str) -> None:
         log.warning("reading_dead_lettered", id=reading.id, topic=reading.topic, reason=reason)
@@ -190,16 +329,20 @@ class Pipeline:
         """Commit a result (or a dead letter); while the store is full, keep the answer and
         retry the commit with backoff instead of running inference again. The reading stays
         leased meanwhile; a stop or a crash frees it for the next start."""
+        if letter is None:
+            await self._commit(reading_id, lambda: self._store.complete(reading_id, row))
+        else:
+            await self._commit(reading_id, lambda: self._store.dead_letter_reading(letter, row))
+
+    async def _commit(self, row_id: str, commit: Callable[[], Awaitable[None]]) -> None:
+        """Run one store commit; while the store is full, retry it with backoff."""
         outage = OutageLog("pipeline_store")
         backoff = Backoff(0.2, 5.0)
         while True:
             try:
-                if letter is None:
-                    await self._store.complete(reading_id, row)
-                else:
-                    await self._store.dead_letter_reading(letter, row)
+                await commit()
             except StoreFull as exc:
-                outage.failed(exc, id=reading_id)
+                outage.failed(exc, id=row_id)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             outage.recovered()

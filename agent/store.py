@@ -258,6 +258,28 @@ class Store:
         await self._call(_complete, reading_id, row, self.bounds)
         self.outbox_changed.set()
 
+    async def lease_window(self, windows: dict[str, tuple[int, int]]) -> list[Reading]:
+        """Lease the next reading (highest priority, then oldest) and, in the same transaction,
+        more of its route's readings in the same order: `windows[route] = (max, cap)` leases up
+        to `max`, or up to `cap` while the route's unleased backlog exceeds `max` (coalescing).
+        A route not in `windows` gets a window of one. Empty when the inbox has nothing free."""
+        return await self._call(_lease_window, windows)
+
+    async def lease_route(self, route: str, limit: int) -> list[Reading]:
+        """Lease up to `limit` more readings of one route (to fill a window that waits)."""
+        return await self._call(_lease_route, route, limit)
+
+    async def release_many(self, reading_ids: Sequence[str]) -> None:
+        """Give leased readings back to the inbox in one transaction (a failed window)."""
+        await self._call(_release_many, list(reading_ids))
+        self.inbox_changed.set()
+
+    async def complete_window(self, reading_ids: Sequence[str], row: NewOutboxRow) -> None:
+        """In one transaction: add a window's result to the outbox and retire every reading
+        it covers."""
+        await self._call(_complete_window, list(reading_ids), row, self.bounds)
+        self.outbox_changed.set()
+
     async def dead_letter_reading(self, letter: DeadLetter, report: NewOutboxRow) -> None:
         """In one transaction: retire a leased reading into the dead-letter table and report it."""
         await self._call(_dead_letter_reading, letter, report, self.bounds)
@@ -535,6 +557,70 @@ def _complete(conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow,
     with _Transaction(conn):
         # Retire the reading first: the outbox bound then sees its room in the same transaction.
         conn.execute("DELETE FROM inbox WHERE id = ?", (reading_id,))
+        _insert_outbox(conn, row, bounds)
+
+
+_LEASED_COLUMNS = "id, topic, payload, received_at, route, priority, attempts"
+
+
+def _readings(rows: Sequence[Any]) -> list[Reading]:
+    return [Reading(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _lease_some(conn: sqlite3.Connection, route: str, limit: int) -> list[Reading]:
+    # RETURNING gives rows in no promised order; the window's order is the lease order.
+    rows = conn.execute(
+        "UPDATE inbox SET leased = 1, attempts = attempts + 1 WHERE seq IN "
+        "(SELECT seq FROM inbox WHERE leased = 0 AND route = ? ORDER BY priority DESC, seq "
+        f"LIMIT ?) RETURNING seq, {_LEASED_COLUMNS}", (route, limit),
+    ).fetchall()
+    rows.sort(key=lambda r: (-r[6], r[0]))
+    return _readings([r[1:] for r in rows])
+
+
+def _lease_window(conn: sqlite3.Connection, windows: dict[str, tuple[int, int]]) -> list[Reading]:
+    # Like _lease: a lease is void after a restart, so its commit need not wait for an fsync.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with _Transaction(conn):
+            head = conn.execute(
+                "SELECT route FROM inbox WHERE leased = 0 ORDER BY priority DESC, seq LIMIT 1"
+            ).fetchone()
+            if head is None:
+                return []
+            route = str(head[0])
+            size, cap = windows.get(route, (1, 1))
+            if cap > size:
+                backlog = conn.execute(
+                    "SELECT count(*) FROM inbox WHERE leased = 0 AND route = ?", (route,)
+                ).fetchone()[0]
+                size = max(size, min(cap, int(backlog)))
+            return _lease_some(conn, route, size)
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+
+
+def _lease_route(conn: sqlite3.Connection, route: str, limit: int) -> list[Reading]:
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with _Transaction(conn):
+            return _lease_some(conn, route, limit)
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+
+
+def _release_many(conn: sqlite3.Connection, reading_ids: list[str]) -> None:
+    with _Transaction(conn):
+        conn.execute("UPDATE inbox SET leased = 0 WHERE id IN (SELECT value FROM json_each(?))",
+                     (json.dumps(reading_ids),))
+
+
+def _complete_window(conn: sqlite3.Connection, reading_ids: list[str], row: NewOutboxRow,
+                     bounds: StoreSection) -> None:
+    with _Transaction(conn):
+        # Retire the readings first: the outbox bound then sees their room in this transaction.
+        conn.execute("DELETE FROM inbox WHERE id IN (SELECT value FROM json_each(?))",
+                     (json.dumps(reading_ids),))
         _insert_outbox(conn, row, bounds)
 
 

@@ -11,6 +11,9 @@ the PUBACK when `on_message` returns), so a crash of this consumer loses nothing
 
 Tables: `records` (one row per distinct id, in first-arrival order, with its topic, kind and
 JSON body) and `counters` (messages received, duplicates dropped, payloads that were not JSON).
+A result of a windowed route lists the readings it answers in `covers`: `covered` keeps, per
+reading id, the first result that covered it, and `counters.covered_again` counts readings a
+later, different result covered again.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ CREATE TABLE IF NOT EXISTS records (
     received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS covered (
+    reading_id TEXT PRIMARY KEY,
+    record_id TEXT NOT NULL
+);
 """
 
 
@@ -88,10 +95,22 @@ class CloudIngest:
                         (record_id, message.topic, kind, json.dumps(body), time.time()))
                     if cursor.rowcount == 0:
                         _bump(self._conn, "duplicates")
+                    elif isinstance(body.get("covers"), list):
+                        self._cover(record_id, body["covers"])
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+
+    def _cover(self, record_id: str, reading_ids: list[Any]) -> None:
+        """A window's result: the first result to cover a reading keeps it; a later result
+        that covers it again (windows formed differently after a redelivery) is counted."""
+        for reading_id in reading_ids:
+            cursor = self._conn.execute(
+                "INSERT INTO covered (reading_id, record_id) VALUES (?, ?) "
+                "ON CONFLICT (reading_id) DO NOTHING", (str(reading_id), record_id))
+            if cursor.rowcount == 0:
+                _bump(self._conn, "covered_again")
 
     def start(self, timeout_s: float = 10.0) -> CloudIngest:
         """Connect (the broker must be up the first time, so the session exists) and subscribe."""
@@ -118,10 +137,13 @@ def report(db: Path) -> dict[str, int]:
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         kinds = dict(conn.execute("SELECT kind, count(*) FROM records GROUP BY kind").fetchall())
         distinct = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+        covered = conn.execute("SELECT count(*) FROM covered").fetchone()[0]
     finally:
         conn.close()
     out = {"received": counters.get("received", 0), "distinct": distinct,
            "duplicates": counters.get("duplicates", 0), "not_json": counters.get("not_json", 0)}
+    if covered or counters.get("covered_again"):
+        out.update(covered_readings=covered, covered_again=counters.get("covered_again", 0))
     out.update({f"kind_{kind}": n for kind, n in sorted(kinds.items())})
     return out
 
