@@ -215,3 +215,22 @@ async def test_a_bad_download_installs_nothing_and_reports_why(
     assert told[-1]["step"] == "download_failed"
     expected = "more than the declared" if mode == "endless" else "does not match"
     assert expected in told[-1]["reason"]
+
+
+async def test_a_record_left_by_a_stop_resumes_from_its_partial_file(
+    signed: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """A stop (or crash) mid-download leaves the record and a partial GGUF; the next start
+    asks only for the rest."""
+    settings = make_settings(tmp_path, tiny_model, signed["public"])
+    half = len(signed["gguf"]) // 2
+    with FileServer(Served(signed["gguf"])) as server:
+        async with commands_for(settings) as (commands, _):
+            assert await commands.record(command(signed, server.url()))
+            pending = next(settings.incoming_dir.glob(".download-*"))
+            (pending / signed["manifest"]["file"]).write_bytes(signed["gguf"][:half])
+        async with commands_for(settings) as (restarted, _):
+            assert await restarted.complete(pending)
+    assert [r["range"] for r in server.served.requests] == [f"bytes={half}-"]
+    package = next(settings.incoming_dir.iterdir())
+    assert (package / signed["manifest"]["file"]).read_bytes() == signed["gguf"]
