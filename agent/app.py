@@ -23,6 +23,7 @@ import structlog
 
 from agent import config, mqtt, ota, reload
 from agent.cloud import CloudModel
+from agent.commands import ModelCommands
 from agent.config import Settings, service_environment
 from agent.errors import ConfigError
 from agent.executors import Executors
@@ -133,6 +134,7 @@ class Agent:
         updates = ota.Ota(settings, store, router, topics, models)
         watcher = Watcher(settings.incoming_dir, [settings.ota_dir], updates.wake,
                           settings.ota.watch_debounce_s)
+        commands = ModelCommands(settings, updates, topics)
         stop_pipeline = asyncio.Event()
         stop_uplink = asyncio.Event()
         stop_ota = asyncio.Event()
@@ -140,6 +142,7 @@ class Agent:
             ota_task = tasks.create_task(updates.run(stop_ota, startup.reports), name="ota")
             tasks.create_task(watcher.run(stop_ota), name="ota-watcher")
             ingest_task = tasks.create_task(ingest.run(), name="ingest")
+            commands_task = tasks.create_task(commands.run(), name="model-commands")
             pipeline_task = tasks.create_task(pipeline.run(stop_pipeline), name="pipeline")
             uplink_task = tasks.create_task(uplink.run(stop_uplink), name="uplink")
             ready_task = tasks.create_task(self._announce_ready(ingest, started), name="ready")
@@ -162,6 +165,8 @@ class Agent:
             reload_task.cancel()
             # Phase 1: stop taking input. Unacked messages stay with the local broker.
             ingest_task.cancel()
+            # A download cut here resumes from its partial file at the next start.
+            commands_task.cancel()
             # A model update stops between steps; a trial left open is judged at the next start.
             stop_ota.set()
             if not await self._within(ota_task, deadline):

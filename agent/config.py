@@ -405,6 +405,21 @@ class OtaSection(_Section):
         default=1.0, ge=0,
         description="Quiet time after the last change in incoming/ before a package is read.",
     )
+    download_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="A model download (cloud command) whose connect or any read waits longer "
+        "than this is cut and resumed with a Range request.",
+    )
+    download_attempts: int = Field(
+        default=5, ge=1, le=100,
+        description="Connections tried per model download (each resuming where the last one "
+        "was cut) before the command is reported failed.",
+    )
+    download_max_bytes: int = Field(
+        default=8 << 30, ge=1,
+        description="A model command whose manifest declares a larger file is refused "
+        "before anything is downloaded.",
+    )
 
     @model_validator(mode="after")
     def _check_keys(self) -> OtaSection:

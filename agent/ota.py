@@ -233,6 +233,11 @@ class Ota:
         await self.report("canary_passed", version=trial.version, figures=verdict.figures)
         return await self._switch_and_judge(trial, candidate, baseline, stop)
 
+    def check_newer(self, manifest: modelpkg.Manifest) -> None:
+        """Anti-rollback, blocking (reads the state file): PackageRejected if `manifest` may
+        not be installed. agent/commands.py asks before downloading anything."""
+        self._check_newer(manifest)
+
     def _check_newer(self, manifest: modelpkg.Manifest) -> None:
         state = self._models.read()
         if manifest.version in state.failed:
