@@ -30,6 +30,8 @@ from agent.waits import first_of, wait_or_timeout, wait_or_timeout_any
 
 log = structlog.get_logger()
 
+HOUSEKEEPING_INTERVAL_S = 1.0
+
 
 class Uplink:
     def __init__(
@@ -155,6 +157,8 @@ class Uplink:
     async def _send_rows(self, link: mqtt.Link, tasks: asyncio.TaskGroup, window: _Window,
                          stop: asyncio.Event) -> None:
         sent_up_to = 0
+        draining = False  # the last fetch filled a whole window: a backlog is being drained
+        housekeeping_due = 0.0
         while True:
             if self._status is not None and time.monotonic() >= self._status_due:
                 # In flight beside the rows, never ahead of them: a status whose PUBACK is
@@ -164,11 +168,17 @@ class Uplink:
             self._store.outbox_changed.clear()
             # Rows dropped at the outbox bound are reported once the link is up (and again
             # whenever more were dropped); the report itself waits in the outbox like any row.
-            await self._expire()
-            report = await self._store.report_drops(self._drops_row)
-            if report is not None:
-                log.warning("outbox_drops_reported", id=report.id)
+            # While a backlog drains, this runs once a second rather than for every window:
+            # two more store round trips per window cost a quarter of the drain rate.
+            now = time.monotonic()
+            if not draining or now >= housekeeping_due:
+                housekeeping_due = now + HOUSEKEEPING_INTERVAL_S
+                await self._expire()
+                report = await self._store.report_drops(self._drops_row)
+                if report is not None:
+                    log.warning("outbox_drops_reported", id=report.id)
             rows = await self._store.pending_outbox(window.size, after_seq=sent_up_to)
+            draining = len(rows) == window.size
             if not rows:
                 if stop.is_set():
                     return
