@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from agent.store import read_counts, read_drops
@@ -135,27 +136,32 @@ ttl_s = 1.0
 def test_refuse_input_at_the_outbox_bound_leaves_readings_with_the_broker_until_room_returns(
     rig: Rig,
 ) -> None:
-    """Cloud down, room for 5 rows and when_full = refuse_input: a first batch of 12 fills the
-    store past its bound (the bound is checked before each batch), then ingest stops acking and
-    the local broker keeps the next 10; nothing is dropped, and when the cloud returns all 22
-    readings are delivered."""
+    """Cloud down, room for 5 rows, when_full = refuse_input and batches of at most 4: the bound
+    is checked before each batch, so the store takes at most 5 + 3 rows, then ingest stops
+    acking and the local broker keeps the rest of the 22; nothing is dropped, the store does not
+    grow while paused, and when the cloud returns all 22 readings are delivered."""
     rig.local.start()
     rig.cloud.start()
     collector = CloudCollector(rig.cloud.port).start()
     rig.cloud.stop()
-    agent = rig.agent(rig.config(
-        extra='[store]\nmax_outbox_rows = 5\nwhen_full = "refuse_input"\n'))
+    config = rig.config(extra='[store]\nmax_outbox_rows = 5\nwhen_full = "refuse_input"\n')
+    config.write_text(config.read_text().replace(
+        "[local_broker]\n", "[local_broker]\nbatch_max_messages = 4\n"))
+    agent = rig.agent(config)
     agent.wait_for_event("agent_ready")
-    readings = padded_readings(22, pad=0)
-    publish_readings(rig.local.port, readings[:12])
-    wait_until(lambda: read_counts(rig.store)["inbox"] + read_counts(rig.store)["outbox"] == 12,
-               60, "the first batch stored")
-    publish_readings(rig.local.port, readings[12:])
+    publish_readings(rig.local.port, padded_readings(22, pad=0))
     paused = agent.wait_for_event("ingest_paused", 60)
     assert paused["outbox_bound"] is True
-    counts = read_counts(rig.store)
-    assert counts["inbox"] + counts["outbox"] == 12, "a reading past the bound was stored"
-    assert counts["dropped"] == 0
+
+    def stored() -> int:
+        counts = read_counts(rig.store)
+        return counts["inbox"] + counts["outbox"]
+
+    held = stored()
+    assert 5 <= held <= 8, f"{held} rows stored past a bound of 5 with batches of 4"
+    time.sleep(1.0)
+    assert stored() == held, "the store grew while ingest was paused"
+    assert read_counts(rig.store)["dropped"] == 0
 
     rig.cloud.start()
     wait_until(lambda: len(collector.distinct_ids()) == 22, 120, "all 22 results")
