@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Rig
 from tests.otakit import keypair, package
 from tools.harness import CloudCollector, publish_readings, wait_until
@@ -136,4 +138,68 @@ def test_a_sigkill_during_the_trial_rolls_back_at_the_next_start(
     wait_until(lambda: any(body.get("step") == "rolled_back" for topic, body in
                            collector.messages if topic.endswith("events/model")), 30,
                "the rollback report at the cloud")
+    collector.stop()
+
+
+KILL_POINTS = ["received", "verified", "staged", "loaded", "canary_passed", "switched",
+               "probation_started", "committed"]
+
+
+@pytest.mark.parametrize("step", KILL_POINTS)
+def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
+    rig: Rig, tmp_path: Path, step: str
+) -> None:
+    """SIGKILL as soon as the update logs `step`; after a restart, once no trial is open, the
+    state file names one active model that is not marked failed, and a reading's result comes
+    from exactly that model."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    config = ota_config(rig, public, probation_requests=3)
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    # Readings flow throughout: they feed the probation window, before the kill and after the
+    # restart (an update interrupted before staging is picked up again from incoming/).
+    sensors = Sensors(rig.local.port, 0.2)
+    sensors.start()
+    state_file = rig.workdir / "state" / "ota" / "state.json"
+
+    incoming = rig.workdir / "state" / "incoming"
+
+    def settled() -> bool:
+        # No trial open and no package waiting: an update interrupted before staging left its
+        # package in incoming/, and the restarted agent takes it up again.
+        waiting = [p for p in incoming.iterdir() if not p.name.startswith(".")]
+        return not waiting and json.loads(state_file.read_text()).get("trial") is None
+
+    try:
+        assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
+        wait_until(lambda: step in steps(agent.events()), 90, f"the update's {step} step",
+                   interval_s=0.01)
+        agent.kill()
+        again = rig.agent(config)
+        again.wait_for_event("agent_ready", 90)
+        wait_until(settled, 120, "no open trial")
+        time.sleep(1.5)  # and still so a moment later: not a gap between two update steps
+        wait_until(settled, 120, "no open trial, again")
+    finally:
+        sensors.stop.set()
+        sensors.join(10)
+    state = json.loads(state_file.read_text())
+    active = state["active"]
+    assert active not in state.get("failed", {}), state
+    expected = "1" if active == "base" else active
+    marker = b'{"seq": 100007, "celsius": 30}'
+    publish_readings(rig.local.port, [("sensors/marker/temperature", marker)])
+
+    def marker_results() -> set[str]:
+        return {r["model"]["version"] for r in collector.results()
+                if r["source"]["payload"].get("seq") == 100007}
+
+    wait_until(lambda: bool(marker_results()), 60, "the marker's result after the restart")
+    versions = marker_results()
+    assert versions == {expected}, (step, state, versions)
+    print(f"killed after {step}: active={active} failed={sorted(state.get('failed', {}))}")
     collector.stop()
