@@ -38,7 +38,6 @@ class Ingest:
         self._topics = topics
         self._client_id = self._broker.client_id or f"edge-agent-{settings.agent.device_id}-in"
         self.subscribed = asyncio.Event()
-        self.received = 0
         self.liveness = Liveness("ingest")
         self.connects = 0
         self._link: mqtt.Link | None = None
@@ -140,7 +139,6 @@ class Ingest:
         # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
         for message in batch:
             link.ack(message)
-        self.received += len(batch)
         log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                   duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 

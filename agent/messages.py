@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from agent.records import Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
+from agent.records import Answer, DeadLetter, NewOutboxRow, Reading
 
 # A dead letter's report carries at most this much of the refused payload (base64).
 REPORT_PAYLOAD_BYTES = 1024
@@ -48,49 +48,47 @@ class Topics:
         return f"{self.prefix}/{self.device_id}/cmd/model"
 
 
-def _dumps(body: dict[str, Any]) -> bytes:
+def encode(body: dict[str, Any]) -> bytes:
+    """A record's JSON bytes: compact, UTF-8, and no NaN or Infinity (strict JSON)."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def result_row(
-    topics: Topics,
-    reading: Reading,
-    source_payload: Any,
-    *,
-    output: Any,
-    status: str,
-    completion: Completion | None,
-    model: ModelInfo,
-    prompt_version: str,
-    error: str | None = None,
-    raw: str | None = None,
-    executor: str = "local",
-    executor_reason: str | None = None,
-) -> NewOutboxRow:
+def outcome_fields(answer: Answer, prompt_version: str) -> dict[str, Any]:
+    """What every result says about its answer, whether it covers one reading or a window:
+    status, output, provenance (model, executor, prompt version), latency and tokens."""
+    completion, model = answer.completion, answer.model
+    fields: dict[str, Any] = {
+        "status": "ok" if answer.error is None else "failed",
+        "output": answer.output if answer.error is None else None,
+        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "executor": answer.executor,
+        "prompt_version": prompt_version,
+        "latency_ms": round(completion.latency_ms, 1) if completion else None,
+        "tokens": {"prompt": completion.prompt_tokens if completion else 0,
+                   "completion": completion.completion_tokens if completion else 0},
+    }
+    if answer.error is not None:
+        fields["error"] = answer.error
+    if answer.raw is not None:
+        fields["raw"] = answer.raw
+    if answer.executor_reason is not None:
+        fields["executor_reason"] = answer.executor_reason
+    return fields
+
+
+def result_row(topics: Topics, reading: Reading, source_payload: Any, answer: Answer,
+               prompt_version: str) -> NewOutboxRow:
     """The outbox row of one result; `id` is the reading's id, so retries give the same id."""
     body: dict[str, Any] = {
         "id": reading.id,
         "device_id": topics.device_id,
         "route": reading.route,
-        "status": status,
         "source": {"topic": reading.topic, "received_at": reading.received_at,
                    "payload": source_payload},
-        "output": output,
-        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
-        "executor": executor,
-        "prompt_version": prompt_version,
-        "latency_ms": round(completion.latency_ms, 1) if completion else None,
-        "tokens": {"prompt": completion.prompt_tokens if completion else 0,
-                   "completion": completion.completion_tokens if completion else 0},
+        **outcome_fields(answer, prompt_version),
         "attempts": reading.attempts,
     }
-    if error is not None:
-        body["error"] = error
-    if raw is not None:
-        body["raw"] = raw
-    if executor_reason is not None:
-        body["executor_reason"] = executor_reason
-    return NewOutboxRow(reading.id, "result", topics.result(reading.route), _dumps(body),
+    return NewOutboxRow(reading.id, "result", topics.result(reading.route), encode(body),
                         reading.priority, reading.route)
 
 
@@ -108,7 +106,7 @@ def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
             "payload_head_b64": base64.b64encode(head).decode(),
         },
     }
-    return NewOutboxRow(dead.id, "dead_letter", topics.dead_letter, _dumps(body),
+    return NewOutboxRow(dead.id, "dead_letter", topics.dead_letter, encode(body),
                         DEAD_LETTER_PRIORITY)
 
 
@@ -123,7 +121,7 @@ def drops_row(topics: Topics, report: int, dropped: dict[str, int],
         "dropped": dropped,
         "dropped_total": dropped_total,
     }
-    return NewOutboxRow(str(body["id"]), "drops", topics.drops, _dumps(body), DROPS_PRIORITY)
+    return NewOutboxRow(str(body["id"]), "drops", topics.drops, encode(body), DROPS_PRIORITY)
 
 
 MODEL_EVENT_PRIORITY = 8
@@ -134,12 +132,12 @@ RETAINED_KIND = "status"
 def model_event_row(topics: Topics, event_id: str, step: str, body: dict[str, Any]) -> NewOutboxRow:
     """One step or outcome of a model update, for edge/<device_id>/events/model."""
     full = {"id": event_id, "device_id": topics.device_id, "step": step, **body}
-    return NewOutboxRow(event_id, "model_event", topics.model_events, _dumps(full),
+    return NewOutboxRow(event_id, "model_event", topics.model_events, encode(full),
                         MODEL_EVENT_PRIORITY)
 
 
 def model_status_row(topics: Topics, event_id: str, body: dict[str, Any]) -> NewOutboxRow:
     """The retained status naming the active model, for edge/<device_id>/status/model."""
     full = {"id": event_id, "device_id": topics.device_id, **body}
-    return NewOutboxRow(event_id, RETAINED_KIND, topics.model_status, _dumps(full),
+    return NewOutboxRow(event_id, RETAINED_KIND, topics.model_status, encode(full),
                         MODEL_EVENT_PRIORITY)

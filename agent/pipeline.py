@@ -15,7 +15,6 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -25,7 +24,7 @@ from agent.errors import PermanentError, StoreFull, TransientError
 from agent.executors import Executors
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
-from agent.records import Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
+from agent.records import Answer, Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
 from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
@@ -43,19 +42,6 @@ log = structlog.get_logger()
 # Retries of an answer that failed the schema sample rather than decode greedily, or the retry
 # would repeat the same answer.
 RETRY_TEMPERATURE = 0.8
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What the executors made of one prompt (a reading's or a window's)."""
-
-    output: Any
-    error: str | None
-    completion: Completion | None
-    model: ModelInfo
-    raw: str | None
-    executor: str
-    executor_reason: str | None
 
 
 class PipelineObserver(Protocol):
@@ -213,18 +199,7 @@ class Pipeline:
     async def _infer_and_record_window(self, route: Route, window: list[Reading]) -> None:
         ids = [reading.id for reading in window]
         answer = await self._infer(route, build_window_messages(route, window), window_id(ids))
-        row = window_result_row(
-            self._topics, window,
-            output=answer.output if answer.error is None else None,
-            status="ok" if answer.error is None else "failed",
-            completion=answer.completion,
-            model=answer.model,
-            prompt_version=window_prompt_version(route),
-            error=answer.error,
-            raw=answer.raw,
-            executor=answer.executor,
-            executor_reason=answer.executor_reason,
-        )
+        row = window_result_row(self._topics, window, answer, window_prompt_version(route))
         await self._commit(row.id, lambda: self._store.complete_window(ids, row))
         log.info("window_recorded", id=row.id, route=route.name, readings=len(window),
                  status="ok" if answer.error is None else "failed")
@@ -255,18 +230,7 @@ class Pipeline:
         source = json.loads(reading.payload)
         messages = build_messages(route, reading.topic, reading.payload.decode())
         answer = await self._infer(route, messages, reading.id)
-        row = result_row(
-            self._topics, reading, source,
-            output=answer.output if answer.error is None else None,
-            status="ok" if answer.error is None else "failed",
-            completion=answer.completion,
-            model=answer.model,
-            prompt_version=self._versions[route.name],
-            error=answer.error,
-            raw=answer.raw,
-            executor=answer.executor,
-            executor_reason=answer.executor_reason,
-        )
+        row = result_row(self._topics, reading, source, answer, self._versions[route.name])
         await self._record(reading.id, row, None)
         self.completed += 1
         self._observe(route, answer)

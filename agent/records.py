@@ -119,3 +119,17 @@ class QueueStats:
     dead_letter: int
     delivered: int
     oldest_undelivered_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the executors made of one prompt (a reading's or a window's); `error` set means the
+    answer failed its schema and `raw` holds the text."""
+
+    output: Any
+    error: str | None
+    completion: Completion | None
+    model: ModelInfo
+    raw: str | None
+    executor: str
+    executor_reason: str | None

@@ -25,10 +25,6 @@ class Backoff:
         self._rng = rng or random.Random()
         self._failures = 0
 
-    @property
-    def failures(self) -> int:
-        return self._failures
-
     def next_delay(self) -> float:
         ceiling = min(self._cap, self._base * 2.0 ** min(self._failures, 30))
         self._failures += 1

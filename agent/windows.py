@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.config import Route
-from agent.messages import Topics
-from agent.records import Completion, ModelInfo, NewOutboxRow, Reading
+from agent.messages import Topics, encode, outcome_fields
+from agent.records import Answer, NewOutboxRow, Reading
 from agent.routes import DATA_CLOSE, DATA_OPEN, prompt_version
 
 
@@ -62,20 +62,8 @@ def build_window_messages(route: Route, readings: Sequence[Reading]) -> list[dic
     return [{"role": "system", "content": route.system_prompt}, {"role": "user", "content": user}]
 
 
-def window_result_row(
-    topics: Topics,
-    readings: Sequence[Reading],
-    *,
-    output: Any,
-    status: str,
-    completion: Completion | None,
-    model: ModelInfo,
-    prompt_version: str,
-    error: str | None = None,
-    raw: str | None = None,
-    executor: str = "local",
-    executor_reason: str | None = None,
-) -> NewOutboxRow:
+def window_result_row(topics: Topics, readings: Sequence[Reading], answer: Answer,
+                      prompt_version: str) -> NewOutboxRow:
     """The outbox row of one window's result: `covers` lists the reading ids in window order,
     `source` lists each reading's id, topic, time and payload in the same order."""
     first = readings[0]
@@ -84,25 +72,11 @@ def window_result_row(
         "id": rid,
         "device_id": topics.device_id,
         "route": first.route,
-        "status": status,
         "covers": [r.id for r in readings],
         "source": [{"id": r.id, "topic": r.topic, "received_at": r.received_at,
                     "payload": json.loads(r.payload)} for r in readings],
-        "output": output,
-        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
-        "executor": executor,
-        "prompt_version": prompt_version,
-        "latency_ms": round(completion.latency_ms, 1) if completion else None,
-        "tokens": {"prompt": completion.prompt_tokens if completion else 0,
-                   "completion": completion.completion_tokens if completion else 0},
+        **outcome_fields(answer, prompt_version),
         "attempts": max(r.attempts for r in readings),
     }
-    if error is not None:
-        body["error"] = error
-    if raw is not None:
-        body["raw"] = raw
-    if executor_reason is not None:
-        body["executor_reason"] = executor_reason
-    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return NewOutboxRow(rid, "result", topics.result(first.route), payload.encode(),
+    return NewOutboxRow(rid, "result", topics.result(first.route), encode(body),
                         max(r.priority for r in readings), first.route)

@@ -11,6 +11,19 @@ import pytest
 from tools.harness import AgentProcess, Mosquitto, write_agent_config
 from tools.make_tiny_model import make_model
 
+# The smallest configuration that validates: tests add or change keys on top of it.
+MINIMAL_CONFIG = """
+[agent]
+device_id = "gw-1"
+state_dir = "state"
+[model]
+path = "model.gguf"
+[[routes]]
+name = "t"
+topics = ["sensors/#"]
+instruction = "Classify."
+"""
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -9,18 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load
-
-GOOD = """
-[agent]
-device_id = "gw-1"
-state_dir = "state"
-[model]
-path = "model.gguf"
-[[routes]]
-name = "t"
-topics = ["sensors/#"]
-instruction = "Classify."
-"""
+from tests.conftest import MINIMAL_CONFIG as GOOD
 
 
 def write(tmp_path: Path, text: str) -> Path:

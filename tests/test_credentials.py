@@ -8,18 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load
-
-BASE = """
-[agent]
-device_id = "gw-1"
-state_dir = "state"
-[model]
-path = "model.gguf"
-[[routes]]
-name = "t"
-topics = ["sensors/#"]
-instruction = "Classify."
-"""
+from tests.conftest import MINIMAL_CONFIG as BASE
 
 
 def test_broker_password_and_tls_files_come_from_the_credentials_directory(

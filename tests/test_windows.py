@@ -24,6 +24,7 @@ from agent.records import NewOutboxRow, Reading, reading_id
 from agent.routes import DATA_CLOSE, DATA_OPEN
 from agent.store import Store, read_counts, read_dead_letters
 from agent.windows import build_window_messages, window_id
+from tests.conftest import MINIMAL_CONFIG as GOOD
 from tests.conftest import Rig
 from tools.cloud_ingest import CloudIngest, report
 from tools.harness import CloudCollector, Mosquitto, publish_readings, wait_until
@@ -76,17 +77,6 @@ def test_window_prompt_holds_every_reading_once_in_one_fenced_block(tmp_path: Pa
 
 # -- configuration ---------------------------------------------------------------------------
 
-GOOD = """
-[agent]
-device_id = "gw-1"
-state_dir = "state"
-[model]
-path = "model.gguf"
-[[routes]]
-name = "t"
-topics = ["sensors/#"]
-instruction = "Classify."
-"""
 
 
 @pytest.mark.parametrize(
