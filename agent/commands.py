@@ -3,9 +3,11 @@
 Owns that subscription (QoS 1, its own fixed client id `edge-agent-<device_id>-cmd`, a
 persistent session, PUBACK only after the command is recorded) and the download it asks for.
 A command is JSON: {"manifest": {...}, "signature": "<base64>", "url": "https://..."}, the
-manifest and signature being exactly a package's manifest.json and manifest.sig. Before
-anything is downloaded the signature must verify with `[ota].trusted_keys`, the version must
-pass the pipeline's anti-rollback check and the size must be within `download_max_bytes`;
+manifest and signature being exactly a package's manifest.json and manifest.sig, plus, to go
+back to an older version, "rollback": {"directive": {...}, "signature": "<base64>"} (a
+package's rollback.json and rollback.sig, agent/directive.py). Before anything is downloaded
+the signatures must verify with `[ota].trusted_keys`, the version must pass the pipeline's
+anti-rollback check (or the directive's) and the size must be within `download_max_bytes`;
 a refused command is reported (`command_refused`, with the reason) and acked so it cannot loop.
 
 An accepted command is recorded durably as `incoming/.download-<id>/` (manifest.json,
@@ -23,12 +25,13 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent import download, modelpkg, mqtt, signing
+from agent import directive, download, modelpkg, mqtt, signing
 from agent.config import Settings
 from agent.errors import StoreFull
 from agent.messages import Topics
@@ -52,9 +55,18 @@ def command_id(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def parse_command(payload: bytes, trusted: list[str]
-                  ) -> tuple[dict[str, Any], str, modelpkg.Manifest, str]:
-    """(manifest body, signature, manifest, url) of a command whose signature verifies."""
+@dataclass(frozen=True, slots=True)
+class Command:
+    manifest_body: dict[str, Any]
+    signature: str
+    manifest: modelpkg.Manifest
+    url: str
+    # The rollback directive's body and signature, and the directive they verify as.
+    rollback: tuple[dict[str, Any], str, directive.Directive] | None
+
+
+def parse_command(payload: bytes, trusted: list[str]) -> Command:
+    """The parts of a command whose signatures verify; CommandRefused says what is wrong."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandRefused(f"command of {len(payload)} bytes, at most {MAX_COMMAND_BYTES}")
     try:
@@ -75,7 +87,16 @@ def parse_command(payload: bytes, trusted: list[str]
     except signing.SignatureError as exc:
         raise CommandRefused(f"command manifest: {exc}") from exc
     manifest = modelpkg.parse_manifest(manifest_body, "command manifest")
-    return manifest_body, signature, manifest, url
+    rollback = body.get("rollback")
+    if rollback is None:
+        return Command(manifest_body, signature, manifest, url, None)
+    if not isinstance(rollback, dict):
+        raise CommandRefused("command field 'rollback' must be {\"directive\": {...}, "
+                             "\"signature\": \"...\"}")
+    allowed_by = directive.parse(rollback.get("directive"), rollback.get("signature"), trusted,
+                                 "command")
+    return Command(manifest_body, signature, manifest, url,
+                   (rollback["directive"], rollback["signature"], allowed_by))
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -150,9 +171,10 @@ class ModelCommands:
             log.info("model_command_duplicate", id=ident)
             return True
         try:
-            body, signature, manifest, url = parse_command(payload,
-                                                           self._settings.ota.trusted_keys)
-            await asyncio.to_thread(self._ota.check_newer, manifest)
+            command = parse_command(payload, self._settings.ota.trusted_keys)
+            manifest = command.manifest
+            await asyncio.to_thread(self._ota.check_newer, manifest,
+                                    None if command.rollback is None else command.rollback[2])
             limit = self._settings.ota.download_max_bytes
             if manifest.size > limit:
                 raise CommandRefused(f"version {manifest.version} declares {manifest.size} "
@@ -160,21 +182,29 @@ class ModelCommands:
         except modelpkg.PackageRejected as exc:
             await self._ota.report("command_refused", command=ident, reason=str(exc))
             return False
-        await asyncio.to_thread(self._write_record, ident, body, signature, url)
+        await asyncio.to_thread(self._write_record, ident, command)
         await self._ota.report("command_accepted", command=ident, version=manifest.version,
-                               name=manifest.name, size=manifest.size, url=url)
+                               name=manifest.name, size=manifest.size, url=command.url,
+                               rollback_directive=None if command.rollback is None
+                               else command.rollback[2].id)
         self._pending.set()
         return True
 
-    def _write_record(self, ident: str, body: dict[str, Any], signature: str, url: str) -> None:
+    def _write_record(self, ident: str, command: Command) -> None:
         """Write the record under a temp name, fsync, rename: all of it or none of it."""
         self._incoming.mkdir(parents=True, exist_ok=True)
         temp = self._incoming / f".record-{ident}"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir()
-        _write(temp / modelpkg.MANIFEST, json.dumps(body, indent=2, sort_keys=True).encode())
-        _write(temp / modelpkg.SIGNATURE, signature.encode() + b"\n")
-        _write(temp / RECORD, json.dumps({"id": ident, "url": url}).encode())
+        _write(temp / modelpkg.MANIFEST,
+               json.dumps(command.manifest_body, indent=2, sort_keys=True).encode())
+        _write(temp / modelpkg.SIGNATURE, command.signature.encode() + b"\n")
+        if command.rollback is not None:
+            body, signature, _ = command.rollback
+            _write(temp / directive.DIRECTIVE,
+                   json.dumps(body, indent=2, sort_keys=True).encode())
+            _write(temp / directive.DIRECTIVE_SIGNATURE, signature.encode() + b"\n")
+        _write(temp / RECORD, json.dumps({"id": ident, "url": command.url}).encode())
         fsync_dir(temp)
         os.replace(temp, self._incoming / f"{PENDING_PREFIX}{ident}")
         fsync_dir(self._incoming)

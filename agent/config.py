@@ -398,8 +398,10 @@ class OtaSection(_Section):
         "model's p95 times this.",
     )
     max_trial_starts: int = Field(
-        default=1, ge=1, le=10,
-        description="Agent starts tolerated while a model is on trial; reaching it rolls back.",
+        default=2, ge=1, le=10,
+        description="Starts of the agent that find a model on trial: below this the trial "
+        "resumes (a power cut does not fail a good model), at it the trial rolls back (a "
+        "model that keeps the agent crashing does not stay). 1 rolls back at the first.",
     )
     watch_debounce_s: float = Field(
         default=1.0, ge=0,

@@ -1,6 +1,8 @@
 """`edge-agent model ...`: the operator's commands for model packages.
 
-keygen, sign and verify work on files only. list, install and rollback are safe while the agent
+keygen, sign, allow-rollback, verify and command work on files only (allow-rollback adds a
+signed rollback directive to a package, agent/directive.py; command prints the JSON to publish
+on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
 runs because none of them changes what the agent is serving directly: `list` reads the state
 file (replaced atomically, so never half-written); `install` verifies the package, copies it
 into incoming/ under a hidden name and renames it into place, so the agent only ever sees a
@@ -15,17 +17,18 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from agent import config, modelpkg, signing
+from agent import config, directive, modelpkg, signing
 from agent.errors import EXIT_CONFIG, ConfigError
 from agent.otastate import ModelStore, durable_write, fsync_dir
 
 
 def add_parser(commands: Any) -> None:
-    model = commands.add_parser("model", help="model packages: keygen, sign, verify, list, "
-                                "install, rollback")
+    model = commands.add_parser("model", help="model packages: keygen, sign, allow-rollback, "
+                                "verify, command, list, install, rollback")
     sub = model.add_subparsers(dest="model_command", required=True)
     keygen = sub.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
     keygen.add_argument("key", type=Path)
@@ -39,6 +42,19 @@ def add_parser(commands: Any) -> None:
     sign.add_argument("--canary", type=Path, default=None,
                       help='JSON file: [{"route": ..., "payload": {...}, "max_latency_ms": N}]')
     sign.add_argument("--min-agent-version", default=None)
+    allow = sub.add_parser("allow-rollback", help="sign a rollback directive into a package, "
+                           "letting its (older or failed) version past anti-rollback")
+    allow.add_argument("package", type=Path)
+    allow.add_argument("--key", type=Path, required=True, help="private key from keygen")
+    allow.add_argument("--device", action="append", default=[],
+                       help="a device id it is for (may repeat); '*' for every device")
+    allow.add_argument("--valid-for-h", type=float, default=24.0,
+                       help="hours until the directive expires (default 24)")
+    allow.add_argument("--reason", required=True, help="why, for the reports")
+    command = sub.add_parser("command", help="print the cloud command (JSON) that installs a "
+                             "package whose GGUF is served at URL")
+    command.add_argument("package", type=Path)
+    command.add_argument("--url", required=True)
     verify = sub.add_parser("verify", help="check a package's signature, size and sha256")
     verify.add_argument("package", type=Path)
     verify.add_argument("--config", type=Path, help="trust the keys of this agent config")
@@ -93,6 +109,39 @@ def _verify(args: argparse.Namespace) -> int:
     package = modelpkg.verify_blocking(args.package, trusted)
     print(f"{args.package}: ok ({package.manifest.name} {package.manifest.version}, "
           f"key {package.key_id})")
+    allowed_by = directive.read(args.package, trusted)
+    if allowed_by is not None:
+        directive.check_binding(allowed_by, package.manifest)
+        left_h = (allowed_by.expires_at - time.time()) / 3600
+        print(f"{args.package}: rollback directive {allowed_by.id} for "
+              f"{', '.join(allowed_by.devices)}, "
+              + (f"valid {left_h:.1f} h more" if left_h > 0 else "EXPIRED")
+              + f" (key {allowed_by.key_id}): {allowed_by.reason}")
+    return 0
+
+
+def _allow_rollback(args: argparse.Namespace) -> int:
+    manifest, _ = modelpkg.read_signed(args.package, [signing.public_key_of(args.key)])
+    body, signature = directive.make(manifest, devices=args.device,
+                                     valid_for_s=args.valid_for_h * 3600, reason=args.reason,
+                                     key=args.key)
+    directive.write(args.package, body, signature)
+    print(f"{args.package}: rollback to {manifest.name} {manifest.version} allowed on "
+          f"{', '.join(body['devices'])} for {args.valid_for_h:g} h")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "manifest": json.loads((args.package / modelpkg.MANIFEST).read_bytes()),
+        "signature": (args.package / modelpkg.SIGNATURE).read_text().strip(),
+        "url": args.url,
+    }
+    if (args.package / directive.DIRECTIVE).exists():
+        body["rollback"] = {
+            "directive": json.loads((args.package / directive.DIRECTIVE).read_bytes()),
+            "signature": (args.package / directive.DIRECTIVE_SIGNATURE).read_text().strip()}
+    print(json.dumps(body, sort_keys=True))
     return 0
 
 
@@ -113,7 +162,10 @@ def _install(args: argparse.Namespace) -> int:
     hidden = incoming / f".install-{manifest.name}-{manifest.version}-{os.getpid()}"
     shutil.rmtree(hidden, ignore_errors=True)
     hidden.mkdir()
-    for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
+    names = [manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE]
+    if directive.read(args.package, settings.ota.trusted_keys) is not None:
+        names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
+    for name in names:
         with (args.package / name).open("rb") as src, (hidden / name).open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
@@ -135,5 +187,6 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"keygen": _keygen, "sign": _sign, "verify": _verify, "list": _list,
-             "install": _install, "rollback": _rollback}
+_COMMANDS = {"keygen": _keygen, "sign": _sign, "allow-rollback": _allow_rollback,
+             "verify": _verify, "command": _command, "list": _list, "install": _install,
+             "rollback": _rollback}

@@ -7,10 +7,13 @@ finishes on the old worker) -> probation -> commit, or switch back to the still-
 worker and mark the version failed.
 
 Every state change is written to ota/state.json before it takes effect, so a SIGKILL at any step
-leaves one consistent active model: a start that finds a trial in the state file counts it, and
-at `ota.max_trial_starts` rolls back (agent/ota.py `startup`). Every step is reported through the
-outbox on <prefix>/<device_id>/events/model, and the retained .../status/model names the active
-model. Owns the OTA flow; never touches llama.cpp, MQTT or SQLite directly.
+leaves one consistent active model: a start that finds a trial in the state file counts it,
+resumes it (from the load, or from the start of probation) while it has had fewer than
+`ota.max_trial_starts` starts, and rolls it back when it reaches them (`startup`). An older or
+failed version passes anti-rollback only with a signed rollback directive (agent/directive.py).
+Every step is reported through the outbox on <prefix>/<device_id>/events/model, and the
+retained .../status/model names the active model. Owns the OTA flow; never touches llama.cpp,
+MQTT or SQLite directly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, modelpkg
+from agent import __version__, directive, modelpkg
 from agent.config import ModelSection, Settings
 from agent.errors import AgentError, ModelLoadError
 from agent.inference import InferenceWorker, identify
@@ -83,13 +86,14 @@ async def startup(settings: Settings, models: ModelStore) -> Startup:
         if trial is None:
             return
         trial.starts += 1
-        if trial.starts < limit and trial.phase == "probation":
-            return
+        if trial.starts < limit:
+            return  # resumed by Ota.run
         reason = (f"the agent started {trial.starts} time(s) while version {trial.version} "
                   f"was on trial ({trial.phase})")
         state.failed[trial.version] = {"reason": reason, "step": "restart", "at": time.time(),
                                        "figures": {"starts": trial.starts}}
-        state.active, state.previous, state.trial = trial.previous, trial.earlier, None
+        state.active, state.trial = trial.previous, None
+        state.previous = None if trial.earlier == trial.version else trial.earlier
         reports.append(("rolled_back", {"version": trial.version, "reason": reason,
                                         "active": state.active,
                                         "figures": {"starts": trial.starts}}))
@@ -156,9 +160,8 @@ class Ota:
         if self._ota.trusted_keys:  # without trusted keys updates are off: nothing to announce
             await self.publish_status()
         state = await asyncio.to_thread(self._models.read)
-        if state.trial is not None and state.trial.phase == "probation":
-            # Restarted during probation with starts left: judge the trial again from zero.
-            await self._probation(state.trial, previous=None, baseline=None, stop=stop)
+        if state.trial is not None:
+            await self._resume(state.trial, stop)
         while not stop.is_set():
             self.wake.clear()
             await self.scan(stop)
@@ -193,33 +196,37 @@ class Ota:
         await self.report("received", package=directory.name)
         try:
             package = await modelpkg.verify(directory, self._ota.trusted_keys)
-            await asyncio.to_thread(self._check_newer, package.manifest)
+            allowed_by = directive.read(directory, self._ota.trusted_keys)
+            await asyncio.to_thread(self.check_newer, package.manifest, allowed_by)
         except modelpkg.PackageRejected as exc:
             await self.report("rejected", package=directory.name, reason=str(exc))
             await asyncio.to_thread(self._discard, directory)
             return False
         manifest = package.manifest
         await self.report("verified", version=manifest.version, name=manifest.name,
-                          sha256=manifest.sha256, size=manifest.size, key_id=package.key_id)
+                          sha256=manifest.sha256, size=manifest.size, key_id=package.key_id,
+                          **({} if allowed_by is None else
+                             {"rollback_directive": allowed_by.describe()}))
         try:
-            await asyncio.to_thread(self._models.stage, package)
+            trial = await asyncio.to_thread(
+                self._models.stage, package,
+                None if allowed_by is None else allowed_by.describe())
         except (OSError, modelpkg.PackageRejected) as exc:
             await self.report("rejected", version=manifest.version,
                               reason=f"staging failed: {exc}")
             return False
         finally:
             await asyncio.to_thread(self._discard, directory)
-        await self.report("staged", version=manifest.version)
-        # The previous model's figures before a second worker competes with it for the CPU.
+        await self.report("staged", version=manifest.version, previous=trial.previous)
+        return await self._try(trial, manifest, stop)
+
+    async def _try(self, trial: Trial, manifest: modelpkg.Manifest, stop: asyncio.Event
+                   ) -> bool:
+        """Load, canary, switch and judge a staged trial; True if it was committed."""
+        # The previous model's figures before a second worker competes with it for the CPU
+        # (none yet when a trial resumes at start: probation then judges by the canary budget).
         baseline = self._router.serving.window.figures()
-        previous_version = (await asyncio.to_thread(self._models.read)).active
-        trial = Trial(manifest.version, previous_version, "canary")
-
-        def begin(state: OtaState) -> None:
-            trial.earlier = state.previous
-            state.trial = trial
-
-        state = await asyncio.to_thread(self._models.update, begin)
+        state = await asyncio.to_thread(self._models.read)
         candidate = await self._start_candidate(state, trial, manifest)
         if candidate is None:
             return False
@@ -233,28 +240,67 @@ class Ota:
         await self.report("canary_passed", version=trial.version, figures=verdict.figures)
         return await self._switch_and_judge(trial, candidate, baseline, stop)
 
-    def check_newer(self, manifest: modelpkg.Manifest) -> None:
-        """Anti-rollback, blocking (reads the state file): PackageRejected if `manifest` may
-        not be installed. agent/commands.py asks before downloading anything."""
-        self._check_newer(manifest)
+    async def _resume(self, trial: Trial, stop: asyncio.Event) -> None:
+        """A trial the last run left open, with starts to spare (`startup` counted this one):
+        a candidate that never served is loaded and canaried again; one on probation is
+        judged again from zero, while it serves."""
+        await self.report("resumed", version=trial.version, phase=trial.phase,
+                          starts=trial.starts, max_starts=self._ota.max_trial_starts)
+        if trial.phase == "probation":
+            await self._probation(trial, previous=None, baseline=None, stop=stop)
+            return
+        try:  # the staged copy, checked again: the signature and the bytes llama.cpp will read
+            package = await modelpkg.verify(self._models.model_dir(trial.version),
+                                            self._ota.trusted_keys)
+        except modelpkg.PackageRejected as exc:
+            await self._fail(trial, "resume", Verdict(False, str(exc), {}))
+            return
+        await self._try(trial, package.manifest, stop)
 
-    def _check_newer(self, manifest: modelpkg.Manifest) -> None:
+    def check_newer(self, manifest: modelpkg.Manifest,
+                    allowed_by: directive.Directive | None = None) -> None:
+        """Anti-rollback, blocking (reads the state file): PackageRejected if `manifest` may
+        not be installed. An older or failed version needs a valid, unused rollback
+        directive. agent/commands.py asks before downloading anything."""
         state = self._models.read()
-        if manifest.version in state.failed:
-            raise modelpkg.PackageRejected(f"version {manifest.version} failed before: "
-                                           f"{state.failed[manifest.version].get('reason')}")
-        highest = state.highest_version()
-        base = self._settings.model.version
-        if modelpkg.is_version(base):
-            highest = max(highest or (), modelpkg.version_key(base))
-        if highest is not None and modelpkg.version_key(manifest.version) <= highest:
-            shown = ".".join(str(p) for p in highest)
+        version = manifest.version
+        installed = state.installed.get(version)
+        if version == state.active:
+            raise modelpkg.PackageRejected(f"version {version} is already the active model")
+        if state.trial is not None and state.trial.version == version:
+            raise modelpkg.PackageRejected(f"version {version} is on trial now")
+        if installed is not None and installed["sha256"] != manifest.sha256:
             raise modelpkg.PackageRejected(
-                f"version {manifest.version} is not newer than installed {shown} (anti-rollback)")
+                f"version {version} is installed with sha256 {installed['sha256']}, not "
+                f"{manifest.sha256}: one version number, two different files")
+        if allowed_by is not None:
+            directive.check(allowed_by, manifest, self._settings.agent.device_id, time.time())
+            used = state.directives.get(allowed_by.id)
+            if used is not None:
+                raise modelpkg.PackageRejected(
+                    f"rollback directive {allowed_by.id} was used already (version "
+                    f"{used.get('version')}); each directive works once")
+        else:
+            self._check_anti_rollback(state, manifest)
         minimum = manifest.min_agent_version
         if minimum and modelpkg.version_key(minimum) > modelpkg.version_key(__version__):
             raise modelpkg.PackageRejected(
                 f"version {manifest.version} needs agent {minimum}; this is {__version__}")
+
+    def _check_anti_rollback(self, state: OtaState, manifest: modelpkg.Manifest) -> None:
+        version = manifest.version
+        if version in state.failed:
+            raise modelpkg.PackageRejected(
+                f"version {version} failed before: {state.failed[version].get('reason')} "
+                "(only a signed rollback directive lets it back)")
+        highest = state.highest_version()
+        base = self._settings.model.version
+        if modelpkg.is_version(base):
+            highest = max(highest or (), modelpkg.version_key(base))
+        if highest is not None and modelpkg.version_key(version) <= highest:
+            shown = ".".join(str(p) for p in highest)
+            raise modelpkg.PackageRejected(
+                f"version {version} is not newer than installed {shown} (anti-rollback)")
 
     def _discard(self, directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
@@ -322,6 +368,7 @@ class Ota:
         if verdict.passed:
             def commit(state: OtaState) -> None:
                 state.trial = None
+                state.failed.pop(trial.version, None)  # back by a rollback directive
 
             await asyncio.to_thread(self._models.update, commit)
             await self.report("committed", version=trial.version, figures=verdict.figures)
@@ -352,6 +399,8 @@ class Ota:
                                            "at": time.time(), "figures": verdict.figures}
             if state.active == trial.version:  # it was serving: its predecessor comes back
                 state.active, state.previous = trial.previous, trial.earlier
+            if state.previous == trial.version:  # a directive had brought `previous` back
+                state.previous = None
             state.trial = None
             self._models.prune(state)
 

@@ -50,12 +50,14 @@ class OtaState:
     trial: Trial | None = None
     installed: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Rollback directives used (agent/directive.py), by id: each works once per gateway.
+    directives: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "active": self.active, "previous": self.previous,
             "trial": None if self.trial is None else vars(self.trial),
-            "installed": self.installed, "failed": self.failed,
+            "installed": self.installed, "failed": self.failed, "directives": self.directives,
         }
 
     @classmethod
@@ -64,7 +66,8 @@ class OtaState:
         return cls(active=body.get("active", BASE), previous=body.get("previous"),
                    trial=None if trial is None else Trial(**trial),
                    installed=dict(body.get("installed", {})),
-                   failed=dict(body.get("failed", {})))
+                   failed=dict(body.get("failed", {})),
+                   directives=dict(body.get("directives", {})))
 
     def highest_version(self) -> tuple[int, ...] | None:
         known = [modelpkg.version_key(v) for v in [*self.installed, *self.failed]]
@@ -130,8 +133,12 @@ class ModelStore:
     def model_dir(self, version: str) -> Path:
         return self.models / version
 
-    def stage(self, package: modelpkg.Verified) -> Path:
-        """Copy a verified package to models/<version>/ durably and record it as installed."""
+    def stage(self, package: modelpkg.Verified, directive: dict[str, Any] | None = None
+              ) -> Trial:
+        """Copy a verified package to models/<version>/ durably, then record it as installed
+        and on trial (phase "canary") in one state write: from then on a crash resumes or
+        rolls back the trial, it cannot leave an installed version nobody tried.
+        `directive` (the rollback directive that let it in) is recorded as used."""
         manifest = package.manifest
         final = self.model_dir(manifest.version)
         staging = self.models / f".staging-{manifest.version}-{os.getpid()}"
@@ -149,14 +156,21 @@ class ModelStore:
         # The copy must still be the signed bytes (a disk error, or a writer racing us).
         modelpkg.check_file(final / manifest.file, manifest)
 
+        trial = Trial(manifest.version, BASE, "canary")
+
         def record(state: OtaState) -> None:
             state.installed[manifest.version] = {
                 "name": manifest.name, "file": manifest.file, "sha256": manifest.sha256,
                 "size": manifest.size, "n_ctx": manifest.n_ctx, "installed_at": time.time(),
             }
+            trial.previous, trial.earlier = state.active, state.previous
+            state.trial = trial
+            if directive is not None:
+                state.directives[directive["id"]] = {**directive, "version": manifest.version,
+                                                     "used_at": time.time()}
 
         self.update(record)
-        return final
+        return trial
 
     def remove_leftovers(self, state: OtaState) -> list[str]:
         """Delete staging directories and model directories the state does not know."""

@@ -22,12 +22,14 @@ def keypair(directory: Path, name: str = "release") -> tuple[Path, str]:
 
 
 def package(workdir: Path, key: Path, version: str, *, seed: int = 0, name: str = "tiny-ota",
-            canary: list[dict[str, Any]] | None = None, **model: int) -> Path:
+            canary: list[dict[str, Any]] | None = None, min_agent_version: str | None = None,
+            **model: int) -> Path:
     """A signed package directory `workdir/pkg-<version>` around a freshly generated GGUF."""
     gguf = make_model(workdir / f"src-{version}" / f"{name}-{version}.gguf", seed=seed, **model)
     out = workdir / f"pkg-{version}"
     modelpkg.build(gguf, out, name=name, version=version, n_ctx=512,
-                   canary=CANARY if canary is None else canary, key=key)
+                   canary=CANARY if canary is None else canary, key=key,
+                   min_agent_version=min_agent_version)
     return out
 
 

@@ -103,26 +103,38 @@ def test_a_steady_stream_through_a_successful_swap_loses_and_fails_nothing(
     collector.stop()
 
 
-def test_a_sigkill_during_the_trial_rolls_back_at_the_next_start(
+def test_sigkills_during_the_trial_resume_it_then_roll_back_at_max_trial_starts(
     rig: Rig, tmp_path: Path
 ) -> None:
-    """Version 2 is switched in and on probation when the agent is SIGKILLed; the next start
-    finds the open trial, makes the previous model active, marks 2 failed with the reason,
-    reports it to the cloud, and serves readings with version 1."""
+    """Version 2 is on probation when the agent is SIGKILLed. With max_trial_starts = 2 the
+    first restart resumes the probation (version 2 serving, one start counted); a second
+    SIGKILL reaches the limit: the next start makes the previous model active, marks 2 failed
+    with the reason, reports it to the cloud, and serves readings with version 1."""
     key, public = keypair(tmp_path)
     pkg = package(tmp_path, key, "2", seed=2)
     rig.local.start()
     rig.cloud.start()
     collector = CloudCollector(rig.cloud.port).start()
-    config = ota_config(rig, public, probation_requests=100000)
+    config = ota_config(rig, public, probation_requests=100000, max_trial_starts=2)
+    state_file = rig.workdir / "state" / "ota" / "state.json"
     agent = rig.agent(config)
     agent.wait_for_event("agent_ready")
     assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
     wait_until(lambda: "probation_started" in steps(agent.events()), 60, "the trial")
-    state = json.loads((rig.workdir / "state" / "ota" / "state.json").read_text())
+    state = json.loads(state_file.read_text())
     assert state["active"] == "2"
     assert state["trial"]["phase"] == "probation"
     agent.kill()
+
+    resumed = rig.agent(config)
+    assert resumed.wait_for_event("model_answered")["version"] == "2"
+    wait_until(lambda: "probation_started" in steps(resumed.events()), 60, "the resumed trial")
+    assert "resumed" in steps(resumed.events())
+    state = json.loads(state_file.read_text())
+    assert (state["active"], state["trial"]["phase"], state["trial"]["starts"]) == (
+        "2", "probation", 1)
+    assert not state["failed"]
+    resumed.kill()
 
     again = rig.agent(config)
     answered = again.wait_for_event("model_answered")
@@ -131,7 +143,7 @@ def test_a_sigkill_during_the_trial_rolls_back_at_the_next_start(
     state = json.loads((rig.workdir / "state" / "ota" / "state.json").read_text())
     assert state["active"] == "base"
     assert state["trial"] is None
-    assert "while version 2 was on trial" in state["failed"]["2"]["reason"]
+    assert "started 2 time(s) while version 2 was on trial" in state["failed"]["2"]["reason"]
     publish_readings(rig.local.port, [("sensors/s1/temperature", b'{"seq": 1, "celsius": 30}')])
     wait_until(lambda: len(collector.results()) == 1, 60, "a result after the restart")
     assert collector.results()[0]["model"]["version"] == "1"
@@ -151,7 +163,9 @@ def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
 ) -> None:
     """SIGKILL as soon as the update logs `step`; after a restart, once no trial is open, the
     state file names one active model that is not marked failed, and a reading's result comes
-    from exactly that model."""
+    from exactly that model. With the default max_trial_starts (2) one kill never loses the
+    update: a package not yet staged is taken up again from incoming/, a staged one is
+    resumed, so that model is version 2 at every step."""
     key, public = keypair(tmp_path)
     pkg = package(tmp_path, key, "2", seed=2)
     rig.local.start()
@@ -190,7 +204,8 @@ def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
     state = json.loads(state_file.read_text())
     active = state["active"]
     assert active not in state.get("failed", {}), state
-    expected = "1" if active == "base" else active
+    assert (active, state["failed"]) == ("2", {}), (step, state)
+    expected = active
     marker = b'{"seq": 100007, "celsius": 30}'
     publish_readings(rig.local.port, [("sensors/marker/temperature", marker)])
 
@@ -202,4 +217,49 @@ def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
     versions = marker_results()
     assert versions == {expected}, (step, state, versions)
     print(f"killed after {step}: active={active} failed={sorted(state.get('failed', {}))}")
+    collector.stop()
+
+
+def test_model_rollback_during_probation_switches_back_and_a_second_is_refused(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """`edge-agent model rollback` while version 2 is on probation: the running agent switches
+    traffic back to version 1 without waiting for the verdict, marks 2 failed as an operator
+    rollback and says so at the cloud; a second rollback has no previous model and is
+    refused with the reason, the active model untouched."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    config = ota_config(rig, public, probation_requests=100000)
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
+    wait_until(lambda: "probation_started" in steps(agent.events()), 60, "the trial")
+    asked = model_cli("rollback", "--config", str(config))
+    assert asked.returncode == 0, asked.stderr
+    assert "rolls back to base" in asked.stdout
+    wait_until(lambda: "rolled_back" in steps(agent.events()), 60, "the rollback")
+    rolled = next(e for e in agent.events() if e.get("step") == "rolled_back")
+    assert rolled["reason"] == "operator rollback during probation"
+    listed = json.loads(model_cli("list", "--config", str(config)).stdout)
+    assert (listed["active"], listed["previous"], listed["trial"]) == ("base", None, None)
+    assert listed["failed"]["2"]["step"] == "probation"
+    publish_readings(rig.local.port, [("sensors/s1/temperature", b'{"seq": 1, "celsius": 30}')])
+    wait_until(lambda: len(collector.results()) == 1, 60, "a result after the rollback")
+    assert collector.results()[0]["model"]["version"] == "1"
+
+    assert model_cli("rollback", "--config", str(config)).returncode == 0
+    wait_until(lambda: "rollback_refused" in steps(agent.events()), 60, "the refusal")
+    refused = next(e for e in agent.events() if e.get("step") == "rollback_refused")
+    assert refused["reason"] == "no previous model to roll back to"
+    assert json.loads(model_cli("list", "--config", str(config)).stdout)["active"] == "base"
+
+    def told() -> set[object]:
+        return {body["step"] for topic, body in collector.messages
+                if topic.endswith("events/model")}
+
+    wait_until(lambda: {"rolled_back", "rollback_refused"} <= told(), 30,
+               "both reports at the cloud")
     collector.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent import download
+from agent import directive, download, modelpkg
 from agent.commands import ModelCommands
 from agent.config import Settings
 from agent.inference import InferenceWorker
@@ -114,7 +114,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     key, public = keypair(work)
     pkg = package(work, key, "2", seed=2)
     manifest = json.loads((pkg / MANIFEST).read_text())
-    return {"public": public, "pkg": pkg, "manifest": manifest,
+    return {"public": public, "key": key, "pkg": pkg, "manifest": manifest,
             "signature": (pkg / SIGNATURE).read_text().strip(),
             "gguf": (pkg / manifest["file"]).read_bytes()}
 
@@ -234,3 +234,39 @@ async def test_a_record_left_by_a_stop_resumes_from_its_partial_file(
     assert [r["range"] for r in server.served.requests] == [f"bytes={half}-"]
     package = next(settings.incoming_dir.iterdir())
     assert (package / signed["manifest"]["file"]).read_bytes() == signed["gguf"]
+
+
+@pytest.mark.parametrize("devices", [["gw"], ["gw-elsewhere"]])
+async def test_a_command_with_a_rollback_directive_may_bring_an_older_version_back(
+    signed: dict[str, Any], tmp_path: Path, tiny_model: Path, devices: list[str]
+) -> None:
+    """Base version 5; a command for version 2 carrying a signed directive for this device is
+    recorded with its directive, and the handed-over package carries it into the pipeline. A
+    directive for another device is refused before any request."""
+    settings = make_settings(tmp_path, tiny_model, signed["public"], version="5")
+    manifest = modelpkg.parse_manifest(signed["manifest"], "test")
+    body, signature = directive.make(manifest, devices=devices, valid_for_s=600,
+                                     reason="5 misreads frost", key=signed["key"])
+    payload = json.loads(command(signed, "http://unused/"))
+    with FileServer(Served(signed["gguf"])) as server:
+        payload["url"] = server.url()
+        payload["rollback"] = {"directive": body, "signature": signature}
+        async with commands_for(settings) as (commands, store_path):
+            recorded = await commands.record(json.dumps(payload).encode())
+            pending = list(settings.incoming_dir.glob(".download-*"))
+            if recorded:
+                assert await commands.complete(pending[0])
+            told = events(store_path)
+    if devices == ["gw-elsewhere"]:
+        assert not recorded
+        assert not pending
+        assert server.served.requests == []
+        assert "not for device 'gw'" in told[0]["reason"]
+        return
+    assert told[0]["step"] == "command_accepted"
+    assert told[0]["rollback_directive"] == directive.parse(body, signature, [signed["public"]],
+                                                            "test").id
+    handed = next(settings.incoming_dir.glob("cmd-*"))
+    allowed = directive.read(handed, [signed["public"]])
+    assert allowed is not None
+    assert allowed.devices == ("gw",)

@@ -3,15 +3,17 @@ GGUF, with a message naming the check; versions order as documented; the CLI rou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from agent import modelpkg, signing
+from agent import directive, modelpkg, signing
 from tests.otakit import keypair, package
 
 
@@ -131,3 +133,78 @@ def test_cli_keygen_sign_verify_round_trip_and_refusal(tmp_path: Path,
     assert refused.returncode == 1
     assert "does not verify with any trusted key" in refused.stderr
     assert cli("keygen", str(tmp_path / "k.pem")).returncode == 1, "overwrote a private key"
+
+
+# -- rollback directives ---------------------------------------------------------------------
+
+
+def manifest_of(pkg: Path, public: str) -> modelpkg.Manifest:
+    return modelpkg.read_signed(pkg, [public])[0]
+
+
+def test_a_rollback_directive_names_one_package_device_and_expiry(
+    signed: tuple[Path, Path, str]
+) -> None:
+    """A directive made for a package verifies with the trusted key and allows exactly that
+    package, on the devices it names, until it expires; any other package, device or time is
+    refused with a message naming the mismatch."""
+    pkg, key, public = signed
+    manifest = manifest_of(pkg, public)
+    body, signature = directive.make(manifest, devices=["gw-1", "gw-2"], valid_for_s=3600,
+                                     reason="2 is the last good model", key=key)
+    allowed = directive.parse(body, signature, [public], "test")
+    assert allowed.key_id == signing.key_id(public)
+    now = body["issued_at"] + 10
+    directive.check(allowed, manifest, "gw-2", now)
+    with pytest.raises(modelpkg.PackageRejected, match="not for device 'gw-3'"):
+        directive.check(allowed, manifest, "gw-3", now)
+    with pytest.raises(modelpkg.PackageRejected, match="expired at"):
+        directive.check(allowed, manifest, "gw-1", body["expires_at"] + 1)
+    other = dataclasses.replace(manifest, sha256="ab" * 32)
+    with pytest.raises(modelpkg.PackageRejected, match="not this package"):
+        directive.check(allowed, other, "gw-1", now)
+    everyone, sig = directive.make(manifest, devices=["*"], valid_for_s=60, reason="r", key=key)
+    directive.check(directive.parse(everyone, sig, [public], "test"), manifest, "any", now)
+
+
+def test_an_edited_or_foreign_rollback_directive_is_refused(
+    signed: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """Widening the devices or the expiry after signing breaks the signature; a directive
+    signed by a key the agent does not trust is refused the same way."""
+    pkg, key, public = signed
+    manifest = manifest_of(pkg, public)
+    body, signature = directive.make(manifest, devices=["gw-1"], valid_for_s=60,
+                                     reason="r", key=key)
+    for edit in ({"devices": ["*"]}, {"expires_at": body["expires_at"] + 86400}):
+        with pytest.raises(modelpkg.PackageRejected, match="does not verify"):
+            directive.parse({**body, **edit}, signature, [public], "test")
+    stranger, _ = keypair(tmp_path, "stranger")
+    body, signature = directive.make(manifest, devices=["gw-1"], valid_for_s=60,
+                                     reason="r", key=stranger)
+    with pytest.raises(modelpkg.PackageRejected, match="does not verify"):
+        directive.parse(body, signature, [public], "test")
+    with pytest.raises(modelpkg.PackageRejected, match="no signature"):
+        directive.parse(body, None, [public], "test")
+
+
+def test_cli_allow_rollback_writes_a_directive_that_verify_shows(
+    signed: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    pkg, key, public = signed
+    work = copy(pkg, tmp_path / "pkg")
+    made = cli("allow-rollback", str(work), "--key", str(key), "--device", "gw-7",
+               "--valid-for-h", "2", "--reason", "4 misreads frost")
+    assert made.returncode == 0, made.stderr
+    shown = cli("verify", str(work), "--trusted-key", public)
+    assert shown.returncode == 0, shown.stderr
+    assert "rollback directive" in shown.stdout
+    assert "gw-7" in shown.stdout
+    assert "4 misreads frost" in shown.stdout
+    allowed = directive.read(work, [public])
+    assert allowed is not None
+    assert allowed.devices == ("gw-7",)
+    assert 7190 < allowed.expires_at - time.time() <= 7200
+    printed = json.loads(cli("command", str(work), "--url", "http://x/m.gguf").stdout)
+    assert printed["rollback"]["directive"]["version"] == "2"
+    assert printed["signature"] == (pkg / modelpkg.SIGNATURE).read_text().strip()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import shutil
 import sqlite3
 import statistics
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent import __version__, directive, modelpkg
 from agent.config import Settings
 from agent.inference import InferenceWorker
 from agent.messages import Topics
@@ -266,3 +268,75 @@ async def test_a_successful_swap_under_a_stream_fails_nothing_and_names_each_mod
         state = rig.models.read()
         assert (state.active, state.previous, state.trial) == ("2", "base", None)
         assert [e["step"] for e in rig.outbox("model_event")][-1] == "committed"
+
+
+async def test_a_package_for_a_newer_agent_is_refused_before_staging(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """min_agent_version above this agent's version: rejected with both versions named,
+    nothing staged, the base model still serving."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"])
+    src = package(kit["work"] / "newer-agent", kit["key"], "2", seed=2,
+                  min_agent_version="999.1")
+    pkg = tmp_path / "state" / "incoming" / "needs-999"
+    shutil.copytree(src, pkg)
+    async with running(settings) as rig:
+        assert not await rig.ota.install(pkg, asyncio.Event())
+        reason = rig.events("rejected")[0]["reason"]
+        assert f"needs agent 999.1; this is {__version__}" in reason
+        assert not list(rig.models.models.iterdir())
+        assert rig.models.read().trial is None
+        assert rig.router.info.version == "1"
+
+
+def with_directive(kit: dict[str, Any], pkg: Path, devices: list[str],
+                   same_as: Path | None = None) -> Path:
+    """Add a rollback directive to `pkg`: a new one, or the very one beside `same_as`."""
+    if same_as is not None:
+        for name in (directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE):
+            shutil.copy(same_as / name, pkg / name)
+        return pkg
+    manifest, _ = modelpkg.read_signed(pkg, [kit["public"]])
+    body, signature = directive.make(manifest, devices=devices, valid_for_s=600,
+                                     reason="back to the last good model", key=kit["key"])
+    directive.write(pkg, body, signature)
+    return pkg
+
+
+async def test_a_signed_rollback_directive_lets_an_older_version_back_once(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """2 then 3 are committed. Version 2 again is refused by anti-rollback; with a directive
+    for this device it goes through the whole pipeline and serves; a directive for another
+    device is refused; after 4, the same directive replayed for 2 is refused as used."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], probation_max_s=0.3,
+                             probation_requests=1000)
+    stop = asyncio.Event()
+    async with running(settings) as rig:
+        for version in ("2", "3"):
+            assert await rig.ota.install(fresh(kit, tmp_path, version), stop), version
+        assert not await rig.ota.install(fresh(kit, tmp_path, "2"), stop)
+        assert "not newer than installed 3 (anti-rollback)" in rig.events("rejected")[-1]["reason"]
+
+        elsewhere = with_directive(kit, fresh(kit, tmp_path, "2"), ["gw-elsewhere"])
+        assert not await rig.ota.install(elsewhere, stop)
+        assert "not for device 'gw'" in rig.events("rejected")[-1]["reason"]
+
+        kept = tmp_path / "directive-2"
+        allowed = with_directive(kit, fresh(kit, tmp_path, "2"), ["gw"])
+        shutil.copytree(allowed, kept)
+        assert await rig.ota.install(allowed, stop), rig.events("rejected")
+        state = rig.models.read()
+        assert (state.active, state.previous) == ("2", "3")
+        assert rig.router.info.version == "2"
+        used = rig.events("verified")[-1]["rollback_directive"]
+        assert used["id"] in state.directives
+        await rig.feed(0, 3)
+        await rig.drained()
+        assert {r["model"]["version"] for r in rig.outbox("result")} == {"2"}
+
+        assert await rig.ota.install(fresh(kit, tmp_path, "4"), stop)
+        replayed = with_directive(kit, fresh(kit, tmp_path, "2"), [], same_as=kept)
+        assert not await rig.ota.install(replayed, stop)
+        assert f"directive {used['id']} was used already" in rig.events("rejected")[-1]["reason"]
+        assert rig.models.read().active == "4"
