@@ -398,10 +398,11 @@ class OtaSection(_Section):
         "model's p95 times this.",
     )
     max_trial_starts: int = Field(
-        default=2, ge=1, le=10,
-        description="Starts of the agent that find a model on trial: below this the trial "
-        "resumes (a power cut does not fail a good model), at it the trial rolls back (a "
-        "model that keeps the agent crashing does not stay). 1 rolls back at the first.",
+        default=1, ge=1, le=10,
+        description="Starts after a crash that find a model on trial: below this the trial "
+        "resumes, at it the trial rolls back and the version is failed. 1 (the default) rolls "
+        "back after the first crash; 2 lets a trial survive one power cut. A graceful stop "
+        "does not count.",
     )
     watch_debounce_s: float = Field(
         default=1.0, ge=0,

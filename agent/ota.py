@@ -85,6 +85,9 @@ async def startup(settings: Settings, models: ModelStore) -> Startup:
         trial = state.trial
         if trial is None:
             return
+        if trial.stopped:  # left open by a graceful stop, not a crash: resumed by Ota.run
+            trial.stopped = False
+            return
         trial.starts += 1
         if trial.starts < limit:
             return  # resumed by Ota.run
@@ -159,13 +162,27 @@ class Ota:
             await self.report(step, **body)
         if self._ota.trusted_keys:  # without trusted keys updates are off: nothing to announce
             await self.publish_status()
-        state = await asyncio.to_thread(self._models.read)
-        if state.trial is not None:
-            await self._resume(state.trial, stop)
-        while not stop.is_set():
-            self.wake.clear()
-            await self.scan(stop)
-            await first_of(self.wake, stop)
+        try:
+            state = await asyncio.to_thread(self._models.read)
+            if state.trial is not None:
+                await self._resume(state.trial, stop)
+            while not stop.is_set():
+                self.wake.clear()
+                await self.scan(stop)
+                await first_of(self.wake, stop)
+        finally:
+            if stop.is_set():  # a graceful stop, even one that had to cancel us
+                self._leave_trial_open()
+
+    def _leave_trial_open(self) -> None:
+        """Mark an open trial as stopped, not crashed (blocking; a small file at shutdown)."""
+        def mark(state: OtaState) -> None:
+            if state.trial is not None:
+                state.trial.stopped = True
+                log.info("model_trial_left_open", version=state.trial.version,
+                         phase=state.trial.phase)
+
+        self._models.update(mark)
 
     async def scan(self, stop: asyncio.Event) -> None:
         """Act on a rollback request, then on each complete package in incoming/."""
@@ -238,10 +255,13 @@ class Ota:
             await self._fail(trial, "canary", verdict)
             return False
         await self.report("canary_passed", version=trial.version, figures=verdict.figures)
+        if stop.is_set():  # stopping: no switch now; the next start resumes the trial
+            await candidate.worker.close()
+            return False
         return await self._switch_and_judge(trial, candidate, baseline, stop)
 
     async def _resume(self, trial: Trial, stop: asyncio.Event) -> None:
-        """A trial the last run left open, with starts to spare (`startup` counted this one):
+        """A trial the last run left open (a graceful stop, or a crash with starts to spare):
         a candidate that never served is loaded and canaried again; one on probation is
         judged again from zero, while it serves."""
         await self.report("resumed", version=trial.version, phase=trial.phase,

@@ -41,6 +41,8 @@ class Trial:
     started_at: float = field(default_factory=time.time)
     # What `previous` was before the trial, restored when the trial rolls back.
     earlier: str | None = None
+    # A graceful stop left the trial open: the next start resumes it without counting a start.
+    stopped: bool = False
 
 
 @dataclass

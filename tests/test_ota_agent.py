@@ -157,21 +157,27 @@ KILL_POINTS = ["received", "verified", "staged", "loaded", "canary_passed", "swi
                "probation_started", "committed"]
 
 
+# Between these steps a trial is certainly open, so with max_trial_starts = 1 a kill rolls back.
+ROLLED_BACK_AT_1 = {"staged", "loaded", "canary_passed", "switched"}
+
+
+@pytest.mark.parametrize("max_starts", [1, 2])
 @pytest.mark.parametrize("step", KILL_POINTS)
 def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
-    rig: Rig, tmp_path: Path, step: str
+    rig: Rig, tmp_path: Path, step: str, max_starts: int
 ) -> None:
     """SIGKILL as soon as the update logs `step`; after a restart, once no trial is open, the
     state file names one active model that is not marked failed, and a reading's result comes
-    from exactly that model. With the default max_trial_starts (2) one kill never loses the
-    update: a package not yet staged is taken up again from incoming/, a staged one is
-    resumed, so that model is version 2 at every step."""
+    from exactly that model. With max_trial_starts = 1 (the default) a kill while the trial is
+    open rolls it back and fails version 2; with 2 the kill never loses the update: a package
+    not yet staged is taken up again from incoming/, a staged one resumes, so version 2 ends
+    up active at every step."""
     key, public = keypair(tmp_path)
     pkg = package(tmp_path, key, "2", seed=2)
     rig.local.start()
     rig.cloud.start()
     collector = CloudCollector(rig.cloud.port).start()
-    config = ota_config(rig, public, probation_requests=3)
+    config = ota_config(rig, public, probation_requests=3, max_trial_starts=max_starts)
     agent = rig.agent(config)
     agent.wait_for_event("agent_ready")
     # Readings flow throughout: they feed the probation window, before the kill and after the
@@ -204,8 +210,12 @@ def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
     state = json.loads(state_file.read_text())
     active = state["active"]
     assert active not in state.get("failed", {}), state
-    assert (active, state["failed"]) == ("2", {}), (step, state)
-    expected = active
+    if max_starts == 2:
+        assert (active, state["failed"]) == ("2", {}), (step, state)
+    elif step in ROLLED_BACK_AT_1:
+        assert active == "base", (step, state)
+        assert "started 1 time(s) while version 2 was on trial" in state["failed"]["2"]["reason"]
+    expected = "1" if active == "base" else active
     marker = b'{"seq": 100007, "celsius": 30}'
     publish_readings(rig.local.port, [("sensors/marker/temperature", marker)])
 
@@ -216,7 +226,8 @@ def test_a_sigkill_at_each_step_of_an_update_leaves_one_consistent_active_model(
     wait_until(lambda: bool(marker_results()), 60, "the marker's result after the restart")
     versions = marker_results()
     assert versions == {expected}, (step, state, versions)
-    print(f"killed after {step}: active={active} failed={sorted(state.get('failed', {}))}")
+    print(f"killed after {step} (max_trial_starts={max_starts}): active={active} "
+          f"failed={sorted(state.get('failed', {}))}")
     collector.stop()
 
 
@@ -263,3 +274,32 @@ def test_model_rollback_during_probation_switches_back_and_a_second_is_refused(
     wait_until(lambda: {"rolled_back", "rollback_refused"} <= told(), 30,
                "both reports at the cloud")
     collector.stop()
+
+
+def test_a_graceful_stop_during_probation_resumes_the_trial_without_counting_a_start(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """SIGTERM (a `systemctl restart`) while version 2 is on probation, default
+    max_trial_starts = 1: the agent exits 0 marking the trial stopped, and the next start
+    resumes the probation with version 2 serving instead of rolling it back."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    config = ota_config(rig, public, probation_requests=100000)
+    state_file = rig.workdir / "state" / "ota" / "state.json"
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
+    wait_until(lambda: "probation_started" in steps(agent.events()), 60, "the trial")
+    assert agent.terminate() == 0
+    trial = json.loads(state_file.read_text())["trial"]
+    assert (trial["phase"], trial["stopped"], trial["starts"]) == ("probation", True, 0)
+
+    again = rig.agent(config)
+    assert again.wait_for_event("model_answered")["version"] == "2"
+    wait_until(lambda: "probation_started" in steps(again.events()), 60, "the resumed trial")
+    state = json.loads(state_file.read_text())
+    assert state["active"] == "2"
+    assert (state["trial"]["stopped"], state["trial"]["starts"]) == (False, 0)
+    assert not state["failed"]
