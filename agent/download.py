@@ -17,7 +17,6 @@ nothing about manifests, packages or MQTT (agent/commands.py does).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import time
@@ -28,6 +27,7 @@ from typing import BinaryIO
 import httpx
 import structlog
 
+from agent.digest import sha256_file
 from agent.errors import PermanentError, TransientError
 
 log = structlog.get_logger()
@@ -93,14 +93,6 @@ def _finish(handle: BinaryIO) -> None:
 def _restart(handle: BinaryIO) -> None:
     handle.seek(0)
     handle.truncate()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 async def _one_connection(client: httpx.AsyncClient, url: str, handle: BinaryIO, have: int,
@@ -194,7 +186,7 @@ async def fetch(url: str, destination: Path, *, size: int, sha256: str, timeout_
         await asyncio.to_thread(_finish, handle)  # keep what arrived for the resume
         raise
     progress.update(have, force=True)
-    actual = await asyncio.to_thread(_sha256, destination)
+    actual = await asyncio.to_thread(sha256_file, destination)
     if actual != sha256:
         await asyncio.to_thread(destination.unlink, True)
         raise DownloadRefused(f"{url}: sha256 {actual} does not match the manifest's {sha256}")

@@ -7,19 +7,18 @@ a backoff against crash loops, and shutdown. It never imports llama_cpp; the wor
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.config import ModelSection
+from agent.digest import sha256_file
 from agent.errors import ModelLoadError, PermanentError, WorkerCrashed, WorkerTimeout
 from agent.liveness import Liveness
 from agent.records import Completion, ModelInfo
@@ -35,19 +34,11 @@ class InferenceFailed(PermanentError):
     """The worker answered but could not run this request (for example a prompt too long)."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 async def identify(model: ModelSection, name: str) -> ModelInfo:
     """Name, version and sha256 of the configured model; hashing runs off the loop."""
     if not model.path.is_file():
         raise ModelLoadError(f"model file {model.path} does not exist")
-    sha256 = await asyncio.to_thread(_sha256, model.path)
+    sha256 = await asyncio.to_thread(sha256_file, model.path)
     return ModelInfo(name=name, version=model.version, sha256=sha256, path=str(model.path))
 
 

@@ -13,7 +13,6 @@ number counts as 0, so "1.2" == "1.2.0" < "1.10". Owns no state; agent/otastate.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import signing
+from agent.digest import sha256_file
 from agent.errors import PermanentError
 
 MANIFEST = "manifest.json"
@@ -163,14 +163,6 @@ def read_signed(directory: Path, trusted: list[str]) -> tuple[Manifest, str]:
     except signing.SignatureError as exc:
         raise PackageRejected(f"{manifest_path}: {exc}") from exc
     return parse_manifest(body, str(manifest_path)), key
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_file(path: Path, manifest: Manifest) -> None:
