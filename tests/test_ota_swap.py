@@ -308,7 +308,8 @@ async def test_a_signed_rollback_directive_lets_an_older_version_back_once(
 ) -> None:
     """2 then 3 are committed. Version 2 again is refused by anti-rollback; with a directive
     for this device it goes through the whole pipeline and serves; a directive for another
-    device is refused; after 4, the same directive replayed for 2 is refused as used."""
+    device is refused; after 4, the same directive replayed for 2 is refused as used. A
+    version failed by an operator rollback comes back only with a directive of its own."""
     settings = make_settings(tmp_path, tiny_model, kit["public"], probation_max_s=0.3,
                              probation_requests=1000)
     stop = asyncio.Event()
@@ -340,3 +341,15 @@ async def test_a_signed_rollback_directive_lets_an_older_version_back_once(
         assert not await rig.ota.install(replayed, stop)
         assert f"directive {used['id']} was used already" in rig.events("rejected")[-1]["reason"]
         assert rig.models.read().active == "4"
+
+        # An operator rollback fails 4; it is not retried, unless a directive brings it back.
+        rig.models.rollback_request.write_text("rollback\n")
+        await rig.ota.scan(stop)
+        state = rig.models.read()
+        assert (state.active, state.failed["4"]["reason"]) == ("2", "operator rollback")
+        assert not await rig.ota.install(fresh(kit, tmp_path, "4"), stop)
+        assert "failed before" in rig.events("rejected")[-1]["reason"]
+        assert await rig.ota.install(with_directive(kit, fresh(kit, tmp_path, "4"), ["*"]), stop)
+        state = rig.models.read()
+        assert (state.active, state.previous) == ("4", "2")
+        assert "4" not in state.failed
