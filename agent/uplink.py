@@ -23,7 +23,6 @@ from agent.config import Settings
 from agent.errors import StoreFull
 from agent.liveness import Liveness
 from agent.messages import RETAINED_KIND, Topics, drops_row
-from agent.records import OutboxRow
 from agent.retry import Backoff, OutageLog
 from agent.store import Store
 from agent.waits import first_of, wait_or_timeout, wait_or_timeout_any
@@ -141,6 +140,7 @@ class Uplink:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._commit_acked(window), name="uplink-commit")
+                tasks.create_task(self._watch_pubacks(window), name="uplink-puback-watch")
                 await self._send_rows(link, tasks, window, stop)
                 await window.idle.wait()
                 window.finish()
@@ -194,21 +194,23 @@ class Uplink:
             self.liveness.busy()
             for row in rows:
                 await window.slots.acquire()
-                window.started()
+                window.started(row.seq)
                 # paho puts PUBLISH packets on the wire in this order: per-stream order holds.
-                tasks.create_task(self._publish(link, row, window), name="uplink-publish")
+                # Rows of the retained kind (the model status) keep the broker's last value.
+                link.publish_nowait(row.topic, row.payload, retain=row.kind == RETAINED_KIND,
+                                    on_puback=functools.partial(window.puback, row.seq))
                 sent_up_to = row.seq
 
-    async def _publish(self, link: mqtt.Link, row: OutboxRow, window: _Window) -> None:
-        try:
-            # Rows of the retained kind (the model status) keep the broker's last value current.
-            await link.publish(row.topic, row.payload, timeout_s=self._broker.publish_timeout_s,
-                               retain=row.kind == RETAINED_KIND)
-        finally:
-            window.slots.release()
-            window.finished()
-        window.acked.append(row.seq)
-        window.ready.set()
+    async def _watch_pubacks(self, window: _Window) -> None:
+        """End the connection (LinkDown) when a row has waited `publish_timeout_s` for its
+        PUBACK: the broker is not taking rows, and a fresh connection resends them."""
+        timeout_s = self._broker.publish_timeout_s
+        while not window.done:
+            oldest = window.oldest_sent_at()
+            if oldest is not None and time.monotonic() - oldest > timeout_s:
+                raise mqtt.LinkDown(f"no PUBACK within {timeout_s} s "
+                                    f"({window.in_flight} rows in flight)")
+            await wait_or_timeout(window.closed, min(1.0, timeout_s / 4))
 
     async def _commit_acked(self, window: _Window) -> None:
         while not (window.done and not window.acked):
@@ -235,16 +237,28 @@ class _Window:
         self.idle = asyncio.Event()
         self.idle.set()
         self.done = False
-        self._in_flight = 0
+        self.closed = asyncio.Event()  # set with `done`, for waits
+        self._sent_at: dict[int, float] = {}  # seq -> when published, oldest first
 
-    def started(self) -> None:
-        self._in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return len(self._sent_at)
+
+    def started(self, seq: int) -> None:
+        self._sent_at[seq] = time.monotonic()
         self.idle.clear()
 
-    def finished(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
+    def puback(self, seq: int) -> None:
+        """The broker has the row: free its slot and queue it for the group commit."""
+        del self._sent_at[seq]
+        self.slots.release()
+        if not self._sent_at:
             self.idle.set()
+        self.acked.append(seq)
+        self.ready.set()
+
+    def oldest_sent_at(self) -> float | None:
+        return next(iter(self._sent_at.values()), None)
 
     def take(self) -> list[int]:
         seqs, self.acked = self.acked, []
@@ -254,3 +268,4 @@ class _Window:
         """No more publishes on this connection: the committer retires the rest and returns."""
         self.done = True
         self.ready.set()
+        self.closed.set()

@@ -4,6 +4,7 @@ agent process, real llama.cpp."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -12,8 +13,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from agent.store import read_counts
+from agent.config import Settings
+from agent.messages import Topics, model_event_row
+from agent.store import Store, read_counts
+from agent.uplink import Uplink
 from tests.conftest import Rig
 from tests.fault_proxy import FaultProxy
 from tools.harness import (
@@ -162,3 +167,53 @@ def _rss_kib(agent: AgentProcess) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+async def test_a_row_without_its_puback_ends_the_connection_at_publish_timeout(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The uplink alone (no status messages, keepalive 60 s, so neither the status publish nor
+    the half-open watch can notice): PUBACKs are dropped, the rows' own deadline of
+    publish_timeout_s (1 s) ends the connection, nothing is retired; once PUBACKs flow again
+    every row is delivered."""
+    rig.cloud.start()
+    proxy = FaultProxy(rig.cloud.port).start()
+    proxy.set_mode("drop_s2c", s2c_bytes=4)
+    settings = Settings(
+        agent={"device_id": "gw", "state_dir": tmp_path / "state"},
+        model={"path": rig.model},
+        cloud_broker={"port": proxy.port, "keepalive_s": 60, "publish_timeout_s": 1.0},
+        routes=[{"name": "temperature", "topics": ["sensors/+/temperature"],
+                 "instruction": "Classify."}],
+    )
+    store = await Store.open(settings.store_path)
+    topics = Topics("edge", "gw")
+    stop = asyncio.Event()
+    try:
+        for i in range(5):
+            await store.enqueue(model_event_row(topics, f"row-{i}", "test", {"i": i}))
+        uplink = Uplink(settings, store, topics, status=None)
+        with capture_logs() as logs:
+            started = time.monotonic()
+            task = asyncio.create_task(uplink.run(stop), name="uplink-under-test")
+            while not any(e["event"] == "uplink_link_failed" for e in logs):
+                assert time.monotonic() - started < 10, "no PUBACK deadline within 10 s"
+                await asyncio.sleep(0.05)
+            failed_after_s = time.monotonic() - started
+            failure = next(e for e in logs if e["event"] == "uplink_link_failed")
+        assert "no PUBACK within 1.0 s (5 rows in flight)" in failure["error"]
+        assert (await store.depths())["outbox"] == 5
+        proxy.set_mode("pass")
+        deadline = time.monotonic() + 30
+        while (await store.depths())["outbox"]:
+            assert time.monotonic() < deadline, "rows not delivered after PUBACKs returned"
+            await asyncio.sleep(0.05)
+        assert uplink.delivered == 5
+        print(f"PUBACK deadline 1.0 s: connection ended after {failed_after_s:.2f} s")
+        assert failed_after_s < 4
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        proxy.stop()
+        await store.close()
