@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tests.conftest import Rig
 from tests.fault_proxy import FaultProxy
 from tools.harness import (
