@@ -1,7 +1,7 @@
 """What `edge-agent status` and `edge-agent queue` print: read-only views for an operator.
 
 Reads a running agent through its /metrics endpoint and the store through read-only SQLite
-connections (agent/store.py's read_* functions), so both commands are safe while the agent runs
+connections (agent/storeviews.py's read_* functions), so both commands are safe while the agent runs
 and never write anything. Blocking I/O is fine here: this is the command line, not the daemon.
 """
 
@@ -16,7 +16,7 @@ from agent.config import Settings
 from agent.errors import StoreUnreadable
 from agent.metrics import PREFIX, scrape
 from agent.records import QueueStats
-from agent.store import read_dead_letters, read_oldest, read_stats
+from agent.storeviews import read_dead_letters, read_oldest, read_stats
 
 Series = dict[str, list[tuple[dict[str, str], float]]]
 

@@ -8,7 +8,7 @@ import sys
 import time
 from collections import Counter
 
-from agent.store import read_counts, read_dead_letters
+from agent.storeviews import read_counts, read_dead_letters
 from tests.conftest import Rig
 from tools.harness import CloudCollector, publish_readings, wait_until
 

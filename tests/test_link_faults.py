@@ -17,7 +17,8 @@ from structlog.testing import capture_logs
 
 from agent.config import Settings
 from agent.messages import Topics, model_event_row
-from agent.store import Store, read_counts
+from agent.store import Store
+from agent.storeviews import read_counts
 from agent.uplink import Uplink
 from tests.conftest import Rig
 from tests.fault_proxy import FaultProxy

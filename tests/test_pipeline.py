@@ -13,7 +13,8 @@ from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
 from agent.records import Reading
-from agent.store import Store, read_dead_letters
+from agent.store import Store
+from agent.storeviews import read_dead_letters
 
 
 def settings(tmp_path: Path, model: Path, max_tokens: int, **model_extra: float) -> Settings:

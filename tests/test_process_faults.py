@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tests.conftest import Rig
 from tools.harness import CloudCollector, publish_readings, wait_until
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tests.conftest import Rig
 from tools.harness import AgentProcess, CloudCollector, publish_readings, wait_until
 

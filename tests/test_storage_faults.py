@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.store import read_counts, read_drops
+from agent.storeviews import read_counts, read_drops
 from tests.conftest import Rig
 from tools.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
 

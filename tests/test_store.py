@@ -7,7 +7,9 @@ import sqlite3
 from pathlib import Path
 
 from agent.records import DeadLetter, NewOutboxRow, Reading
-from agent.store import Store, _connect, read_counts
+from agent.store import Store
+from agent.storeschema import connect
+from agent.storeviews import read_counts
 
 
 def reading(i: int, priority: int = 0) -> Reading:
@@ -25,7 +27,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def test_connections_use_wal_and_synchronous_full(tmp_path: Path) -> None:
     """Every store connection runs in WAL mode with synchronous=FULL (2)."""
-    conn = _connect(tmp_path / "s.db")
+    conn = connect(tmp_path / "s.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     conn.close()

@@ -14,7 +14,8 @@ from agent.config import StoreSection
 from agent.errors import OutboxFull, StoreFull
 from agent.messages import Topics, drops_row
 from agent.records import NewOutboxRow, Reading
-from agent.store import Store, read_counts, read_drops
+from agent.store import Store
+from agent.storeviews import read_counts, read_drops
 
 TOPICS = Topics("edge", "gw")
 
@@ -283,15 +284,15 @@ def test_ttl_age_carries_across_a_reboot_and_ignores_the_downtime(
     clock it would depend on the downtime."""
     import time
 
-    import agent.store as store_module
+    from agent import storeschema
 
     path = tmp_path / "s.db"
     t0 = time.monotonic()
 
     def boot(boot_id: str, uptime_s: float) -> None:
-        monkeypatch.setattr(store_module, "_boot_id", lambda: boot_id)
+        monkeypatch.setattr(storeschema, "boot_id", lambda: boot_id)
         start = time.monotonic()
-        monkeypatch.setattr(store_module, "_monotonic",
+        monkeypatch.setattr(storeschema, "monotonic",
                             lambda: uptime_s + time.monotonic() - start)
 
     boot("boot-a", 5000.0)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tests.conftest import Rig
 from tools.harness import (
     AgentProcess,

@@ -22,7 +22,8 @@ from agent.messages import Topics
 from agent.pipeline import Pipeline
 from agent.records import NewOutboxRow, Reading, reading_id
 from agent.routes import DATA_CLOSE, DATA_OPEN
-from agent.store import Store, read_counts, read_dead_letters
+from agent.store import Store
+from agent.storeviews import read_counts, read_dead_letters
 from agent.windows import build_window_messages, window_id
 from tests.conftest import MINIMAL_CONFIG as GOOD
 from tests.conftest import Rig

@@ -40,7 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import Route
 from agent.routes import build_messages
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tools.harness import (
     AgentProcess,
     CloudCollector,

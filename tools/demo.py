@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import modelpkg, signing
-from agent.store import read_counts
+from agent.storeviews import read_counts
 from tools.harness import (
     AgentProcess,
     CloudCollector,
