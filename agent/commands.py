@@ -31,12 +31,11 @@ from typing import Any
 
 import structlog
 
-from agent import directive, download, modelpkg, mqtt, signing
+from agent import directive, download, durable, modelpkg, mqtt, signing
 from agent.config import Settings
 from agent.errors import StoreFull
 from agent.messages import Topics
 from agent.ota import Ota
-from agent.otastate import fsync_dir
 from agent.retry import Backoff, OutageLog
 
 log = structlog.get_logger()
@@ -97,13 +96,6 @@ def parse_command(payload: bytes, trusted: list[str]) -> Command:
                                  "command")
     return Command(manifest_body, signature, manifest, url,
                    (rollback["directive"], rollback["signature"], allowed_by))
-
-
-def _write(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class ModelCommands:
@@ -196,18 +188,18 @@ class ModelCommands:
         temp = self._incoming / f".record-{ident}"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir()
-        _write(temp / modelpkg.MANIFEST,
+        durable.write_file(temp / modelpkg.MANIFEST,
                json.dumps(command.manifest_body, indent=2, sort_keys=True).encode())
-        _write(temp / modelpkg.SIGNATURE, command.signature.encode() + b"\n")
+        durable.write_file(temp / modelpkg.SIGNATURE, command.signature.encode() + b"\n")
         if command.rollback is not None:
             body, signature, _ = command.rollback
-            _write(temp / directive.DIRECTIVE,
+            durable.write_file(temp / directive.DIRECTIVE,
                    json.dumps(body, indent=2, sort_keys=True).encode())
-            _write(temp / directive.DIRECTIVE_SIGNATURE, signature.encode() + b"\n")
-        _write(temp / RECORD, json.dumps({"id": ident, "url": command.url}).encode())
-        fsync_dir(temp)
+            durable.write_file(temp / directive.DIRECTIVE_SIGNATURE, signature.encode() + b"\n")
+        durable.write_file(temp / RECORD, json.dumps({"id": ident, "url": command.url}).encode())
+        durable.fsync_dir(temp)
         os.replace(temp, self._incoming / f"{PENDING_PREFIX}{ident}")
-        fsync_dir(self._incoming)
+        durable.fsync_dir(self._incoming)
 
     # -- the downloads --------------------------------------------------------------------------
 
@@ -255,7 +247,7 @@ class ModelCommands:
         return True
 
     def _hand_over(self, pending: Path, package: Path) -> None:
-        fsync_dir(pending)
+        durable.fsync_dir(pending)
         shutil.rmtree(package, ignore_errors=True)
         os.replace(pending, package)
-        fsync_dir(self._incoming)
+        durable.fsync_dir(self._incoming)

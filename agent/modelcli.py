@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import config, directive, modelpkg, signing
+from agent import config, directive, durable, modelpkg, signing
 from agent.errors import EXIT_CONFIG, ConfigError
-from agent.otastate import ModelStore, durable_write, fsync_dir
+from agent.otastate import ModelStore
 
 
 def add_parser(commands: Any) -> None:
@@ -166,13 +166,10 @@ def _install(args: argparse.Namespace) -> int:
     if directive.read(args.package, settings.ota.trusted_keys) is not None:
         names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
     for name in names:
-        with (args.package / name).open("rb") as src, (hidden / name).open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-    fsync_dir(hidden)
+        durable.copy_file(args.package / name, hidden / name)
+    durable.fsync_dir(hidden)
     os.replace(hidden, final)
-    fsync_dir(incoming)
+    durable.fsync_dir(incoming)
     print(f"{final}: handed to the agent; follow its log or `edge-agent model list`")
     return 0
 
@@ -181,7 +178,7 @@ def _rollback(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     store = ModelStore(settings.ota_dir)
     store.ensure()
-    durable_write(store.rollback_request, b"rollback\n")
+    durable.replace(store.rollback_request, b"rollback\n")
     print(f"{store.rollback_request}: the agent rolls back to {store.read().previous} "
           "(now, or at its next start)")
     return 0

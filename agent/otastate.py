@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import modelpkg
+from agent import durable, modelpkg
 
 BASE = "base"
 STATE = "state.json"
@@ -76,25 +76,6 @@ class OtaState:
         return max(known) if known else None
 
 
-def durable_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, write, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ModelStore:
     """The files under `ota/`. Reads need no lock (renames are atomic); changes take it."""
 
@@ -128,7 +109,7 @@ class ModelStore:
         with self._locked():
             state = self.read()
             change(state)
-            durable_write(self.state_path,
+            durable.replace(self.state_path,
                           json.dumps(state.to_json(), indent=2, sort_keys=True).encode())
             return state
 
@@ -147,14 +128,11 @@ class ModelStore:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
-            with (package.directory / name).open("rb") as src, (staging / name).open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        fsync_dir(staging)
+            durable.copy_file(package.directory / name, staging / name)
+        durable.fsync_dir(staging)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before the state write
         os.replace(staging, final)
-        fsync_dir(self.models)
+        durable.fsync_dir(self.models)
         # The copy must still be the signed bytes (a disk error, or a writer racing us).
         modelpkg.check_file(final / manifest.file, manifest)
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import durable
+
 
 @dataclass(frozen=True, slots=True)
 class Quarantined:
@@ -45,7 +47,7 @@ def quarantine_if_corrupt(path: Path) -> Quarantined | None:
             os.replace(source, target / source.name)
             moved.append(source.name)
     for directory in (target, target.parent, path.parent):
-        _fsync_dir(directory)
+        durable.fsync_dir(directory)
     return Quarantined(target, reason, moved)
 
 
@@ -66,9 +68,3 @@ def _quick_check(path: Path) -> str | None:
     return "quick_check: " + "; ".join(rows[:5])
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
