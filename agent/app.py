@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from agent import config, mqtt, ota, reload
+from agent import config, mqtt, ota, otastart, reload
 from agent.cloud import CloudModel
 from agent.commands import ModelCommands
 from agent.config import Settings, service_environment
@@ -96,7 +96,7 @@ class Agent:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
             models = ModelStore(settings.ota_dir)
             # Counts this start against a model on trial and rolls back if it must.
-            startup = await ota.startup(settings, models)
+            startup = await otastart.startup(settings, models)
             info = startup.info
             worker = InferenceWorker(startup.section, info)
             router = Router(worker)
@@ -123,7 +123,7 @@ class Agent:
             log.info("agent_stopped")
 
     async def _serve(self, store: Store, router: Router, started: float, models: ModelStore,
-                     startup: ota.Startup) -> None:
+                     startup: otastart.Startup) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics)

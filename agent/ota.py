@@ -7,9 +7,9 @@ finishes on the old worker) -> probation -> commit, or switch back to the still-
 worker and mark the version failed.
 
 Every state change is written to ota/state.json before it takes effect, so a SIGKILL at any step
-leaves one consistent active model: a start that finds a trial in the state file counts it,
-resumes it (from the load, or from the start of probation) while it has had fewer than
-`ota.max_trial_starts` starts, and rolls it back when it reaches them (`startup`). An older or
+leaves one consistent active model: a start that finds a trial counts it and rolls it back at
+`ota.max_trial_starts` (agent/otastart.py); a trial it leaves open is resumed here (from the
+load, or from the start of probation). A graceful stop marks the open trial. An older or
 failed version passes anti-rollback only with a signed rollback directive (agent/directive.py).
 Every step is reported through the outbox on <prefix>/<device_id>/events/model, and the
 retained .../status/model names the active model. Owns the OTA flow; never touches llama.cpp,
@@ -22,18 +22,18 @@ import asyncio
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import __version__, directive, modelpkg
-from agent.config import ModelSection, Settings
+from agent.config import Settings
 from agent.errors import AgentError, ModelLoadError
-from agent.inference import InferenceWorker, identify
+from agent.inference import InferenceWorker
 from agent.messages import Topics, model_event_row, model_status_row
-from agent.otastate import BASE, ModelStore, OtaState, Trial
+from agent.otastart import describe, model_for
+from agent.otastate import ModelStore, OtaState, Trial
 from agent.records import ModelInfo
 from agent.serving import Figures, Router, Served
 from agent.store import Store
@@ -41,85 +41,6 @@ from agent.trial import Verdict, canaries_for, probation_verdict, run_canary
 from agent.waits import first_of
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True, slots=True)
-class Startup:
-    """The model to serve at start, and what start-up recovery did."""
-
-    section: ModelSection
-    info: ModelInfo
-    reports: list[tuple[str, dict[str, Any]]]
-
-
-def model_for(settings: Settings, state: OtaState, models: ModelStore, version: str
-              ) -> tuple[ModelSection, str]:
-    """The worker settings and model name of a version ("base" is the [model] section)."""
-    if version == BASE:
-        return settings.model, settings.model_name
-    record = state.installed[version]
-    section = settings.model.model_copy(update={
-        "path": models.model_dir(version) / record["file"], "version": version,
-        "n_ctx": int(record["n_ctx"]), "name": record["name"]})
-    return section, str(record["name"])
-
-
-async def describe(settings: Settings, state: OtaState, models: ModelStore, version: str
-                   ) -> tuple[ModelSection, ModelInfo]:
-    section, name = model_for(settings, state, models, version)
-    info = await identify(section, name)
-    expected = state.installed.get(version, {}).get("sha256")
-    if expected is not None and info.sha256 != expected:
-        raise ModelLoadError(f"{section.path}: sha256 {info.sha256} is not the installed "
-                             f"{expected}; the file changed on disk")
-    return section, info
-
-
-async def startup(settings: Settings, models: ModelStore) -> Startup:
-    """Count this start against a trial in progress, roll back when it reaches
-    `ota.max_trial_starts`, clear leftovers of an interrupted install, pick the active model."""
-    reports: list[tuple[str, dict[str, Any]]] = []
-    limit = settings.ota.max_trial_starts
-
-    def count_start(state: OtaState) -> None:
-        trial = state.trial
-        if trial is None:
-            return
-        if trial.stopped:  # left open by a graceful stop, not a crash: resumed by Ota.run
-            trial.stopped = False
-            return
-        trial.starts += 1
-        if trial.starts < limit:
-            return  # resumed by Ota.run
-        reason = (f"the agent started {trial.starts} time(s) while version {trial.version} "
-                  f"was on trial ({trial.phase})")
-        state.failed[trial.version] = {"reason": reason, "step": "restart", "at": time.time(),
-                                       "figures": {"starts": trial.starts}}
-        state.active, state.trial = trial.previous, None
-        state.previous = None if trial.earlier == trial.version else trial.earlier
-        reports.append(("rolled_back", {"version": trial.version, "reason": reason,
-                                        "active": state.active,
-                                        "figures": {"starts": trial.starts}}))
-
-    state = await asyncio.to_thread(models.update, count_start)
-    removed = await asyncio.to_thread(models.remove_leftovers, state)
-    if removed:
-        log.info("ota_leftovers_removed", entries=removed)
-    try:
-        section, info = await describe(settings, state, models, state.active)
-    except ModelLoadError as exc:
-        if state.active == BASE:
-            raise
-        bad, why = state.active, str(exc)
-
-        def fall_back(current: OtaState) -> None:
-            current.failed[bad] = {"reason": why, "step": "start", "at": time.time()}
-            current.active, current.previous, current.trial = BASE, None, None
-
-        state = await asyncio.to_thread(models.update, fall_back)
-        reports.append(("rolled_back", {"version": bad, "reason": why, "active": BASE}))
-        section, info = await describe(settings, state, models, BASE)
-    return Startup(section, info, reports)
 
 
 class Ota:

@@ -22,7 +22,8 @@ from agent import __version__, directive, modelpkg
 from agent.config import Settings
 from agent.inference import InferenceWorker
 from agent.messages import Topics
-from agent.ota import Ota, startup
+from agent.ota import Ota
+from agent.otastart import startup
 from agent.otastate import ModelStore
 from agent.pipeline import Pipeline
 from agent.records import Reading, reading_id
