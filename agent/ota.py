@@ -96,14 +96,23 @@ class Ota:
                 self._leave_trial_open()
 
     def _leave_trial_open(self) -> None:
-        """Mark an open trial as stopped, not crashed (blocking; a small file at shutdown)."""
+        """Mark an open trial as stopped, not crashed (blocking; a small file at shutdown).
+        Writes nothing without a trial; a write that fails leaves the stop counted as a crash
+        (the safe side) rather than failing the shutdown drain."""
+        self._models.stopping.set()  # a staging thread still running records `stopped` itself
+        if self._models.read().trial is None:
+            return
+
         def mark(state: OtaState) -> None:
             if state.trial is not None:
                 state.trial.stopped = True
                 log.info("model_trial_left_open", version=state.trial.version,
                          phase=state.trial.phase)
 
-        self._models.update(mark)
+        try:
+            self._models.update(mark)
+        except OSError as exc:
+            log.error("model_trial_mark_failed", error=str(exc))
 
     async def scan(self, stop: asyncio.Event) -> None:
         """Act on a rollback request, then on each complete package in incoming/."""
@@ -126,6 +135,14 @@ class Ota:
                 log.error("model_update_failed", package=entry.name, error=str(exc),
                           error_type=type(exc).__name__)
                 await asyncio.to_thread(self._discard, entry)
+                orphan = (await asyncio.to_thread(self._models.read)).trial
+                if orphan is not None:
+                    # A trial nobody runs any more (a report failed on a full store after the
+                    # switch, say): the new model may be serving unjudged. Restarting hands it
+                    # to start-up recovery, which resumes or rolls it back.
+                    log.critical("model_trial_orphaned", version=orphan.version,
+                                 phase=orphan.phase)
+                    raise
 
     # -- one package ----------------------------------------------------------------------------
 
@@ -147,14 +164,12 @@ class Ota:
                              {"rollback_directive": allowed_by.describe()}))
         try:
             trial = await asyncio.to_thread(
-                self._models.stage, package,
-                None if allowed_by is None else allowed_by.describe())
+                self._models.consume, package,
+                None if allowed_by is None else allowed_by.describe(), directory)
         except (OSError, modelpkg.PackageRejected) as exc:
             await self.report("rejected", version=manifest.version,
                               reason=f"staging failed: {exc}")
             return False
-        finally:
-            await asyncio.to_thread(self._discard, directory)
         await self.report("staged", version=manifest.version, previous=trial.previous)
         return await self._try(trial, manifest, stop)
 

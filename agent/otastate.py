@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class ModelStore:
         self.models = ota_dir / "models"
         self.state_path = ota_dir / STATE
         self.rollback_request = ota_dir / ROLLBACK_REQUEST
+        # Set when the agent stops gracefully: a trial opened from then on (a staging thread
+        # that outlived the cancelled OTA task) is recorded as stopped, not crashed.
+        self.stopping = threading.Event()
 
     def ensure(self) -> None:
         self.models.mkdir(parents=True, exist_ok=True)
@@ -123,22 +127,31 @@ class ModelStore:
         rolls back the trial, it cannot leave an installed version nobody tried.
         `directive` (the rollback directive that let it in) is recorded as used."""
         manifest = package.manifest
+        open_trial = self.read().trial
+        if open_trial is not None:  # one trial at a time; never overwrite an open one
+            raise modelpkg.PackageRejected(f"version {open_trial.version} is still on trial")
         final = self.model_dir(manifest.version)
-        staging = self.models / f".staging-{manifest.version}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
-            durable.copy_file(package.directory / name, staging / name)
-        durable.fsync_dir(staging)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before the state write
-        os.replace(staging, final)
-        durable.fsync_dir(self.models)
+        if not _intact(final, package):
+            # A leftover of a crash before the state write, or a damaged copy: replaced. An
+            # intact copy (a directive bringing `previous` back) is kept, never deleted first.
+            staging = self.models / f".staging-{manifest.version}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
+                durable.copy_file(package.directory / name, staging / name)
+            durable.fsync_dir(staging)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            durable.fsync_dir(self.models)
         # The copy must still be the signed bytes (a disk error, or a writer racing us).
         modelpkg.check_file(final / manifest.file, manifest)
 
         trial = Trial(manifest.version, BASE, "canary")
 
         def record(state: OtaState) -> None:
+            if state.trial is not None:
+                raise modelpkg.PackageRejected(f"version {state.trial.version} is still on trial")
+            trial.stopped = self.stopping.is_set()
             state.installed[manifest.version] = {
                 "name": manifest.name, "file": manifest.file, "sha256": manifest.sha256,
                 "size": manifest.size, "n_ctx": manifest.n_ctx, "installed_at": time.time(),
@@ -151,6 +164,15 @@ class ModelStore:
 
         self.update(record)
         return trial
+
+    def consume(self, package: modelpkg.Verified, directive: dict[str, Any] | None,
+                directory: Path) -> Trial:
+        """`stage`, then delete the package from incoming/, in one thread: a stop that cancels
+        the waiting task cannot delete the package under a copy still running."""
+        try:
+            return self.stage(package, directive)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def remove_leftovers(self, state: OtaState) -> list[str]:
         """Delete staging directories and model directories the state does not know."""
@@ -171,3 +193,14 @@ class ModelStore:
         for version in list(state.installed):
             if version in state.failed and version not in keep:
                 shutil.rmtree(self.model_dir(version), ignore_errors=True)
+
+
+def _intact(directory: Path, package: modelpkg.Verified) -> bool:
+    """Does `directory` already hold exactly this package's signed GGUF and manifest?"""
+    try:
+        modelpkg.check_file(directory / package.manifest.file, package.manifest)
+        stored = json.loads((directory / modelpkg.MANIFEST).read_bytes())
+        offered = json.loads((package.directory / modelpkg.MANIFEST).read_bytes())
+    except (modelpkg.PackageRejected, OSError, ValueError):
+        return False
+    return modelpkg.canonical(stored) == modelpkg.canonical(offered)
