@@ -148,6 +148,9 @@ class Ota:
 
     async def install(self, directory: Path, stop: asyncio.Event) -> bool:
         """Take one package through the whole pipeline; True if it was committed."""
+        # The serving model's figures before this update does any work (hashing, copying,
+        # a second worker) that competes with it for the CPU: the probation baseline.
+        baseline = self._router.serving.window.figures()
         await self.report("received", package=directory.name)
         try:
             package = await modelpkg.verify(directory, self._ota.trusted_keys)
@@ -171,14 +174,12 @@ class Ota:
                               reason=f"staging failed: {exc}")
             return False
         await self.report("staged", version=manifest.version, previous=trial.previous)
-        return await self._try(trial, manifest, stop)
+        return await self._try(trial, manifest, baseline, stop)
 
-    async def _try(self, trial: Trial, manifest: modelpkg.Manifest, stop: asyncio.Event
-                   ) -> bool:
-        """Load, canary, switch and judge a staged trial; True if it was committed."""
-        # The previous model's figures before a second worker competes with it for the CPU
-        # (none yet when a trial resumes at start: probation then judges by the canary budget).
-        baseline = self._router.serving.window.figures()
+    async def _try(self, trial: Trial, manifest: modelpkg.Manifest, baseline: Figures | None,
+                   stop: asyncio.Event) -> bool:
+        """Load, canary, switch and judge a staged trial; True if it was committed. Without a
+        `baseline` (a trial resumed at start) probation judges p95 by the canary budget."""
         state = await asyncio.to_thread(self._models.read)
         candidate = await self._start_candidate(state, trial, manifest)
         if candidate is None:
@@ -211,7 +212,7 @@ class Ota:
         except modelpkg.PackageRejected as exc:
             await self._fail(trial, "resume", Verdict(False, str(exc), {}))
             return
-        await self._try(trial, package.manifest, stop)
+        await self._try(trial, package.manifest, None, stop)
 
     def check_newer(self, manifest: modelpkg.Manifest,
                     allowed_by: directive.Directive | None = None) -> None:
@@ -275,7 +276,7 @@ class Ota:
         await self.report("loaded", version=trial.version, pid=worker.pid)
         return Served(worker)
 
-    async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures,
+    async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures | None,
                                 stop: asyncio.Event) -> bool:
         def to_probation(state: OtaState) -> None:
             assert state.trial is not None

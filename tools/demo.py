@@ -2,8 +2,9 @@
 stand-in for the cloud's), a generated GGUF model, the agent, and a sensor simulator.
 
 It shows, in order: results flowing; a signed model update swapped in while readings flow; a
-cloud outage bridged by the SQLite outbox with nothing
-lost; a malformed payload dead-lettered with its reason; a graceful stop. Run it with tools/demo.
+slower version that passes its canary, fails probation and is rolled back by the agent; a
+cloud outage bridged by the SQLite outbox with nothing lost; a malformed payload dead-lettered
+with its reason; a graceful stop. Run it with tools/demo.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -75,6 +77,36 @@ def show_results(collector: CloudCollector, since: int, limit: int = 5) -> int:
     return len(results)
 
 
+def update(work: Path, config: Path, agent: AgentProcess, sim: Simulator,
+           collector: CloudCollector, shown: int, rate: int, version: str, gguf: Path) -> int:
+    """Sign `gguf` as `version`, hand it over with `edge-agent model install` while the
+    sensors publish, print the update's steps and which model answered; returns `shown`."""
+    package = work / f"package-v{version}"
+    modelpkg.build(gguf, package, name="tiny-test", version=version, n_ctx=512,
+                   canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
+                   key=work / "release.pem")
+    seen = len(agent.events())
+    subprocess.run([sys.executable, "-m", "agent", "model", "install", str(package),
+                    "--config", str(config)], check=True, stdout=subprocess.DEVNULL)
+    before = sim.sent
+    sim.run_for(4, rate)
+
+    def steps() -> list[dict[str, Any]]:
+        return [e for e in agent.events()[seen:] if e.get("event") == "model_update_step"]
+
+    wait_until(lambda: any(e["step"] in ("committed", "rolled_back", "refused", "rejected")
+                           for e in steps()), 120, f"version {version}'s verdict")
+    for event in steps():
+        say(f"   model {event.get('version', event.get('package'))}: {event['step']}"
+            + (f" ({event['reason']})" if "reason" in event else ""))
+    wait_until(lambda: len(collector.distinct_ids()) >= sim.sent, 120, "results")
+    versions = Counter(body["model"]["version"] for body in collector.results()[shown:])
+    say(f"   {sim.sent - before} readings during the update, results by model version: "
+        f"{dict(versions)}, failed: "
+        f"{sum(body['status'] != 'ok' for body in collector.results()[shown:])}")
+    return len(collector.results())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("demo-state"),
@@ -97,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                 model_path=model, local_port=local.port,
                                 cloud_port=cloud.port, device_id="demo-gateway",
                                 extra=f'[ota]\ntrusted_keys = ["{public}"]\n'
-                                'probation_requests = 20\nprobation_latency_factor = 10.0\n')
+                                'probation_requests = 20\nprobation_latency_factor = 4.0\n')
     agent = AgentProcess(config, work / "agent.log").start()
     store = work / "state" / "agent.db"
     try:
@@ -113,27 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             "received at the cloud")
 
         say("2. model update: version 2 signed, installed while sensors publish")
-        new = make_model(work / "models" / "tiny-v2.gguf", seed=2)
-        modelpkg.build(new, work / "package-v2", name="tiny-test", version="2", n_ctx=512,
-                       canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
-                       key=work / "release.pem")
-        subprocess.run([sys.executable, "-m", "agent", "model", "install",
-                        str(work / "package-v2"), "--config", str(config)], check=True,
-                       stdout=subprocess.DEVNULL)
-        before = sim.sent
-        sim.run_for(4, args.rate)
-        wait_until(lambda: any(e.get("step") in ("committed", "rolled_back", "refused")
-                               for e in agent.events()), 120, "the update's verdict")
-        for event in agent.events():
-            if event.get("event") == "model_update_step":
-                say(f"   model {event.get('version', event.get('package'))}: {event['step']}"
-                    + (f" ({event['reason']})" if "reason" in event else ""))
-        wait_until(lambda: len(collector.distinct_ids()) >= sim.sent, 60, "results")
-        versions = Counter(body["model"]["version"] for body in collector.results()[shown:])
-        say(f"   {sim.sent - before} readings during the update, results by model version: "
-            f"{dict(versions)}, failed: "
-            f"{sum(body['status'] != 'ok' for body in collector.results())}")
-        shown = len(collector.results())
+        shown = update(work, config, agent, sim, collector, shown, args.rate, "2",
+                       make_model(work / "models" / "tiny-v2.gguf", seed=2))
+        say("   version 3: valid and signed, but about ten times slower; probation compares "
+            "its p95 latency with version 2's (limit: 4x)")
+        shown = update(work, config, agent, sim, collector, shown, args.rate, "3",
+                       make_model(work / "models" / "slow-v3.gguf", seed=3, n_embd=512,
+                                  n_layer=8, n_ff=1024))
+        serving = collector.results()[-1]["model"]["version"]
+        say(f"   the agent rolled version 3 back by itself; version {serving} serves again")
 
         say("3. cloud outage: stopping the cloud broker, sensors keep publishing for 5 s")
         cloud.stop()
