@@ -34,7 +34,7 @@ from agent.metrics import Endpoint, Metrics
 from agent.offload import CircuitBreaker
 from agent.otastate import ModelStore
 from agent.pipeline import Pipeline
-from agent.records import QueueStats
+from agent.records import Generation, QueueStats
 from agent.retry import OutageLog
 from agent.sdnotify import Notifier
 from agent.service import Service, summary_line
@@ -101,8 +101,8 @@ class Agent:
             worker = InferenceWorker(startup.section, info)
             router = Router(worker)
             await worker.start()
-            probe = await worker.complete(PROBE_MESSAGES, max_tokens=1, temperature=0.0,
-                                          seed=settings.model.seed, schema=None)
+            probe = await worker.complete(PROBE_MESSAGES,
+                                          Generation(1, 0.0, settings.model.seed))
             log.info("model_answered", model=info.name, version=info.version,
                      sha256=info.sha256, probe_ms=round(probe.latency_ms, 1))
             self._executors = self._build_executors(store)

@@ -19,7 +19,7 @@ import httpx
 
 from agent.config import CloudModelSection
 from agent.errors import TransientError
-from agent.records import Completion, ModelInfo
+from agent.records import Completion, Generation, ModelInfo
 
 
 class CloudError(TransientError):
@@ -59,17 +59,12 @@ class CloudModel:
     def base_url(self) -> str:
         return self._base_url
 
-    def _body(
-        self,
-        messages: list[dict[str, str]],
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        schema: dict[str, Any] | None,
-    ) -> dict[str, Any]:
+    def _body(self, messages: list[dict[str, str]], generation: Generation) -> dict[str, Any]:
+        schema = generation.schema
         body: dict[str, Any] = {"model": self._section.model, "messages": messages,
-                                "max_tokens": max_tokens, "temperature": temperature,
-                                "seed": seed, "stream": False}
+                                "max_tokens": generation.max_tokens,
+                                "temperature": generation.temperature,
+                                "seed": generation.seed, "stream": False}
         if schema is not None:
             if self._section.response_format == "json_object":
                 # llama-cpp-python's server: {"type": "json_object", "schema": ...}; it refuses
@@ -82,18 +77,11 @@ class CloudModel:
                 }
         return body
 
-    async def complete(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        schema: dict[str, Any] | None,
-    ) -> CloudAnswer:
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> CloudAnswer:
         """One chat completion; CloudError on a timeout, a refused connection, an HTTP error
         status or an answer that is not an OpenAI chat completion."""
-        body = self._body(messages, max_tokens, temperature, seed, schema)
+        body = self._body(messages, generation)
         started = time.perf_counter()
         self.requests += 1
         try:

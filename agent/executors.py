@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from agent.cloud import CloudError, CloudModel
 from agent.config import Route
 from agent.offload import CircuitBreaker, Executor, LatencyWindow, Plan, plan, preferred
-from agent.records import Completion, ModelInfo
+from agent.records import Completion, Generation, ModelInfo
 from agent.routes import prompt_version
 
 log = structlog.get_logger()
@@ -33,16 +33,8 @@ class LocalModel(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    async def complete(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        schema: dict[str, Any] | None,
-        prefix_key: str | None = None,
-    ) -> Completion: ...
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> Completion: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,20 +100,18 @@ class Executors:
             raise CloudError("cloud circuit open", f"route {route.name} runs only in the cloud")
         want = preferred(route.executor)
         reason = chosen.reason
+        generation = Generation(route.max_tokens, temperature, seed, route.output_schema,
+                                prefix_key(route))
         for index, executor in enumerate(chosen.executors):
             if executor == "local":
-                completion = await local.complete(
-                    messages, max_tokens=route.max_tokens, temperature=temperature, seed=seed,
-                    schema=route.output_schema, prefix_key=prefix_key(route))
+                completion = await local.complete(messages, generation)
                 self.latency.add(completion.latency_ms)
                 self.counts["local"] += 1
                 return Outcome(completion, "local", reason if want != "local" else None,
                                local.info, Plan(("local",), reason))
             assert self._cloud is not None
             try:
-                answer = await self._cloud.complete(
-                    messages, max_tokens=route.max_tokens, temperature=temperature, seed=seed,
-                    schema=route.output_schema)
+                answer = await self._cloud.complete(messages, generation)
             except CloudError as exc:
                 self._record(success=False)
                 last = index + 1 == len(chosen.executors)

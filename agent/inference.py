@@ -21,7 +21,7 @@ from agent.config import ModelSection
 from agent.digest import sha256_file
 from agent.errors import ModelLoadError, PermanentError, WorkerCrashed, WorkerTimeout
 from agent.liveness import Liveness
-from agent.records import Completion, ModelInfo
+from agent.records import Completion, Generation, ModelInfo
 from agent.retry import Backoff
 
 log = structlog.get_logger()
@@ -94,20 +94,12 @@ class InferenceWorker:
         several)."""
         yield self
 
-    async def complete(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        schema: dict[str, Any] | None,
-        prefix_key: str | None = None,
-    ) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> Completion:
         """Run one chat completion under the per-request deadline.
 
-        `prefix_key` names the request's fixed prompt prefix (a route's prompt): the worker keeps
-        the model state for it and restores it instead of evaluating the prefix again.
+        For `generation.prefix_key` (a route's prompt) the worker keeps the model state and
+        restores it instead of evaluating the prefix again.
 
         A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed.
         Either way the next call starts a fresh worker after a backoff.
@@ -119,9 +111,10 @@ class InferenceWorker:
             assert proc is not None
             assert proc.stdin is not None
             request_id = next(self._ids)
-            request = {"id": request_id, "messages": messages, "max_tokens": max_tokens,
-                       "temperature": temperature, "seed": seed, "schema": schema,
-                       "prefix_key": prefix_key}
+            request = {"id": request_id, "messages": messages,
+                       "max_tokens": generation.max_tokens,
+                       "temperature": generation.temperature, "seed": generation.seed,
+                       "schema": generation.schema, "prefix_key": generation.prefix_key}
             self.liveness.busy()
             try:
                 proc.stdin.write(json.dumps(request).encode() + b"\n")

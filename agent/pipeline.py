@@ -21,10 +21,10 @@ import structlog
 
 from agent.config import Route, Settings
 from agent.errors import PermanentError, StoreFull, TransientError
-from agent.executors import Executors
+from agent.executors import Executors, LocalModel
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
-from agent.records import Answer, Completion, DeadLetter, ModelInfo, NewOutboxRow, Reading
+from agent.records import Answer, Completion, DeadLetter, NewOutboxRow, Reading
 from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
@@ -52,23 +52,11 @@ class PipelineObserver(Protocol):
     ) -> None: ...
 
 
-class Completer(Protocol):
-    """One model answering chat completions (agent/inference.py, agent/serving.py)."""
-
-    @property
-    def info(self) -> ModelInfo: ...
-
-    async def complete(
-        self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float, seed: int,
-        schema: dict[str, Any] | None, prefix_key: str | None = None,
-    ) -> Completion: ...
-
-
 class Models(Protocol):
     """Where the model for one reading comes from: every attempt for a reading uses the model
     it leased, and the result names that model, even if traffic is switched meanwhile."""
 
-    def lease(self) -> AbstractAsyncContextManager[Completer]: ...
+    def lease(self) -> AbstractAsyncContextManager[LocalModel]: ...
 
 
 class Pipeline:

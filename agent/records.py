@@ -81,6 +81,19 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Generation:
+    """How to generate one answer, the same for the local worker, a served model and the
+    cloud model. `prefix_key` names the request's fixed prompt prefix (a route's prompt) for
+    the worker's prefix cache; the cloud ignores it."""
+
+    max_tokens: int
+    temperature: float
+    seed: int
+    schema: dict[str, Any] | None = None
+    prefix_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """What the inference worker returned for one request."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from agent.errors import AgentError
 from agent.inference import InferenceWorker
-from agent.records import Completion, ModelInfo
+from agent.records import Completion, Generation, ModelInfo
 from agent.validation import check_output
 
 WINDOW = 200
@@ -100,21 +100,12 @@ class Served:
     def info(self) -> ModelInfo:
         return self.worker.info
 
-    async def complete(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        schema: dict[str, Any] | None,
-        prefix_key: str | None = None,
-    ) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> Completion:
         started = time.monotonic()
+        schema = generation.schema
         try:
-            completion = await self.worker.complete(
-                messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                schema=schema, prefix_key=prefix_key)
+            completion = await self.worker.complete(messages, generation)
         except AgentError:
             self.window.record("error", None)
             raise

@@ -14,6 +14,7 @@ from typing import Any
 from agent.config import OtaSection, Route
 from agent.errors import AgentError
 from agent.modelpkg import Canary
+from agent.records import Generation
 from agent.routes import build_messages
 from agent.serving import Figures, Served
 from agent.validation import check_output
@@ -50,8 +51,7 @@ async def run_canary(
         started = time.monotonic()
         try:
             completion = await served.complete(
-                messages, max_tokens=route.max_tokens, temperature=0.0, seed=seed,
-                schema=route.output_schema)
+                messages, Generation(route.max_tokens, 0.0, seed, route.output_schema))
         except AgentError as exc:
             return Verdict(False, f"canary on route {route.name} failed: {exc}",
                            {"answers": answers})

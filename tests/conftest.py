@@ -73,3 +73,12 @@ def rig(tmp_path: Path, tiny_model: Path) -> Iterator[Rig]:
         yield rig
     finally:
         rig.close()
+
+
+def flip_bytes(path: Path, offset: int, count: int = 64) -> None:
+    """Damage a file in place: invert `count` bytes at `offset` (a corrupt page or header)."""
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        data = handle.read(count)
+        handle.seek(offset)
+        handle.write(bytes(b ^ 0xFF for b in data))

@@ -21,7 +21,7 @@ from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.offload import CircuitBreaker
 from agent.pipeline import Pipeline
-from agent.records import Reading
+from agent.records import Generation, Reading
 from agent.store import Store
 from tools.harness import LlamaServer
 
@@ -123,27 +123,23 @@ def test_cloud_model_answers_under_the_schema_and_failures_are_named(
         wrong = CloudModel(cfg.cloud_model.model_copy(
             update={"api_key": cfg.cloud_model.api_key.__class__("not-the-key")}))
         try:
-            answer = await cloud.complete(MESSAGES, max_tokens=24, temperature=0.0, seed=0,
-                                          schema=SCHEMA)
+            answer = await cloud.complete(MESSAGES, Generation(24, 0.0, 0, SCHEMA))
             assert json.loads(answer.completion.text)["level"] in SCHEMA["properties"][  # type: ignore[index]
                 "level"]["enum"]
             assert answer.model.name == "cloud-tiny"
             assert answer.completion.completion_tokens > 0
             with pytest.raises(CloudError) as refused:
-                await wrong.complete(MESSAGES, max_tokens=4, temperature=0.0, seed=0,
-                                     schema=None)
+                await wrong.complete(MESSAGES, Generation(4, 0.0, 0, None))
             assert refused.value.reason == "cloud error HTTP 401"
             assert server.proc is not None
             os.kill(server.proc.pid, signal.SIGSTOP)
             with pytest.raises(CloudError) as slow:
-                await cloud.complete(MESSAGES, max_tokens=4, temperature=0.0, seed=0,
-                                     schema=None)
+                await cloud.complete(MESSAGES, Generation(4, 0.0, 0, None))
             assert slow.value.reason == "cloud timeout"
             os.kill(server.proc.pid, signal.SIGCONT)
             server.kill()
             with pytest.raises(CloudError) as gone:
-                await cloud.complete(MESSAGES, max_tokens=4, temperature=0.0, seed=0,
-                                     schema=None)
+                await cloud.complete(MESSAGES, Generation(4, 0.0, 0, None))
             assert gone.value.reason == "cloud unreachable"
             for error in (refused.value, slow.value, gone.value):
                 assert server.api_key not in str(error)

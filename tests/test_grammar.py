@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.config import ModelSection
 from agent.grammar import forbid_raw_control_chars
 from agent.inference import InferenceWorker, identify
+from agent.records import Generation
 from agent.validation import check_output
 
 # Two free string fields: the grammar lets the model put any character in them. maxLength keeps
@@ -49,8 +50,8 @@ def test_500_sampled_generations_with_free_strings_all_parse_strictly(tiny_model
             texts = []
             for seed in range(GENERATIONS):
                 completion = await worker.complete(
-                    [{"role": "user", "content": "Describe the reading."}], max_tokens=128,
-                    temperature=1.5, seed=seed, schema=FREE_TEXT)
+                    [{"role": "user", "content": "Describe the reading."}],
+                    Generation(128, 1.5, seed, FREE_TEXT))
                 texts.append(completion.text)
             return texts
         finally:

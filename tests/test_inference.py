@@ -14,6 +14,7 @@ import pytest
 from agent.config import ModelSection
 from agent.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
 from agent.inference import InferenceWorker, identify
+from agent.records import Generation
 
 SCHEMA = {"type": "object", "properties": {"level": {"enum": ["normal", "warning", "critical"]}},
           "required": ["level"], "additionalProperties": False}
@@ -28,8 +29,7 @@ async def started(model: Path, **kwargs: float) -> InferenceWorker:
 
 
 async def ask(worker: InferenceWorker, seed: int = 0) -> str:
-    completion = await worker.complete(MESSAGES, max_tokens=32, temperature=0.8, seed=seed,
-                                       schema=SCHEMA)
+    completion = await worker.complete(MESSAGES, Generation(32, 0.8, seed, SCHEMA))
     return completion.text
 
 

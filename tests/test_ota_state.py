@@ -5,15 +5,18 @@ shutdown that must not fail on a full disk, a trial left without an owner."""
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
+import resource
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from agent import durable, modelpkg
+from agent import modelpkg
 from agent.errors import StoreFull
 from agent.ota import Ota
 from agent.otastate import ModelStore, OtaState
@@ -91,8 +94,22 @@ def test_an_intact_installed_copy_is_kept_not_copied_again(kit: dict[str, Any],
     assert gguf.stat().st_size == package2.manifest.size
 
 
+@contextlib.contextmanager
+def no_room_past(limit_bytes: int) -> Iterator[None]:
+    """This process's writes past `limit_bytes` of a file fail with EFBIG (RLIMIT_FSIZE, with
+    SIGXFSZ ignored): the kernel refuses them as a full disk would, without a fake."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 async def test_a_graceful_stop_without_a_trial_writes_nothing_and_a_full_disk_does_not_fail_it(
-    kit: dict[str, Any], tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
 ) -> None:
     settings = make_settings(tmp_path, tiny_model, kit["public"])
     async with running(settings) as rig:
@@ -110,14 +127,11 @@ async def test_a_graceful_stop_without_a_trial_writes_nothing_and_a_full_disk_do
         rig.models.stopping.clear()  # as in a new run of the agent
         rig.models.stage(verified(kit, "pkg2"))
 
-        def disk_full(path: Path, data: bytes) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(durable, "replace", disk_full)
-        with capture_logs() as logs:
+        with capture_logs() as logs, no_room_past(16):
             rig.ota._leave_trial_open()  # must not raise into the shutdown drain
-        assert any(e["event"] == "model_trial_mark_failed" for e in logs)
-        monkeypatch.undo()
+        failed = [e for e in logs if e["event"] == "model_trial_mark_failed"]
+        assert failed, logs
+        assert "File too large" in failed[0]["error"]
         trial = rig.models.read().trial
         assert trial is not None
         assert not trial.stopped  # counted as a crash at the next start: the safe side

@@ -12,7 +12,7 @@ from agent.config import Settings
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
-from agent.records import Reading
+from agent.records import Generation, Reading
 from agent.store import Store
 from agent.storeviews import read_dead_letters
 
@@ -83,8 +83,8 @@ def test_a_reading_whose_inference_keeps_hanging_is_dead_lettered_after_max_atte
             await store.ingest([READING], [])
             for attempt in (1, 2):
                 if worker.pid is None or attempt == 2:
-                    await worker.complete([{"role": "user", "content": "x"}], max_tokens=1,
-                                          temperature=0, seed=0, schema=None)
+                    await worker.complete([{"role": "user", "content": "x"}],
+                                          Generation(1, 0, 0, None))
                 assert worker.pid is not None
                 os.kill(worker.pid, signal.SIGSTOP)
                 leased = await store.lease()

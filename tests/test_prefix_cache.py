@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.config import ModelSection, Route
 from agent.executors import prefix_key
 from agent.inference import InferenceWorker, identify
-from agent.records import Completion
+from agent.records import Completion, Generation
 from agent.routes import build_messages
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
@@ -32,8 +32,7 @@ async def interleaved(model: Path, cached: bool) -> list[Completion]:
             r = route("ab"[i % 2])
             messages = build_messages(r, "s/1", json.dumps({"seq": i, "celsius": 20 + i}))
             out.append(await worker.complete(
-                messages, max_tokens=24, temperature=0.0, seed=0, schema=SCHEMA,
-                prefix_key=prefix_key(r) if cached else None))
+                messages, Generation(24, 0.0, 0, SCHEMA, prefix_key(r) if cached else None)))
         return out
     finally:
         await worker.close()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from agent.storeviews import read_counts, read_drops
-from tests.conftest import Rig
+from tests.conftest import Rig, flip_bytes
 from tools.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
 
 
@@ -58,14 +58,6 @@ def test_full_database_stops_acking_keeps_everything_and_resumes_when_space_retu
     collector.stop()
 
 
-def _flip(path: Path, offset: int, count: int = 64) -> None:
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        data = handle.read(count)
-        handle.seek(offset)
-        handle.write(bytes(b ^ 0xFF for b in data))
-
-
 def test_corrupt_database_at_start_is_quarantined_and_the_agent_serves_on_a_fresh_store(
     rig: Rig,
 ) -> None:
@@ -79,7 +71,7 @@ def test_corrupt_database_at_start_is_quarantined_and_the_agent_serves_on_a_fres
     publish_readings(rig.local.port, padded_readings(20))
     wait_until(lambda: len(collector.distinct_ids()) == 20, 60, "20 results")
     assert agent.terminate() == 0
-    _flip(rig.store, 4096 * 2)
+    flip_bytes(rig.store, 4096 * 2)
 
     again = rig.agent()
     report = again.wait_for_event("store_quarantined")

@@ -16,6 +16,7 @@ from agent.messages import Topics, drops_row
 from agent.records import NewOutboxRow, Reading
 from agent.store import Store
 from agent.storeviews import read_counts, read_drops
+from tests.conftest import flip_bytes
 
 TOPICS = Topics("edge", "gw")
 
@@ -181,14 +182,6 @@ def test_ingest_is_refused_below_the_reserve_while_results_can_still_be_recorded
     assert asyncio.run(scenario()) > 0
 
 
-def _flip_bytes(path: Path, offset: int, count: int = 64) -> None:
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        data = handle.read(count)
-        handle.seek(offset)
-        handle.write(bytes(b ^ 0xFF for b in data))
-
-
 @pytest.mark.parametrize(("offset", "what"), [(0, "header"), (4096 * 2, "a b-tree page")])
 def test_corrupt_database_at_open_is_quarantined_and_a_fresh_store_starts(
     tmp_path: Path, offset: int, what: str
@@ -206,7 +199,7 @@ def test_corrupt_database_at_open_is_quarantined_and_a_fresh_store_starts(
     asyncio.run(fill())
     assert not path.with_name("agent.db-wal").exists(), "the WAL was not checkpointed at close"
     original_size = path.stat().st_size
-    _flip_bytes(path, offset)
+    flip_bytes(path, offset)
 
     async def reopen() -> tuple[Store, dict[str, int], list[str]]:
         store = await Store.open(path)

@@ -20,7 +20,7 @@ from agent.config import ConfigError, Settings, load
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
-from agent.records import NewOutboxRow, Reading, reading_id
+from agent.records import Generation, NewOutboxRow, Reading, reading_id
 from agent.routes import DATA_CLOSE, DATA_OPEN
 from agent.store import Store
 from agent.storeviews import read_counts, read_dead_letters
@@ -171,8 +171,7 @@ async def drain(cfg: Settings, readings: list[Reading]) -> tuple[list[dict[str, 
     store = await Store.open(cfg.store_path)
     worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"))
     await worker.start()
-    await worker.complete([{"role": "user", "content": "warm"}], max_tokens=1, temperature=0,
-                          seed=0, schema=None)
+    await worker.complete([{"role": "user", "content": "warm"}], Generation(1, 0, 0, None))
     pipeline = Pipeline(cfg, store, worker, Topics("edge", "gw"))
     stop = asyncio.Event()
     try:
@@ -241,8 +240,7 @@ def test_a_window_that_keeps_hanging_is_released_whole_then_dead_lettered_per_re
         try:
             await store.ingest([reading(i) for i in range(4)], [])
             for attempt in (1, 2):
-                await worker.complete([{"role": "user", "content": "x"}], max_tokens=1,
-                                      temperature=0, seed=0, schema=None)
+                await worker.complete([{"role": "user", "content": "x"}], Generation(1, 0, 0, None))
                 assert worker.pid is not None
                 os.kill(worker.pid, signal.SIGSTOP)
                 window = await store.lease_window({"w": (4, 4)})

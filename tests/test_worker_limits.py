@@ -10,6 +10,7 @@ import pytest
 from agent.config import ModelSection
 from agent.errors import ModelLoadError
 from agent.inference import InferenceWorker, identify
+from agent.records import Generation
 
 MESSAGES = [{"role": "user", "content": "Classify: {\"celsius\": 80}"}]
 
@@ -30,8 +31,7 @@ def test_the_worker_runs_under_its_address_space_limit(tiny_model: Path) -> None
             limits = await asyncio.to_thread(Path(f"/proc/{worker.pid}/limits").read_text)
             line = next(li for li in limits.splitlines() if li.startswith("Max address space"))
             assert line.split()[3:5] == [str(2048 * 1024 * 1024)] * 2
-            completion = await worker.complete(MESSAGES, max_tokens=8, temperature=0.0, seed=0,
-                                               schema=None)
+            completion = await worker.complete(MESSAGES, Generation(8, 0.0, 0, None))
             assert completion.completion_tokens > 0
         finally:
             await worker.close()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import ModelSection, Route
 from agent.executors import prefix_key
 from agent.inference import InferenceWorker, identify
+from agent.records import Generation
 from agent.routes import build_messages
 from tools.make_tiny_model import make_model
 
@@ -66,8 +67,7 @@ async def run(model: Path, readings: int) -> dict[str, dict[str, float]]:
                 r = routes[names[i % len(names)]]
                 messages = build_messages(r, "s/1", json.dumps({"seq": i, "celsius": 20 + i}))
                 c = await workers[name].complete(
-                    messages, max_tokens=16, temperature=0.0, seed=0, schema=SCHEMA,
-                    prefix_key=prefix_key(r) if cached else None)
+                    messages, Generation(16, 0.0, 0, SCHEMA, prefix_key(r) if cached else None))
                 # Latency only: the tiny model of --quick runs may cut an answer short.
                 if i >= 2:  # the first reading of each route fills the cache
                     samples[name].append((c.latency_ms, c.prompt_tokens, c.reused_tokens))
