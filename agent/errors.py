@@ -27,6 +27,12 @@ class PermanentError(AgentError):
     """Retrying cannot help: the input or the model is bad. The item is dead-lettered."""
 
 
+class Unavailable(TransientError):
+    """No executor can take readings now: the model does not load, the cloud is unreachable or
+    its circuit is open. Not the reading's fault: it goes back to the inbox without counting an
+    attempt, and the pipeline waits until an executor answers again."""
+
+
 class WorkerCrashed(TransientError):
     """The inference worker process exited while a request was in flight."""
 
@@ -35,8 +41,9 @@ class WorkerTimeout(TransientError):
     """The inference worker missed the per-request deadline and was killed."""
 
 
-class ModelLoadError(PermanentError):
-    """llama.cpp refused the model file; the message carries the worker's reason."""
+class ModelLoadError(Unavailable):
+    """llama.cpp refused the model file; the message carries the worker's reason. At start-up
+    it ends the agent; while serving, readings wait in the inbox until a model answers."""
 
 
 class StoreFull(TransientError):
@@ -45,5 +52,7 @@ class StoreFull(TransientError):
 
 class StoreUnreadable(PermanentError):
     """A read-only look at the store (the operator's commands) failed: no file, not a store."""
+
+
 class OutboxFull(StoreFull):
     """The outbox is at its configured bound and the policy is to refuse new input."""

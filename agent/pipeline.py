@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.config import Route, Settings
-from agent.errors import PermanentError, StoreFull, TransientError
+from agent.errors import PermanentError, StoreFull, TransientError, Unavailable
 from agent.executors import Executors, LocalModel
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
@@ -79,6 +79,8 @@ class Pipeline:
         self.liveness = Liveness("pipeline")
         self.observer = observer
         self.executors = executors or Executors()  # where each reading runs (local, cloud)
+        # Set while no executor answers (agent/errors.Unavailable): the backoff between tries.
+        self._unavailable: Backoff | None = None
 
     def apply(self, settings: Settings) -> None:
         """Take reloaded routes and retry policy; the reading in hand finishes as it began."""
@@ -141,6 +143,9 @@ class Pipeline:
         window = await self._fill_window(route, window, stop)
         try:
             await self._infer_and_record_window(route, window)
+        except Unavailable as exc:
+            await self._store.release_many([r.id for r in window], refund=True)
+            await self._wait_for_executor(route, exc)
         except TransientError as exc:
             limit = self._settings.pipeline.max_attempts
             for reading in window:
@@ -201,6 +206,9 @@ class Pipeline:
             return
         try:
             await self._infer_and_record(route, reading)
+        except Unavailable as exc:
+            await self._store.release(reading.id, refund=True)
+            await self._wait_for_executor(route, exc)
         except TransientError as exc:
             if reading.attempts >= self._settings.pipeline.max_attempts:
                 await self._dead_letter(
@@ -262,7 +270,19 @@ class Pipeline:
             executor_reason=outcome.reason if outcome else None,
         )
 
+    async def _wait_for_executor(self, route: Route, exc: Unavailable) -> None:
+        """No executor could take the reading (the model does not load, the cloud is down): it
+        went back to the inbox with its attempt refunded; wait before the next try."""
+        if self._unavailable is None:
+            log.error("executor_unavailable", route=route.name, error=str(exc))
+            self._unavailable = Backoff(self._settings.pipeline.retry_backoff_s, 30.0)
+        self.liveness.idle("no executor answers")
+        await asyncio.sleep(self._unavailable.next_delay())
+
     def _observe(self, route: Route, answer: Answer) -> None:
+        if self._unavailable is not None:
+            log.info("executor_recovered", route=route.name)
+            self._unavailable = None
         if self.observer is not None:
             self.observer.result_recorded(route.name, answer.executor,
                                           "ok" if answer.error is None else "failed",

@@ -140,9 +140,10 @@ class Store:
         """The next reading to infer (highest priority, then oldest), marked as leased."""
         return await self._call(storesql.lease)
 
-    async def release(self, reading_id: str) -> None:
-        """Give a leased reading back to the inbox after a transient failure."""
-        await self._call(storesql.release, reading_id)
+    async def release(self, reading_id: str, *, refund: bool = False) -> None:
+        """Give a leased reading back to the inbox after a transient failure. `refund` takes
+        back the attempt its lease counted: the failure was not the reading's fault."""
+        await self._call(storesql.release, reading_id, refund)
         self.inbox_changed.set()
 
     async def complete(self, reading_id: str, row: NewOutboxRow) -> None:
@@ -161,9 +162,10 @@ class Store:
         """Lease up to `limit` more readings of one route (to fill a window that waits)."""
         return await self._call(storesql.lease_route, route, limit)
 
-    async def release_many(self, reading_ids: Sequence[str]) -> None:
-        """Give leased readings back to the inbox in one transaction (a failed window)."""
-        await self._call(storesql.release_many, list(reading_ids))
+    async def release_many(self, reading_ids: Sequence[str], *, refund: bool = False) -> None:
+        """Give leased readings back to the inbox in one transaction (a failed window);
+        `refund` as for `release`."""
+        await self._call(storesql.release_many, list(reading_ids), refund)
         self.inbox_changed.set()
 
     async def complete_window(self, reading_ids: Sequence[str], row: NewOutboxRow) -> None:

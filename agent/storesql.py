@@ -187,9 +187,10 @@ def lease(conn: sqlite3.Connection) -> Reading | None:
     return Reading(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], row[6])
 
 
-def release(conn: sqlite3.Connection, reading_id: str) -> None:
+def release(conn: sqlite3.Connection, reading_id: str, refund: bool) -> None:
     with Transaction(conn):
-        conn.execute("UPDATE inbox SET leased = 0 WHERE id = ?", (reading_id,))
+        conn.execute("UPDATE inbox SET leased = 0, attempts = attempts - ? WHERE id = ?",
+                     (int(refund), reading_id))
 
 
 def complete(conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow,
@@ -249,10 +250,11 @@ def lease_route(conn: sqlite3.Connection, route: str, limit: int) -> list[Readin
         conn.execute("PRAGMA synchronous=FULL")
 
 
-def release_many(conn: sqlite3.Connection, reading_ids: list[str]) -> None:
+def release_many(conn: sqlite3.Connection, reading_ids: list[str], refund: bool) -> None:
     with Transaction(conn):
-        conn.execute("UPDATE inbox SET leased = 0 WHERE id IN (SELECT value FROM json_each(?))",
-                     (json.dumps(reading_ids),))
+        conn.execute("UPDATE inbox SET leased = 0, attempts = attempts - ? "
+                     "WHERE id IN (SELECT value FROM json_each(?))",
+                     (int(refund), json.dumps(reading_ids)))
 
 
 def complete_window(conn: sqlite3.Connection, reading_ids: list[str], row: NewOutboxRow,
