@@ -98,7 +98,8 @@ def dead_letter_row(topics: Topics, dead: DeadLetter) -> NewOutboxRow:
     body = {
         "id": dead.id,
         "device_id": topics.device_id,
-        "reason": dead.reason,
+        # A reason may quote the input (an exception's text): keep it encodable as UTF-8.
+        "reason": dead.reason.encode("utf-8", "backslashreplace").decode("utf-8"),
         "source": {
             "topic": dead.topic,
             "received_at": dead.received_at,

@@ -39,6 +39,17 @@ json_values = st.recursive(
                                                                   max_size=4),
     max_leaves=12,
 )
+# Valid JSON grammar that breaks when the result is written (issue 12): numbers that overflow a
+# double, lone surrogates, NUL, long strings, invalid UTF-8 inside otherwise fine JSON.
+poison = st.one_of(
+    st.sampled_from([b"1e400", b"-1e400", b"1.8e308", b"-2e308", b"1e999999"]).map(
+        lambda n: b'{"celsius": %s}' % n),
+    st.integers(0xD800, 0xDFFF).map(lambda c: b'{"celsius": 1, "name": "\\u%04x"}' % c),
+    st.integers(0xD800, 0xDFFF).map(lambda c: b'{"\\u%04x": 1, "celsius": 2}' % c),
+    st.just(b'{"celsius": 3, "tag": "a\\u0000b"}'),
+    st.integers(1, 1900).map(lambda n: b'{"celsius": 4, "s": "%s"}' % (b"x" * n)),
+    st.binary(min_size=1, max_size=8).map(lambda junk: b'{"celsius": 5, "s": "' + junk + b'"}'),
+)
 payloads = st.one_of(
     st.binary(max_size=200),  # mostly not UTF-8 or not JSON
     json_values.map(lambda v: json.dumps(v).encode()),  # NaN/Infinity appear as bare tokens
@@ -48,6 +59,7 @@ payloads = st.one_of(
     st.integers(1, 80).map(lambda d: b"[" * d + b"]" * d),  # nesting around the depth limit
     st.integers(10**19, 10**40).map(lambda n: b'{"celsius": %d}' % n),  # huge integers
     st.just(b'{"celsius": 1}' + b" " * MAX_PAYLOAD),  # over the size limit
+    poison,
 )
 
 
@@ -92,6 +104,16 @@ def test_random_payloads_each_become_a_result_or_a_dead_letter(rig: Rig) -> None
     feed()
     assert agent.proc is not None
     assert agent.proc.poll() is None, "the agent fell over"
+    # A poison pill that stayed in the inbox would end the agent again at every start.
+    assert agent.terminate() == 0
+    again = rig.agent(config)
+    again.wait_for_event("agent_ready")
+    publish_readings(rig.local.port, [("sensors/fuzz/after", b'{"celsius": 21.5}')])
+    wait_until(lambda: reading_id("gw-test", "sensors/fuzz/after", b'{"celsius": 21.5}')
+               in collector.distinct_ids(), 60, "a reading after the restart answered")
+    assert again.proc is not None
+    assert again.proc.poll() is None, "the agent fell over after a restart"
+    assert "agent_failed" not in (rig.workdir / "agent.log").read_text()
     print(f"fuzz: {totals}")
     assert totals["results"] > 0
     assert totals["dead_letters"] > 0

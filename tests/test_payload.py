@@ -22,12 +22,28 @@ LIMITS = {"max_bytes": 1024, "max_depth": 8}
         (b'{"a": ' + b"9" * 30 + b"}", "too large"),
         (b"[" * 9 + b"]" * 9, "depth 9 exceeds 8"),
         (b"[" * 1000 + b"]" * 1000, "exceeds the limit"),
+        (b'{"seq": 1, "celsius": 1e400}', "1e400 overflows a double"),
+        (b'{"celsius": -1e400}', "overflows a double"),
+        (b'[1.8e308]', "overflows a double"),
+        (b'{"name": "\\ud800"}', "lone surrogate"),
+        (b'{"\\udc00": 1}', "lone surrogate"),
+        (b'{"a": ["ok", {"b": "x\\udfff"}]}', "lone surrogate"),
     ],
 )
 def test_bad_payloads_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
     """Each refusal names what is wrong, for the dead-letter table."""
     with pytest.raises(PayloadRejected, match=reason):
         parse(payload, **LIMITS)
+
+
+def test_what_passes_can_be_written_back_as_strict_utf8_json() -> None:
+    """A surrogate pair is a real character and passes; so does the largest finite double:
+    both re-serialize the way a result is written (agent/messages.encode)."""
+    from agent.messages import encode
+
+    value = parse(b'{"emoji": "\\ud83d\\ude00", "big": 1.7e308, "nul": "a\\u0000b"}', **LIMITS)
+    assert value["emoji"] == "\U0001F600"
+    assert encode({"source": value})
 
 
 def test_deep_nesting_within_the_size_limit_is_refused_not_a_crash() -> None:
