@@ -76,4 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger().error("agent_failed", error=str(exc),
                                      error_type=type(exc).__name__)
         return 1
+    except Exception as exc:  # e.g. an ExceptionGroup out of the app's TaskGroup: a defect
+        causes = _leaves(exc)
+        structlog.get_logger().critical(
+            "agent_failed", error="; ".join(f"{type(c).__name__}: {c}" for c in causes),
+            error_type=type(exc).__name__, exc_info=exc)
+        return 1
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or the exception itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from agent.config import Route, Settings
-from agent.errors import PermanentError, StoreFull, TransientError, Unavailable
+from agent.errors import AgentError, PermanentError, StoreFull, Unavailable
 from agent.executors import Executors, LocalModel
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
@@ -29,7 +31,7 @@ from agent.retry import Backoff, OutageLog
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
 from agent.validation import check_output
-from agent.waits import first_of, wait_or_timeout_any
+from agent.waits import first_of, wait_or_timeout, wait_or_timeout_any
 from agent.windows import (
     build_window_messages,
     window_id,
@@ -42,6 +44,30 @@ log = structlog.get_logger()
 # Retries of an answer that failed the schema sample rather than decode greedily, or the retry
 # would repeat the same answer.
 RETRY_TEMPERATURE = 0.8
+# The longest a route waits between tries of an unavailable executor (the cloud's breaker
+# cool-down is 30 s by default: a route tries again soon after the breaker lets a probe through).
+PARK_MAX_S = 30.0
+PARK_MIN_S = 0.2
+
+
+@dataclass(slots=True)
+class _Parked:
+    """A route waiting for its executor: when it may be tried again, and since when."""
+
+    backoff: Backoff
+    since: float
+    until: float = 0.0
+    reason: str = ""
+
+
+def _unforeseen(exc: Exception) -> Exception | None:
+    """The exception itself for a log's exc_info when nobody foresaw it (not an AgentError)."""
+    return None if isinstance(exc, AgentError) else exc
+
+
+def _describe(exc: Exception) -> str:
+    """A failure for a dead letter's reason: an unforeseen one names its type."""
+    return str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
 
 
 class PipelineObserver(Protocol):
@@ -79,8 +105,8 @@ class Pipeline:
         self.liveness = Liveness("pipeline")
         self.observer = observer
         self.executors = executors or Executors()  # where each reading runs (local, cloud)
-        # Set while no executor answers (agent/errors.Unavailable): the backoff between tries.
-        self._unavailable: Backoff | None = None
+        # Routes whose executor is unavailable (agent/errors.Unavailable), by name.
+        self._parked: dict[str, _Parked] = {}
 
     def apply(self, settings: Settings) -> None:
         """Take reloaded routes and retry policy; the reading in hand finishes as it began."""
@@ -89,44 +115,56 @@ class Pipeline:
         self._versions = {route.name: prompt_version(route) for route in settings.routes}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process readings until `stop` is set; the reading in hand is always finished first."""
+        """Process readings until `stop` is set; the reading in hand is always finished first.
+
+        Nothing that goes wrong with one reading, or with one round of the loop (a full store,
+        an error nobody foresaw), ends the loop: it is logged, and the loop goes on after a
+        backoff. Readings in hand when a round fails stay leased until the next start."""
+        failures = OutageLog("pipeline_loop")
+        backoff = Backoff(self._settings.pipeline.retry_backoff_s, 30.0)
         while not stop.is_set():
-            # Clear before leasing: a reading committed after the lease found none sets it again.
-            self._store.inbox_changed.clear()
-            self.liveness.busy()
-            windows = self._window_sizes()
-            if windows:
-                window = await self._store.lease_window(windows)
-                if window and window[0].route in windows:
-                    await self._run_window(window, stop)
-                    continue
-                reading = window[0] if window else None
-            else:
-                reading = await self._store.lease()
-            if reading is None:
-                self.liveness.idle("waiting for input")
-                await first_of(self._store.inbox_changed, stop)
-                continue
             try:
-                await self.process(reading)
-            except StoreFull as exc:
-                # Only a release after a failed attempt gets here; the reading stays leased
-                # until the next start, which frees every lease. Nothing is lost.
-                log.warning("pipeline_release_failed", id=reading.id, error=str(exc))
-                await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+                await self._step(stop)
+            except Exception as exc:  # the loop outlives any one round (STYLE.md 2)
+                if not failures.failing:
+                    log.error("pipeline_round_failed", error=str(exc),
+                              error_type=type(exc).__name__, exc_info=exc)
+                failures.failed(exc)
+                self.liveness.idle("pipeline backoff after a failed round")
+                await wait_or_timeout(stop, backoff.next_delay())
+            else:
+                failures.recovered()
+                backoff.reset()
+
+    async def _step(self, stop: asyncio.Event) -> None:
+        """Lease a reading or a window and process it; or wait for input."""
+        # Clear before leasing: a reading committed after the lease found none sets it again.
+        self._store.inbox_changed.clear()
+        self.liveness.busy()
+        parked = self._parked_now()
+        windows = self._window_sizes()
+        if windows:
+            window = await self._store.lease_window(windows, exclude=parked)
+            if window and window[0].route in windows:
+                await self.process_window(window, stop)
+                return
+            reading = window[0] if window else None
+        else:
+            reading = await self._store.lease(exclude=parked)
+        if reading is not None:
+            await self.process(reading)
+            return
+        self.liveness.idle("waiting for input")
+        wake = self._next_unpark()
+        if wake is None:
+            await first_of(self._store.inbox_changed, stop)
+        else:
+            await wait_or_timeout_any((self._store.inbox_changed, stop), wake)
 
     def _window_sizes(self) -> dict[str, tuple[int, int]]:
         """(window_max_readings, window cap) of each windowed route."""
         return {route.name: (route.window_max_readings, route.window_cap)
                 for route in self._routes.values() if route.windowed}
-
-    async def _run_window(self, window: list[Reading], stop: asyncio.Event) -> None:
-        try:
-            await self.process_window(window, stop)
-        except StoreFull as exc:
-            # As for one reading: the window stays leased until the next start.
-            log.warning("pipeline_release_failed", ids=[r.id for r in window], error=str(exc))
-            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
 
     async def process_window(self, window: list[Reading],
                              stop: asyncio.Event | None = None) -> None:
@@ -134,36 +172,45 @@ class Pipeline:
 
         A window that is not full waits up to the route's window_max_wait_ms for more. A failed
         attempt releases every reading; a reading at `pipeline.max_attempts` is dead-lettered
-        on its own with the reason, the others are released for the next window."""
+        on its own with the reason, the others are released for the next window. When no
+        executor can answer, the readings go back with their attempts refunded and the route
+        waits."""
         route = self._routes.get(window[0].route)
         if route is None or not route.windowed:
             for reading in window:
                 await self.process(reading)  # dead-lettered or answered on its own
             return
+        window = [reading for reading in window if not await self._over_limit(reading)]
+        if not window:
+            return
         window = await self._fill_window(route, window, stop)
         try:
             await self._infer_and_record_window(route, window)
         except Unavailable as exc:
-            await self._store.release_many([r.id for r in window], refund=True)
-            await self._wait_for_executor(route, exc)
-        except TransientError as exc:
+            await self._commit(window[0].id, lambda: self._store.release_many(
+                [r.id for r in window], refund=True))
+            self._park(route, exc)
+        except PermanentError as exc:
+            for reading in window:
+                await self._dead_letter(
+                    reading, f"inference refused the window of {len(window)}: {exc}")
+        except Exception as exc:  # any failure of this window counts as an attempt on each
             limit = self._settings.pipeline.max_attempts
             for reading in window:
                 if reading.attempts >= limit:
                     await self._dead_letter(
                         reading, f"inference failed {reading.attempts} times in a window of "
-                        f"{len(window)}; last: {exc}")
+                        f"{len(window)}; last: {_describe(exc)}")
             rest = [reading.id for reading in window if reading.attempts < limit]
             if rest:
                 log.warning("window_retry", route=route.name, readings=len(window),
-                            released=len(rest), error=str(exc))
-                await self._store.release_many(rest)
+                            released=len(rest), error=_describe(exc),
+                            exc_info=_unforeseen(exc))
+                await self._commit(rest[0], lambda: self._store.release_many(rest))
             self.liveness.idle("retry backoff")
             await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
-        except PermanentError as exc:
-            for reading in window:
-                await self._dead_letter(
-                    reading, f"inference refused the window of {len(window)}: {exc}")
+        else:
+            self._unpark(route)
 
     async def _fill_window(self, route: Route, window: list[Reading],
                            stop: asyncio.Event | None) -> list[Reading]:
@@ -200,27 +247,85 @@ class Pipeline:
         self._observe(route, answer)
 
     async def process(self, reading: Reading) -> None:
+        """Answer one leased reading, or put it back, or dead-letter it with the reason.
+
+        Any exception while processing it counts as an attempt on it (a poison pill of a kind
+        nobody foresaw included); after `pipeline.max_attempts` it is dead-lettered. A failure
+        that is not the reading's fault (agent/errors.Unavailable: the model does not load, the
+        cloud is down) refunds the attempt, and the route waits for its executor."""
         route = self._routes.get(reading.route)
         if route is None:
             await self._dead_letter(reading, f"route {reading.route!r} is no longer configured")
             return
+        if await self._over_limit(reading):
+            return
         try:
             await self._infer_and_record(route, reading)
         except Unavailable as exc:
-            await self._store.release(reading.id, refund=True)
-            await self._wait_for_executor(route, exc)
-        except TransientError as exc:
-            if reading.attempts >= self._settings.pipeline.max_attempts:
-                await self._dead_letter(
-                    reading, f"inference failed {reading.attempts} times; last: {exc}"
-                )
-                return
-            log.warning("inference_retry", id=reading.id, attempt=reading.attempts, error=str(exc))
-            await self._store.release(reading.id)
-            self.liveness.idle("retry backoff")
-            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+            await self._commit(reading.id,
+                               lambda: self._store.release(reading.id, refund=True))
+            self._park(route, exc)
         except PermanentError as exc:
             await self._dead_letter(reading, f"inference refused the reading: {exc}")
+        except Exception as exc:  # transient, or unforeseen: either way one attempt used
+            if reading.attempts >= self._settings.pipeline.max_attempts:
+                await self._dead_letter(
+                    reading, f"inference failed {reading.attempts} times; last: "
+                    f"{_describe(exc)}")
+                return
+            log.warning("inference_retry", id=reading.id, attempt=reading.attempts,
+                        error=_describe(exc), exc_info=_unforeseen(exc))
+            await self._commit(reading.id, lambda: self._store.release(reading.id))
+            self.liveness.idle("retry backoff")
+            await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
+        else:
+            self._unpark(route)
+
+    async def _over_limit(self, reading: Reading) -> bool:
+        """Dead-letter a reading leased more often than `max_attempts` without an outcome: the
+        agent stopped or crashed while it was in hand each time, and it may be the cause."""
+        limit = self._settings.pipeline.max_attempts
+        if reading.attempts <= limit:
+            return False
+        await self._dead_letter(
+            reading, f"leased {reading.attempts} times without an outcome (limit {limit}): the "
+            "agent stopped or crashed while processing it")
+        return True
+
+    def _park(self, route: Route, exc: Unavailable) -> None:
+        """No executor could take the route's reading: its readings wait in the inbox while
+        other routes go on; the route is tried again after a backoff."""
+        parked = self._parked.get(route.name)
+        if parked is None:
+            parked = self._parked[route.name] = _Parked(
+                Backoff(max(self._settings.pipeline.retry_backoff_s, PARK_MIN_S), PARK_MAX_S),
+                time.monotonic())
+            log.error("route_waiting_for_executor", route=route.name, error=str(exc),
+                      executor=route.executor)
+        parked.until = time.monotonic() + parked.backoff.next_delay()
+        parked.reason = str(exc)
+
+    def _unpark(self, route: Route) -> None:
+        parked = self._parked.pop(route.name, None)
+        if parked is not None:
+            log.info("route_executor_recovered", route=route.name,
+                     waited_s=round(time.monotonic() - parked.since, 1))
+
+    def _parked_now(self) -> list[str]:
+        """Routes whose readings must not be leased now (waiting for an executor)."""
+        now = time.monotonic()
+        return sorted(name for name, parked in self._parked.items() if parked.until > now)
+
+    def _next_unpark(self) -> float | None:
+        """Seconds until the next waiting route may be tried again, if any waits."""
+        if not self._parked:
+            return None
+        return max(0.0, min(p.until for p in self._parked.values()) - time.monotonic())
+
+    @property
+    def waiting_routes(self) -> dict[str, str]:
+        """Routes waiting for an executor, with the reason (for metrics and the status)."""
+        return {name: parked.reason for name, parked in self._parked.items()}
 
     async def _infer_and_record(self, route: Route, reading: Reading) -> None:
         source = json.loads(reading.payload)
@@ -270,19 +375,7 @@ class Pipeline:
             executor_reason=outcome.reason if outcome else None,
         )
 
-    async def _wait_for_executor(self, route: Route, exc: Unavailable) -> None:
-        """No executor could take the reading (the model does not load, the cloud is down): it
-        went back to the inbox with its attempt refunded; wait before the next try."""
-        if self._unavailable is None:
-            log.error("executor_unavailable", route=route.name, error=str(exc))
-            self._unavailable = Backoff(self._settings.pipeline.retry_backoff_s, 30.0)
-        self.liveness.idle("no executor answers")
-        await asyncio.sleep(self._unavailable.next_delay())
-
     def _observe(self, route: Route, answer: Answer) -> None:
-        if self._unavailable is not None:
-            log.info("executor_recovered", route=route.name)
-            self._unavailable = None
         if self.observer is not None:
             self.observer.result_recorded(route.name, answer.executor,
                                           "ok" if answer.error is None else "failed",

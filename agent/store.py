@@ -136,9 +136,10 @@ class Store:
             self.outbox_changed.set()
         return outcome
 
-    async def lease(self) -> Reading | None:
-        """The next reading to infer (highest priority, then oldest), marked as leased."""
-        return await self._call(storesql.lease)
+    async def lease(self, exclude: Sequence[str] = ()) -> Reading | None:
+        """The next reading to infer (highest priority, then oldest), marked as leased; none
+        of the routes in `exclude`."""
+        return await self._call(storesql.lease, exclude)
 
     async def release(self, reading_id: str, *, refund: bool = False) -> None:
         """Give a leased reading back to the inbox after a transient failure. `refund` takes
@@ -151,12 +152,14 @@ class Store:
         await self._call(storesql.complete, reading_id, row, self.bounds)
         self.outbox_changed.set()
 
-    async def lease_window(self, windows: dict[str, tuple[int, int]]) -> list[Reading]:
+    async def lease_window(self, windows: dict[str, tuple[int, int]],
+                           exclude: Sequence[str] = ()) -> list[Reading]:
         """Lease the next reading (highest priority, then oldest) and, in the same transaction,
         more of its route's readings in the same order: `windows[route] = (max, cap)` leases up
         to `max`, or up to `cap` while the route's unleased backlog exceeds `max` (coalescing).
-        A route not in `windows` gets a window of one. Empty when the inbox has nothing free."""
-        return await self._call(storesql.lease_window, windows)
+        A route not in `windows` gets a window of one; the routes in `exclude` none. Empty
+        when the inbox has nothing free."""
+        return await self._call(storesql.lease_window, windows, exclude)
 
     async def lease_route(self, route: str, limit: int) -> list[Reading]:
         """Lease up to `limit` more readings of one route (to fill a window that waits)."""

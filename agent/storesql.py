@@ -167,18 +167,28 @@ def _drop_over_bound(conn: sqlite3.Connection, bounds: StoreSection) -> None:
         )
 
 
-def lease(conn: sqlite3.Connection) -> Reading | None:
+def _unleased(exclude: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause (and its parameters) of readings free to lease, less the routes in
+    `exclude` (routes waiting for their executor: agent/pipeline.py)."""
+    if not exclude:
+        return "leased = 0", ()
+    return "leased = 0 AND route NOT IN (SELECT value FROM json_each(?))", (json.dumps(
+        list(exclude)),)
+
+
+def lease(conn: sqlite3.Connection, exclude: Sequence[str]) -> Reading | None:
     # A lease is void after any restart and no peer is told anything when one is taken, so its
     # commit need not wait for an fsync: the next synchronous=FULL commit (the result's) syncs
     # the WAL up to and including it. A process crash loses nothing either way (the WAL is in
     # the OS cache); only a power cut may forget one attempt count.
+    free, params = _unleased(exclude)
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
         with Transaction(conn):
             row = conn.execute(
                 "UPDATE inbox SET leased = 1, attempts = attempts + 1 WHERE seq = "
-                "(SELECT seq FROM inbox WHERE leased = 0 ORDER BY priority DESC, seq LIMIT 1) "
-                "RETURNING id, topic, payload, received_at, route, priority, attempts"
+                f"(SELECT seq FROM inbox WHERE {free} ORDER BY priority DESC, seq LIMIT 1) "
+                "RETURNING id, topic, payload, received_at, route, priority, attempts", params,
             ).fetchone()
     finally:
         conn.execute("PRAGMA synchronous=FULL")
@@ -219,13 +229,16 @@ def _lease_some(conn: sqlite3.Connection, route: str, limit: int) -> list[Readin
     return _readings([r[1:] for r in rows])
 
 
-def lease_window(conn: sqlite3.Connection, windows: dict[str, tuple[int, int]]) -> list[Reading]:
+def lease_window(conn: sqlite3.Connection, windows: dict[str, tuple[int, int]],
+                 exclude: Sequence[str]) -> list[Reading]:
     # Like lease: a lease is void after a restart, so its commit need not wait for an fsync.
+    free, params = _unleased(exclude)
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
         with Transaction(conn):
             head = conn.execute(
-                "SELECT route FROM inbox WHERE leased = 0 ORDER BY priority DESC, seq LIMIT 1"
+                f"SELECT route FROM inbox WHERE {free} ORDER BY priority DESC, seq LIMIT 1",
+                params,
             ).fetchone()
             if head is None:
                 return []

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent.config import Settings
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
-from agent.records import Generation, Reading
+from agent.records import Completion, Generation, ModelInfo, Reading
 from agent.store import Store
 from agent.storeviews import read_dead_letters
 
@@ -100,3 +104,165 @@ def test_a_reading_whose_inference_keeps_hanging_is_dead_lettered_after_max_atte
     asyncio.run(scenario())
     [letter] = read_dead_letters(tmp_path / "agent.db")
     assert letter["reason"].startswith("inference failed 2 times")
+
+
+class PoisonedWorker:
+    """The real worker, except that a prompt holding `marker` raises an error nobody foresaw
+    (the FAULTS.md "test hook that raises for one reading id")."""
+
+    def __init__(self, worker: InferenceWorker, marker: str) -> None:
+        self._worker = worker
+        self._marker = marker
+        self.raised = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._worker.info
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[PoisonedWorker]:
+        yield self
+
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> Completion:
+        if any(self._marker in message["content"] for message in messages):
+            self.raised += 1
+            raise KeyError("a defect nobody foresaw")
+        return await self._worker.complete(messages, generation)
+
+
+def test_an_unforeseen_exception_on_one_reading_is_an_attempt_then_a_dead_letter(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A reading whose processing raises KeyError is retried as an attempt, dead-lettered after
+    max_attempts (2) with the exception named, and the pipeline's run loop goes on to answer
+    the readings behind it."""
+
+    async def scenario() -> tuple[int, dict[str, int]]:
+        cfg = settings(tmp_path, tiny_model, max_tokens=32)
+        store, worker, _ = await rig(cfg)
+        poisoned = PoisonedWorker(worker, "poison")
+        pipeline = Pipeline(cfg, store, poisoned, Topics("edge", "gw"))
+        stop = asyncio.Event()
+        try:
+            readings = [Reading("bad", "s/1", b'{"celsius": 1, "tag": "poison"}', 1.0, "t", 0)]
+            readings += [Reading(f"ok{i}", "s/1", b'{"celsius": %d}' % i, 2.0 + i, "t", 0)
+                         for i in range(3)]
+            await store.ingest(readings, [])
+            task = asyncio.create_task(pipeline.run(stop), name="pipeline")
+            for _ in range(600):
+                depths = await store.depths()
+                if depths["inbox"] == 0 or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            store.inbox_changed.set()
+            await asyncio.wait_for(task, 30)  # re-raises if the loop died
+            return poisoned.raised, await store.depths()
+        finally:
+            await worker.close()
+            await store.close()
+
+    raised, depths = asyncio.run(scenario())
+    assert raised == 2
+    assert (depths["inbox"], depths["dead_letter"], depths["outbox"]) == (0, 1, 4)
+    [letter] = read_dead_letters(tmp_path / "agent.db")
+    assert letter["id"] == "bad"
+    assert letter["reason"] == ("inference failed 2 times; last: KeyError: "
+                                "'a defect nobody foresaw'")
+
+
+def test_a_reading_leased_more_than_max_attempts_times_is_dead_lettered_without_inference(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A reading that was in hand at each of three crashes (leases that never ended) is, at its
+    third lease with max_attempts 2, dead-lettered with that reason and never sent to the
+    model again: a reading that crashes the whole agent cannot block the inbox forever."""
+
+    async def scenario() -> dict[str, int]:
+        cfg = settings(tmp_path, tiny_model, max_tokens=32)
+        store = await Store.open(cfg.store_path)
+        await store.ingest([READING], [])
+        for _ in range(2):  # leased, then the agent "crashed": reopening frees the lease
+            assert await store.lease() is not None
+            await store.close()
+            store = await Store.open(cfg.store_path)
+        try:
+            leased = await store.lease()
+            assert leased is not None
+            assert leased.attempts == 3
+            never = PoisonedWorker(None, "")  # type: ignore[arg-type]
+            pipeline = Pipeline(cfg, store, never, Topics("edge", "gw"))
+            await pipeline.process(leased)
+            assert never.raised == 0
+            return await store.depths()
+        finally:
+            await store.close()
+
+    depths = asyncio.run(scenario())
+    assert (depths["inbox"], depths["dead_letter"]) == (0, 1)
+    [letter] = read_dead_letters(tmp_path / "agent.db")
+    assert letter["reason"].startswith("leased 3 times without an outcome (limit 2)")
+
+
+def test_a_model_that_no_longer_loads_keeps_readings_in_the_inbox_until_it_loads_again(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The model file is truncated and the worker killed: its restart fails (ModelLoadError),
+    and the readings stay in the inbox with no attempt counted, none dead-lettered, while the
+    pipeline keeps trying. The file is restored: every reading is answered."""
+    model = tmp_path / "model.gguf"
+    shutil.copy(tiny_model, model)
+
+    async def scenario() -> tuple[list[int], dict[str, int]]:
+        cfg = settings(tmp_path, model, max_tokens=32)
+        store, worker, pipeline = await rig(cfg)
+        stop = asyncio.Event()
+        try:
+            good = model.read_bytes()
+            model.write_bytes(good[: len(good) // 3])
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)
+            readings = [Reading(f"r{i}", "s/1", b'{"celsius": %d}' % i, float(i), "t", 0)
+                        for i in range(3)]
+            await store.ingest(readings, [])
+            task = asyncio.create_task(pipeline.run(stop), name="pipeline")
+            # Several failed restarts: each would have cost an attempt before.
+            for _ in range(400):
+                if worker.restarts >= 3 or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.restarts >= 3
+            attempts = [r.attempts for r in _inbox(store.path)]
+            waiting = await store.depths()
+            model.write_bytes(good)
+            for _ in range(1200):
+                if (await store.depths())["inbox"] == 0 or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            store.inbox_changed.set()
+            await asyncio.wait_for(task, 60)
+            assert (await store.depths())["outbox"] == 3
+            return attempts, waiting
+        finally:
+            await worker.close()
+            await store.close()
+
+    attempts, waiting = asyncio.run(scenario())
+    assert (waiting["inbox"], waiting["dead_letter"]) == (3, 0)
+    # The first request may meet the killed worker itself (a crash counts: a reading can cause
+    # one) and the lease in hand counts until it is refunded; the failed loads count nothing.
+    assert max(attempts) <= 2, attempts
+    assert not read_dead_letters(tmp_path / "agent.db")
+
+
+def _inbox(path: Path) -> list[Reading]:
+    """Every reading in the inbox (leased or not), read through a second connection."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id, topic, payload, received_at, route, priority, attempts "
+                            "FROM inbox ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    return [Reading(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
