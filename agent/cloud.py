@@ -11,6 +11,7 @@ log event, an error message or the URL.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +19,22 @@ from typing import Any
 import httpx
 
 from agent.config import CloudModelSection
-from agent.errors import TransientError
+from agent.errors import TransientError, Unavailable
 from agent.records import Completion, Generation, ModelInfo
 
 
 class CloudError(TransientError):
-    """The cloud model gave no usable answer; `reason` names why in a few words."""
+    """The cloud model gave no usable answer; `reason` names why in a few words. Counts as an
+    attempt on the reading: the request itself may be the cause (HTTP 4xx, a malformed answer)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class CloudUnavailable(CloudError, Unavailable):
+    """The cloud cannot be asked now: unreachable, timed out, a server error, or the circuit is
+    open. Not the reading's fault: a cloud-only reading waits in the inbox for the cloud."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +91,27 @@ class CloudModel:
         body = self._body(messages, generation)
         started = time.perf_counter()
         self.requests += 1
+        timeout_s = self._section.timeout_s
         try:
-            response = await self._client.post(f"{self._base_url}/chat/completions", json=body)
+            # One deadline from connect to last byte: httpx's own timeout bounds each read, so
+            # an endpoint that trickles its answer a byte at a time would never trip it.
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.post(f"{self._base_url}/chat/completions",
+                                                   json=body)
+        except TimeoutError as exc:
+            raise CloudUnavailable("cloud timeout",
+                                   f"no complete answer within {timeout_s:g} s") from exc
         except httpx.TimeoutException as exc:
-            raise CloudError("cloud timeout", type(exc).__name__) from exc
+            raise CloudUnavailable("cloud timeout", type(exc).__name__) from exc
         except httpx.TransportError as exc:
-            raise CloudError("cloud unreachable", type(exc).__name__) from exc
+            raise CloudUnavailable("cloud unreachable", type(exc).__name__) from exc
         latency_ms = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
-            raise CloudError(f"cloud error HTTP {response.status_code}",
-                             response.text[:200].replace("\n", " "))
+            # 5xx and 429: the cloud's trouble; any other status answers this request.
+            error = (CloudUnavailable if response.status_code >= 500
+                     or response.status_code == 429 else CloudError)
+            raise error(f"cloud error HTTP {response.status_code}",
+                        response.text[:200].replace("\n", " "))
         try:
             reply = response.json()
             choice = reply["choices"][0]

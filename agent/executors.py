@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from agent.cloud import CloudError, CloudModel
+from agent.cloud import CloudError, CloudModel, CloudUnavailable
 from agent.config import Route
 from agent.offload import CircuitBreaker, Executor, LatencyWindow, Plan, plan, preferred
 from agent.records import Completion, Generation, ModelInfo
@@ -97,7 +97,8 @@ class Executors:
         """Run the plan: the first executor that answers wins. A cloud failure feeds the
         breaker and falls through to the next executor; a failure of the last one is raised."""
         if not chosen.executors:
-            raise CloudError("cloud circuit open", f"route {route.name} runs only in the cloud")
+            raise CloudUnavailable("cloud circuit open",
+                                   f"route {route.name} runs only in the cloud")
         want = preferred(route.executor)
         reason = chosen.reason
         generation = Generation(route.max_tokens, temperature, seed, route.output_schema,

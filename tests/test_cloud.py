@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.cloud import CloudError, CloudModel
+from agent.cloud import CloudError, CloudModel, CloudUnavailable
 from agent.config import ConfigError, Settings, load
 from agent.executors import Executors
 from agent.inference import InferenceWorker, identify
@@ -272,6 +272,108 @@ def test_local_first_offloads_a_deep_backlog_and_stays_local_when_the_cloud_is_d
     print(f"\nlocal-first, 80-reading backlog, 50 ms budget, mean local latency "
           f"{mean_ms[0]:.1f} ms: cloud {share['cloud']} ({share['cloud'] / 80:.0%}), "
           f"local {share['local']} ({share['local'] / 80:.0%}); cloud down: local 80 of 80")
+
+
+def test_a_cloud_route_holds_its_readings_through_an_outage_while_local_routes_flow(
+    tmp_path: Path, tiny_model: Path, server: LlamaServer
+) -> None:
+    """The cloud server is killed: readings of a `cloud` route wait in the inbox with no
+    attempt counted, far past max_attempts x cool-down, none dead-lettered, while a `local`
+    route beside it keeps being answered. The server comes back: every cloud reading is
+    answered by the cloud."""
+    cfg = settings(tmp_path, tiny_model, server, route("c", "cloud"), route("l", "local"))
+
+    async def scenario() -> tuple[dict[str, int], list[dict[str, Any]]]:
+        async with Rig(cfg) as rig:
+            await asyncio.to_thread(server.kill)
+            cloud_ids = await rig.feed("c", 0, 5)
+            local_ids = await rig.feed("l", 100, 5)
+            await rig.until(lambda: rig.pipeline.completed >= 5)
+            # Many cool-downs (0.5 s) and tries: before, each cost an attempt (max 2).
+            await rig.until(lambda: rig.executors.breaker.opened >= 4)
+            held = await rig.store.depths()
+            assert set(rig.pipeline.waiting_routes) == {"c"}
+            await asyncio.to_thread(server.start)
+            await rig.until(lambda: rig.pipeline.completed >= 10)
+            assert rig.pipeline.waiting_routes == {}
+            results = await rig.results()
+            assert sorted(r["id"] for r in results) == sorted(cloud_ids + local_ids)
+            return held, results
+
+    held, results = asyncio.run(scenario())
+    assert (held["inbox"], held["dead_letter"]) == (5, 0)
+    by_route = {r["route"]: r["executor"] for r in results}
+    assert by_route == {"c": "cloud", "l": "local"}
+    assert all(r["attempts"] == 1 for r in results if r["route"] == "c"), [
+        r["attempts"] for r in results]
+
+
+class TricklingServer:
+    """An HTTP endpoint that sends its headers, then one byte of body every `gap_s`: each read
+    is quick, the whole answer never comes (a proxy or server that stalls mid-answer)."""
+
+    def __init__(self, gap_s: float = 0.3, total_s: float = 30.0) -> None:
+        self.gap_s = gap_s
+        self.total_s = total_s
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> TricklingServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self.total_s
+            while loop.time() < end:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(self.gap_s)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_cloud_that_trickles_its_answer_times_out_after_timeout_s_in_all(
+    tmp_path: Path
+) -> None:
+    """A byte every 0.3 s keeps every read under httpx's per-read timeout; the request still
+    ends as `cloud timeout` once timeout_s (1 s) has passed since it started, not when the
+    server stops trickling (30 s)."""
+
+    async def scenario() -> tuple[CloudError, float]:
+        async with TricklingServer() as trickle:
+            section = Settings(
+                agent={"device_id": "gw", "state_dir": tmp_path},
+                model={"path": tmp_path / "m.gguf"},
+                cloud_model={"base_url": f"http://127.0.0.1:{trickle.port}/v1",
+                             "timeout_s": 1.0},
+                routes=[route("c", "cloud")],
+            ).cloud_model
+            cloud = CloudModel(section)
+            started = asyncio.get_running_loop().time()
+            try:
+                with pytest.raises(CloudError) as timed_out:
+                    await cloud.complete(MESSAGES, Generation(4, 0.0, 0, None))
+            finally:
+                await cloud.aclose()
+            return timed_out.value, asyncio.get_running_loop().time() - started
+
+    error, elapsed = asyncio.run(scenario())
+    assert error.reason == "cloud timeout"
+    assert isinstance(error, CloudUnavailable)
+    assert "within 1 s" in str(error)
+    assert elapsed < 10.0, f"the request took {elapsed:.1f} s"
 
 
 GOOD = """
