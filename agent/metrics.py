@@ -82,6 +82,10 @@ class Metrics:
                              "1 while a critical loop is stalled (watchdog withheld).", ["loop"],
                              registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200.", registry=r)
+        self.route_waiting = Gauge(
+            f"{PREFIX}_route_waiting",
+            "1 while a route's readings wait in the inbox for its executor (the model does not "
+            "load, the cloud is down).", ["route"], registry=r)
         self.dropped.labels(reason="outbox_full")
         self._seen: dict[str, int] = {}
 
@@ -98,6 +102,10 @@ class Metrics:
             if seconds > 0 and completion.completion_tokens:
                 self.tokens_per_s.labels(route=route).observe(
                     completion.completion_tokens / seconds)
+
+    def route_waits(self, route: str, waiting: bool) -> None:
+        """PipelineObserver: a route started or stopped waiting for its executor."""
+        self.route_waiting.labels(route=route).set(1 if waiting else 0)
 
     def active_model(self, info: ModelInfo) -> None:
         self.model.clear()

@@ -77,6 +77,8 @@ class PipelineObserver(Protocol):
         self, route: str, executor: str, outcome: str, completion: Completion | None
     ) -> None: ...
 
+    def route_waits(self, route: str, waiting: bool) -> None: ...
+
 
 class Models(Protocol):
     """Where the model for one reading comes from: every attempt for a reading uses the model
@@ -302,6 +304,8 @@ class Pipeline:
                 time.monotonic())
             log.error("route_waiting_for_executor", route=route.name, error=str(exc),
                       executor=route.executor)
+            if self.observer is not None:
+                self.observer.route_waits(route.name, True)
         parked.until = time.monotonic() + parked.backoff.next_delay()
         parked.reason = str(exc)
 
@@ -310,6 +314,8 @@ class Pipeline:
         if parked is not None:
             log.info("route_executor_recovered", route=route.name,
                      waited_s=round(time.monotonic() - parked.since, 1))
+            if self.observer is not None:
+                self.observer.route_waits(route.name, False)
 
     def _parked_now(self) -> list[str]:
         """Routes whose readings must not be leased now (waiting for an executor)."""

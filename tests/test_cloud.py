@@ -19,6 +19,7 @@ from agent.config import ConfigError, Settings, load
 from agent.executors import Executors
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
+from agent.metrics import Metrics
 from agent.offload import CircuitBreaker
 from agent.pipeline import Pipeline
 from agent.records import Generation, Reading
@@ -285,6 +286,8 @@ def test_a_cloud_route_holds_its_readings_through_an_outage_while_local_routes_f
 
     async def scenario() -> tuple[dict[str, int], list[dict[str, Any]]]:
         async with Rig(cfg) as rig:
+            metrics = rig.pipeline.observer = Metrics()
+            waiting = {"route": "c"}
             await asyncio.to_thread(server.kill)
             cloud_ids = await rig.feed("c", 0, 5)
             local_ids = await rig.feed("l", 100, 5)
@@ -293,9 +296,11 @@ def test_a_cloud_route_holds_its_readings_through_an_outage_while_local_routes_f
             await rig.until(lambda: rig.executors.breaker.opened >= 4)
             held = await rig.store.depths()
             assert set(rig.pipeline.waiting_routes) == {"c"}
+            assert metrics.registry.get_sample_value("edge_agent_route_waiting", waiting) == 1
             await asyncio.to_thread(server.start)
             await rig.until(lambda: rig.pipeline.completed >= 10)
             assert rig.pipeline.waiting_routes == {}
+            assert metrics.registry.get_sample_value("edge_agent_route_waiting", waiting) == 0
             results = await rig.results()
             assert sorted(r["id"] for r in results) == sorted(cloud_ids + local_ids)
             return held, results
