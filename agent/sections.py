@@ -195,7 +195,9 @@ class PipelineSection(Section):
         default=3,
         ge=1,
         le=100,
-        description="Inference attempts per reading (worker crash or timeout) before dead-letter.",
+        description="Attempts per reading (a worker crash or timeout, or any failure the "
+        "reading may cause) before dead-letter; a failure of the model's load or of the "
+        "cloud's link is not counted.",
     )
     retry_backoff_s: float = Field(
         default=1.0, ge=0, description="Pause after a failed attempt before the next lease."
@@ -225,7 +227,9 @@ class CloudModelSection(Section):
         "$CREDENTIALS_DIRECTORY); read once at start.",
     )
     timeout_s: float = Field(
-        default=10.0, gt=0, description="Deadline of one cloud request, connect to last byte."
+        default=10.0, gt=0, description="Deadline of one cloud request, connect to last byte "
+        "(one deadline around the whole request: an endpoint that trickles its answer is cut "
+        "at this time too)."
     )
     response_format: Literal["json_schema", "json_object"] = Field(
         default="json_schema",
