@@ -24,6 +24,7 @@ from agent.offload import CircuitBreaker
 from agent.pipeline import Pipeline
 from agent.records import Generation, Reading
 from agent.store import Store
+from agent.waits import wait_or_timeout
 from tools.harness import LlamaServer
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
@@ -322,6 +323,7 @@ class TricklingServer:
         self.total_s = total_s
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> TricklingServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -330,7 +332,9 @@ class TricklingServer:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        self._stop.set()
         self._server.close()
+        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -339,10 +343,10 @@ class TricklingServer:
                          b"Content-Length: 100000\r\n\r\n")
             loop = asyncio.get_running_loop()
             end = loop.time() + self.total_s
-            while loop.time() < end:
+            while loop.time() < end and not self._stop.is_set():
                 writer.write(b" ")
                 await writer.drain()
-                await asyncio.sleep(self.gap_s)
+                await wait_or_timeout(self._stop, self.gap_s)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
