@@ -6,12 +6,17 @@ persistent session (clean_session=0), resubscribes on every connect, classifies 
 transaction and only then sends the PUBACKs. A crash before the commit means the broker still
 holds the messages and redelivers them; a crash after it means a redelivery that the inbox drops
 by id. Poison input is acked with its dead letter so it cannot loop.
+
+A CONNACK without a session after the first connect means the broker lost the persistent
+session, and with it the readings published meanwhile: that is logged (`local_session_lost`)
+and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 
@@ -30,9 +35,17 @@ from agent.validation import schema_violation
 log = structlog.get_logger()
 
 
+class IngestObserver(Protocol):
+    """What ingest reports as it happens (agent/metrics.py implements it)."""
+
+    def session_lost(self) -> None: ...
+
+
 class Ingest:
-    def __init__(self, settings: Settings, store: Store, topics: Topics) -> None:
+    def __init__(self, settings: Settings, store: Store, topics: Topics,
+                 observer: IngestObserver | None = None) -> None:
         self._settings = settings
+        self._observer = observer
         self._broker = settings.local_broker
         self._store = store
         self._topics = topics
@@ -46,6 +59,8 @@ class Ingest:
         self._stale_filters: set[str] = set()
         self._limiter = _limiter(settings)
         self.shed = 0
+        # Reconnects on which the local broker had lost the agent's persistent session.
+        self.sessions_lost = 0
         # Why input is not being acked right now (store or outbox full), or None.
         self.paused_reason: str | None = None
 
@@ -74,7 +89,8 @@ class Ingest:
                         # broker redelivers the whole unacked window on every connect.
                         backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
-                             client_id=self._client_id)
+                             client_id=self._client_id, session_present=link.session_present)
+                    self._check_session(link)
                     self.connects += 1
                     self.subscribed.set()
                     await link.guard(self._receive(link))
@@ -108,6 +124,23 @@ class Ingest:
             await link.unsubscribe(removed)
         if added:
             await link.subscribe(added)
+
+    def _check_session(self, link: mqtt.Link) -> None:
+        """After the first connect, a CONNACK without a session means the local broker lost
+        the one this client id had: readings published while the agent was away are gone."""
+        if self.connects == 0 or link.session_present:
+            return
+        self.sessions_lost += 1
+        log.warning(
+            "local_session_lost",
+            broker=f"{self._broker.host}:{self._broker.port}", client_id=self._client_id,
+            sessions_lost=self.sessions_lost,
+            meaning="the local broker kept no session for the agent: readings published while "
+            "the agent was disconnected were not queued and are lost; the broker must persist "
+            "sessions across its restarts, not expire them and not cap their queue "
+            "(see README, Guarantees)")
+        if self._observer is not None:
+            self._observer.session_lost()
 
     async def _receive(self, link: mqtt.Link) -> None:
         while True:

@@ -82,6 +82,10 @@ class Metrics:
                              "1 while a critical loop is stalled (watchdog withheld).", ["loop"],
                              registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200.", registry=r)
+        self.sessions_lost = Counter(
+            f"{PREFIX}_session_lost",
+            "Reconnects to the local broker that found the agent's persistent session gone "
+            "(readings published meanwhile were lost by the broker).", registry=r)
         self.dropped.labels(reason="outbox_full")
         self._seen: dict[str, int] = {}
 
@@ -98,6 +102,10 @@ class Metrics:
             if seconds > 0 and completion.completion_tokens:
                 self.tokens_per_s.labels(route=route).observe(
                     completion.completion_tokens / seconds)
+
+    def session_lost(self) -> None:
+        """IngestObserver: the local broker lost the agent's persistent session."""
+        self.sessions_lost.inc()
 
     def active_model(self, info: ModelInfo) -> None:
         self.model.clear()
