@@ -9,7 +9,10 @@ by id. Poison input is acked with its dead letter so it cannot loop.
 
 A CONNACK without a session after the first connect means the broker lost the persistent
 session, and with it the readings published meanwhile: that is logged (`local_session_lost`)
-and counted.
+and counted. A retained message comes again on every subscribe: on a route with
+`retained = "skip_answered"` (the default) it is acked without inference when it is the last
+reading already taken on its topic (the store keeps that id per topic, in the ingest's
+transaction).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Ingest:
         self.shed = 0
         # Reconnects on which the local broker had lost the agent's persistent session.
         self.sessions_lost = 0
+        # Retained messages acked without inference: already answered.
+        self.retained_skipped = 0
         # Why input is not being acked right now (store or outbox full), or None.
         self.paused_reason: str | None = None
 
@@ -159,7 +164,7 @@ class Ingest:
         and ack it in halves, oldest first, so a nearly full store still takes what fits
         (the broker redelivers the whole unacked window at once after a reconnect, which may
         never fit in one transaction). StoreFull escapes only for a single message."""
-        readings, dead = self.classify(batch, time.time())
+        readings, dead = self.classify(await self._unanswered(batch), time.time())
         try:
             outcome = await self._store.ingest(readings, dead)
         except StoreFull:
@@ -174,6 +179,31 @@ class Ingest:
             link.ack(message)
         log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                   duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
+
+    async def _unanswered(self, batch: list[IncomingMessage]) -> list[IncomingMessage]:
+        """The batch without the retained messages already answered: on a route that skips
+        them, a retained message whose id is the last one taken on its topic. The skipped
+        ones are still acked, in order, with the rest of the batch."""
+        device_id = self._settings.agent.device_id
+        retained: dict[int, str] = {}
+        for index, message in enumerate(batch):
+            if not message.retain:
+                continue
+            route = route_for(self._settings.routes, message.topic)
+            if route is not None and route.retained == "skip_answered":
+                retained[index] = reading_id(device_id, message.topic, message.payload)
+        if not retained:
+            return batch
+        last = await self._store.last_readings([batch[i].topic for i in retained])
+        answered = {i for i, rid in retained.items() if last.get(batch[i].topic) == rid}
+        if not answered:
+            return batch
+        self.retained_skipped += len(answered)
+        log.info("retained_readings_skipped", skipped=len(answered),
+                 skipped_total=self.retained_skipped,
+                 why="retained readings the agent answered already (route retained = "
+                 "skip_answered)")
+        return [m for i, m in enumerate(batch) if i not in answered]
 
     def classify(
         self, batch: list[IncomingMessage], received_at: float

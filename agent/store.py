@@ -136,6 +136,10 @@ class Store:
             self.outbox_changed.set()
         return outcome
 
+    async def last_readings(self, topics: Sequence[str]) -> dict[str, str]:
+        """The id of the last reading (or dead letter) ingest took on each topic that has one."""
+        return await self._call(storesql.last_readings, list(topics))
+
     async def lease(self) -> Reading | None:
         """The next reading to infer (highest priority, then oldest), marked as leased."""
         return await self._call(storesql.lease)
