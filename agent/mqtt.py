@@ -236,6 +236,8 @@ class _Handshake:
         aiomqtt_on_socket_open: Callable[..., None] | None = paho_client.on_socket_open
         aiomqtt_on_connect: Callable[..., None] | None = paho_client.on_connect
         aiomqtt_on_disconnect: Callable[..., None] | None = paho_client.on_disconnect
+        # The future aiomqtt's connect awaits; aiomqtt replaces it after a failed connect.
+        connecting: asyncio.Future[None] = client._connected
 
         def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
             self.socket_opened = True
@@ -258,8 +260,7 @@ class _Handshake:
         def on_disconnect(c: paho.Client, userdata: Any, flags: Any, reason: Any,
                           properties: Any = None) -> None:
             # aiomqtt ignores a disconnect before CONNACK and waits out its timeout instead.
-            connecting: asyncio.Future[None] = client._connected
-            if not connecting.done():
+            if not self.connack and not connecting.done():
                 loop.call_soon_threadsafe(self._fail, connecting)
             if aiomqtt_on_disconnect is not None:
                 aiomqtt_on_disconnect(c, userdata, flags, reason, properties)
@@ -357,6 +358,11 @@ async def connect(
             yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
                        session_present=handshake.session_present)
     except aiomqtt.MqttError as exc:
+        if not handshake.connack:
+            # aiomqtt leaves the socket of a connect that timed out waiting for its CONNACK
+            # open, and watched by the loop: one descriptor leaked per retry against a broker
+            # that never answers. paho's own close also unregisters it from the loop.
+            client._client._sock_close()
         raise LinkDown(_refusal(broker, name, exc, handshake)) from exc
 
 
