@@ -7,12 +7,12 @@ transaction and only then sends the PUBACKs. A crash before the commit means the
 holds the messages and redelivers them; a crash after it means a redelivery that the inbox drops
 by id. Poison input is acked with its dead letter so it cannot loop.
 
-A CONNACK without a session after the first connect means the broker lost the persistent
-session, and with it the readings published meanwhile: that is logged (`local_session_lost`)
-and counted. A retained message comes again on every subscribe: on a route with
-`retained = "skip_answered"` (the default) it is acked without inference when it is the last
-reading already taken on its topic (the store keeps that id per topic, in the ingest's
-transaction).
+A CONNACK without a session, after a first connect or at a start with a store that has taken
+readings before, means the broker lost the persistent session, and with it the readings
+published meanwhile: that is logged (`local_session_lost`) and counted. A retained message
+comes again on every subscribe: on a route with `retained = "skip_answered"` (the default) it
+is acked without inference when it is the last reading already taken on its topic (the store
+keeps that id per topic, in the ingest's transaction).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Ingest:
                         backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
                              client_id=self._client_id, session_present=link.session_present)
-                    self._check_session(link)
+                    await self._check_session(link)
                     self.connects += 1
                     self.subscribed.set()
                     await link.guard(self._receive(link))
@@ -130,16 +130,19 @@ class Ingest:
         if added:
             await link.subscribe(added)
 
-    def _check_session(self, link: mqtt.Link) -> None:
-        """After the first connect, a CONNACK without a session means the local broker lost
-        the one this client id had: readings published while the agent was away are gone."""
-        if self.connects == 0 or link.session_present:
+    async def _check_session(self, link: mqtt.Link) -> None:
+        """A CONNACK without a session, once this agent has had one (a connect earlier in this
+        run, or readings taken into the store by an earlier run), means the local broker lost
+        it: readings published while the agent was away are gone."""
+        if link.session_present:
             return
+        if self.connects == 0 and not await self._store.took_readings():
+            return  # a new store: the first session starts now
         self.sessions_lost += 1
         log.warning(
             "local_session_lost",
             broker=f"{self._broker.host}:{self._broker.port}", client_id=self._client_id,
-            sessions_lost=self.sessions_lost,
+            sessions_lost=self.sessions_lost, at_start=self.connects == 0,
             meaning="the local broker kept no session for the agent: readings published while "
             "the agent was disconnected were not queued and are lost; the broker must persist "
             "sessions across its restarts, not expire them and not cap their queue "

@@ -140,6 +140,10 @@ class Store:
         """The id of the last reading (or dead letter) ingest took on each topic that has one."""
         return await self._call(storesql.last_readings, list(topics))
 
+    async def took_readings(self) -> bool:
+        """Whether ingest ever took a reading into this store (so a session existed before)."""
+        return await self._call(storesql.took_readings)
+
     async def lease(self) -> Reading | None:
         """The next reading to infer (highest priority, then oldest), marked as leased."""
         return await self._call(storesql.lease)

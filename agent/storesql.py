@@ -128,6 +128,11 @@ def _remember_last_readings(conn: sqlite3.Connection, readings: Sequence[Reading
     )
 
 
+def took_readings(conn: sqlite3.Connection) -> bool:
+    """Whether ingest ever took a reading (or dead letter) into this store."""
+    return conn.execute("SELECT 1 FROM last_reading LIMIT 1").fetchone() is not None
+
+
 def last_readings(conn: sqlite3.Connection, topics: Sequence[str]) -> dict[str, str]:
     """The id of the last reading taken on each of `topics` (those with one)."""
     found: dict[str, str] = {}
