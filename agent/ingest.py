@@ -62,7 +62,7 @@ class Ingest:
         self._stale_filters: set[str] = set()
         self._limiter = _limiter(settings)
         self.shed = 0
-        # Reconnects on which the local broker had lost the agent's persistent session.
+        # Connects on which the local broker had lost the agent's persistent session.
         self.sessions_lost = 0
         # Retained messages acked without inference: already answered.
         self.retained_skipped = 0

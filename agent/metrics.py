@@ -84,7 +84,7 @@ class Metrics:
         self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200.", registry=r)
         self.sessions_lost = Counter(
             f"{PREFIX}_session_lost",
-            "Reconnects to the local broker that found the agent's persistent session gone "
+            "Connects to the local broker that found the agent's persistent session gone "
             "(readings published meanwhile were lost by the broker).", registry=r)
         self.dropped.labels(reason="outbox_full")
         self._seen: dict[str, int] = {}
