@@ -126,7 +126,7 @@ class Agent:
                      startup: otastart.Startup) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
-        ingest = Ingest(settings, store, topics)
+        ingest = Ingest(settings, store, topics, observer=self.metrics)
         pipeline = Pipeline(settings, store, router, topics, observer=self.metrics,
                             executors=self._executors)
         uplink = Uplink(settings, store, topics,
@@ -249,6 +249,7 @@ class Agent:
                 "delivered": stats.delivered,
                 "oldest_undelivered_s": stats.oldest_undelivered_s},
             "local_link": "up" if ingest.subscribed.is_set() else "down",
+            "local_sessions_lost": ingest.sessions_lost,
             "worker_restarts": worker.restarts,
             "stalled": self.service.stalled,
         }

@@ -6,12 +6,20 @@ persistent session (clean_session=0), resubscribes on every connect, classifies 
 transaction and only then sends the PUBACKs. A crash before the commit means the broker still
 holds the messages and redelivers them; a crash after it means a redelivery that the inbox drops
 by id. Poison input is acked with its dead letter so it cannot loop.
+
+A CONNACK without a session, after a first connect or at a start with a store that has taken
+readings before, means the broker lost the persistent session, and with it the readings
+published meanwhile: that is logged (`local_session_lost`) and counted. A retained message
+comes again on every subscribe: on a route with `retained = "skip_answered"` (the default) it
+is acked without inference when it is the last reading already taken on its topic (the store
+keeps that id per topic, in the ingest's transaction).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 
@@ -30,9 +38,17 @@ from agent.validation import schema_violation
 log = structlog.get_logger()
 
 
+class IngestObserver(Protocol):
+    """What ingest reports as it happens (agent/metrics.py implements it)."""
+
+    def session_lost(self) -> None: ...
+
+
 class Ingest:
-    def __init__(self, settings: Settings, store: Store, topics: Topics) -> None:
+    def __init__(self, settings: Settings, store: Store, topics: Topics,
+                 observer: IngestObserver | None = None) -> None:
         self._settings = settings
+        self._observer = observer
         self._broker = settings.local_broker
         self._store = store
         self._topics = topics
@@ -46,6 +62,10 @@ class Ingest:
         self._stale_filters: set[str] = set()
         self._limiter = _limiter(settings)
         self.shed = 0
+        # Connects on which the local broker had lost the agent's persistent session.
+        self.sessions_lost = 0
+        # Retained messages acked without inference: already answered.
+        self.retained_skipped = 0
         # Why input is not being acked right now (store or outbox full), or None.
         self.paused_reason: str | None = None
 
@@ -74,7 +94,8 @@ class Ingest:
                         # broker redelivers the whole unacked window on every connect.
                         backoff.reset()
                     log.info("ingest_subscribed", broker=f"{self._broker.host}:{self._broker.port}",
-                             client_id=self._client_id)
+                             client_id=self._client_id, session_present=link.session_present)
+                    await self._check_session(link)
                     self.connects += 1
                     self.subscribed.set()
                     await link.guard(self._receive(link))
@@ -109,6 +130,26 @@ class Ingest:
         if added:
             await link.subscribe(added)
 
+    async def _check_session(self, link: mqtt.Link) -> None:
+        """A CONNACK without a session, once this agent has had one (a connect earlier in this
+        run, or readings taken into the store by an earlier run), means the local broker lost
+        it: readings published while the agent was away are gone."""
+        if link.session_present:
+            return
+        if self.connects == 0 and not await self._store.took_readings():
+            return  # a new store: the first session starts now
+        self.sessions_lost += 1
+        log.warning(
+            "local_session_lost",
+            broker=f"{self._broker.host}:{self._broker.port}", client_id=self._client_id,
+            sessions_lost=self.sessions_lost, at_start=self.connects == 0,
+            meaning="the local broker kept no session for the agent: readings published while "
+            "the agent was disconnected were not queued and are lost; the broker must persist "
+            "sessions across its restarts, not expire them and not cap their queue "
+            "(see README, Guarantees)")
+        if self._observer is not None:
+            self._observer.session_lost()
+
     async def _receive(self, link: mqtt.Link) -> None:
         while True:
             self.liveness.idle("waiting for input")
@@ -126,7 +167,7 @@ class Ingest:
         and ack it in halves, oldest first, so a nearly full store still takes what fits
         (the broker redelivers the whole unacked window at once after a reconnect, which may
         never fit in one transaction). StoreFull escapes only for a single message."""
-        readings, dead = self.classify(batch, time.time())
+        readings, dead = self.classify(await self._unanswered(batch), time.time())
         try:
             outcome = await self._store.ingest(readings, dead)
         except StoreFull:
@@ -141,6 +182,31 @@ class Ingest:
             link.ack(message)
         log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                   duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
+
+    async def _unanswered(self, batch: list[IncomingMessage]) -> list[IncomingMessage]:
+        """The batch without the retained messages already answered: on a route that skips
+        them, a retained message whose id is the last one taken on its topic. The skipped
+        ones are still acked, in order, with the rest of the batch."""
+        device_id = self._settings.agent.device_id
+        retained: dict[int, str] = {}
+        for index, message in enumerate(batch):
+            if not message.retain:
+                continue
+            route = route_for(self._settings.routes, message.topic)
+            if route is not None and route.retained == "skip_answered":
+                retained[index] = reading_id(device_id, message.topic, message.payload)
+        if not retained:
+            return batch
+        last = await self._store.last_readings([batch[i].topic for i in retained])
+        answered = {i for i, rid in retained.items() if last.get(batch[i].topic) == rid}
+        if not answered:
+            return batch
+        self.retained_skipped += len(answered)
+        log.info("retained_readings_skipped", skipped=len(answered),
+                 skipped_total=self.retained_skipped,
+                 why="retained readings the agent answered already (route retained = "
+                 "skip_answered)")
+        return [m for i, m in enumerate(batch) if i not in answered]
 
     def classify(
         self, batch: list[IncomingMessage], received_at: float

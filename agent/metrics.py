@@ -86,6 +86,10 @@ class Metrics:
             f"{PREFIX}_route_waiting",
             "1 while a route's readings wait in the inbox for its executor (the model does not "
             "load, the cloud is down).", ["route"], registry=r)
+        self.sessions_lost = Counter(
+            f"{PREFIX}_session_lost",
+            "Connects to the local broker that found the agent's persistent session gone "
+            "(readings published meanwhile were lost by the broker).", registry=r)
         self.dropped.labels(reason="outbox_full")
         self._seen: dict[str, int] = {}
 
@@ -106,6 +110,10 @@ class Metrics:
     def route_waits(self, route: str, waiting: bool) -> None:
         """PipelineObserver: a route started or stopped waiting for its executor."""
         self.route_waiting.labels(route=route).set(1 if waiting else 0)
+
+    def session_lost(self) -> None:
+        """IngestObserver: the local broker lost the agent's persistent session."""
+        self.sessions_lost.inc()
 
     def active_model(self, info: ModelInfo) -> None:
         self.model.clear()

@@ -11,6 +11,12 @@ which capped the drain at under half of paho's own rate. Those PUBLISHes go to p
 and their PUBACKs are routed, by message id, from paho's `on_publish` to a callback, ahead of
 aiomqtt's own handler, which still serves its awaited publishes.
 
+The CONNACK is watched through paho's callbacks as well (`_Handshake`): aiomqtt 2.5 keeps
+neither its session-present flag, which ingest needs to notice a local broker that lost its
+persistent session, nor a connection closed before CONNACK, which it waits out for the whole
+connect timeout and then reports as "Operation timed out". Here such a close fails the connect
+at once, and every failure before CONNACK is a LinkDown saying what the broker probably refused.
+
 A fresh `aiomqtt.Client` is made for every connection: re-entering one resends stale packets.
 Library errors leave this module as `LinkDown`.
 """
@@ -45,8 +51,12 @@ class LinkDown(TransientError):
 class Link:
     """One live connection to a broker."""
 
-    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool, keepalive_s: int) -> None:
+    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool, keepalive_s: int,
+                 session_present: bool = False) -> None:
         self._client = client
+        # The CONNACK's session-present flag: False after clean_session=0 means the broker
+        # kept no session for this client id (a first connect, or a session it lost).
+        self.session_present = session_present
         self._keepalive_s = keepalive_s
         self._manual_ack = manual_ack
         self._messages = client.messages
@@ -189,7 +199,8 @@ def _incoming(message: aiomqtt.Message) -> IncomingMessage:
         payload = payload.encode()
     elif not isinstance(payload, bytes | bytearray):
         payload = b"" if payload is None else str(payload).encode()
-    return IncomingMessage(message.topic.value, bytes(payload), message.mid, message.qos)
+    return IncomingMessage(message.topic.value, bytes(payload), message.mid, message.qos,
+                           retain=bool(message.retain))
 
 
 def _refused(granted: int | ReasonCode) -> bool:
@@ -197,6 +208,103 @@ def _refused(granted: int | ReasonCode) -> bool:
     if isinstance(granted, ReasonCode):
         return bool(granted.is_failure)
     return granted >= SUBACK_FAILURE
+
+
+class _ClosedBeforeConnack(aiomqtt.MqttError):
+    """The broker closed the connection after CONNECT without a CONNACK."""
+
+    def __init__(self, socket_error: str | None) -> None:
+        super().__init__("connection closed before CONNACK")
+        self.socket_error = socket_error
+
+
+class _Handshake:
+    """What paho saw between opening the socket and the CONNACK, which aiomqtt 2.5 drops.
+
+    Its callbacks wrap aiomqtt's own on `Client._client` (pinned, see the module docstring)
+    and must be installed before CONNECT. They run on the event loop, except `on_socket_open`,
+    which paho calls from aiomqtt's connect thread once TCP (and TLS) are up.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.socket_opened = False
+        self.connack = False
+        self.session_present = False
+        self.socket_error: str | None = None  # paho's last error line before CONNACK
+        loop = asyncio.get_running_loop()
+        paho_client = client._client
+        aiomqtt_on_socket_open: Callable[..., None] | None = paho_client.on_socket_open
+        aiomqtt_on_connect: Callable[..., None] | None = paho_client.on_connect
+        aiomqtt_on_disconnect: Callable[..., None] | None = paho_client.on_disconnect
+        # The future aiomqtt's connect awaits; aiomqtt replaces it after a failed connect.
+        connecting: asyncio.Future[None] = client._connected
+
+        def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
+            self.socket_opened = True
+            if aiomqtt_on_socket_open is not None:
+                aiomqtt_on_socket_open(c, userdata, sock)
+
+        def on_log(c: paho.Client, userdata: Any, level: int, buf: str) -> None:
+            if level == paho.MQTT_LOG_ERR:
+                self.socket_error = buf  # e.g. "failed to receive on socket: [SSL: ...]"
+
+        def on_connect(c: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any = None) -> None:
+            self.connack = True
+            self.session_present = bool(flags.session_present)
+            # paho formats a line for on_log per packet: not on the publish path.
+            paho_client.on_log = None
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(c, userdata, flags, reason, properties)
+
+        def on_disconnect(c: paho.Client, userdata: Any, flags: Any, reason: Any,
+                          properties: Any = None) -> None:
+            # aiomqtt ignores a disconnect before CONNACK and waits out its timeout instead.
+            if not self.connack and not connecting.done():
+                loop.call_soon_threadsafe(self._fail, connecting)
+            if aiomqtt_on_disconnect is not None:
+                aiomqtt_on_disconnect(c, userdata, flags, reason, properties)
+
+        paho_client.on_socket_open = on_socket_open
+        paho_client.on_log = on_log
+        paho_client.on_connect = on_connect
+        paho_client.on_disconnect = on_disconnect
+
+    def _fail(self, connecting: asyncio.Future[None]) -> None:
+        if not connecting.done():
+            connecting.set_exception(_ClosedBeforeConnack(self.socket_error))
+
+
+def _refusal(broker: BrokerSection, name: str, exc: aiomqtt.MqttError,
+             handshake: _Handshake) -> str:
+    """Why a connection failed, naming what the broker probably refused where it is likely."""
+    where = f"{broker.host}:{broker.port}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLError):
+        return f"{where}: TLS handshake refused: {cause}"
+    no_connack: str | None = None
+    if isinstance(exc, _ClosedBeforeConnack):
+        said = f" ({exc.socket_error})" if exc.socket_error else ""
+        no_connack = f"the broker closed the connection before CONNACK{said}"
+    elif handshake.socket_opened and not handshake.connack and isinstance(cause, TimeoutError):
+        # aiomqtt's wait for the CONNACK, not a TCP connect (or a DISCONNECT) that timed out.
+        no_connack = f"no CONNACK within {broker.connect_timeout_s:g}s"
+    if no_connack is not None:
+        if broker.tls and broker.cert_file is not None:
+            # TLS 1.3 lets the client finish its handshake before the broker checks the client
+            # certificate (RFC 8446 4.4.2); a refusal then shows only as a missing CONNACK.
+            return (f"{where}: TLS session opened but {no_connack}: the broker probably "
+                    f"refused the client certificate {broker.cert_file} (check it against "
+                    "the broker's CA)")
+        if broker.tls:
+            return (f"{where}: TLS session opened but {no_connack}: the broker probably "
+                    f"requires a client certificate ({name}.cert_file is not set)")
+        return (f"{where}: {no_connack}: the broker may not speak MQTT 3.1.1 (an MQTT "
+                "5-only broker), or is not an MQTT broker")
+    if broker.tls and isinstance(cause, OSError):
+        # e.g. a plaintext listener resets the connection on our ClientHello.
+        return f"{where}: TLS connection failed: {type(cause).__name__}: {cause}"
+    return f"{where}: {exc}"
 
 
 @asynccontextmanager
@@ -244,26 +352,18 @@ async def connect(
     if manual_ack:
         # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
         client._client.manual_ack_set(True)
+    handshake = _Handshake(client)
     try:
         async with client:
-            yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s)
+            yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
+                       session_present=handshake.session_present)
     except aiomqtt.MqttError as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, ssl.SSLError):
-            raise LinkDown(f"{broker.host}:{broker.port}: TLS handshake refused: {cause}") from exc
-        if broker.tls and broker.cert_file is not None and isinstance(cause, TimeoutError):
-            # TLS 1.3 lets the client finish its handshake before the broker checks the client
-            # certificate (RFC 8446 4.4.2); a refusal then shows only as a missing CONNACK.
-            raise LinkDown(
-                f"{broker.host}:{broker.port}: TLS session opened but no CONNACK within "
-                f"{broker.connect_timeout_s}s: the broker probably refused the client "
-                f"certificate {broker.cert_file} (check it against the broker's CA)"
-            ) from exc
-        if broker.tls and isinstance(cause, OSError):
-            # e.g. a plaintext listener resets the connection on our ClientHello.
-            raise LinkDown(f"{broker.host}:{broker.port}: TLS connection failed: "
-                           f"{type(cause).__name__}: {cause}") from exc
-        raise LinkDown(f"{broker.host}:{broker.port}: {exc}") from exc
+        if not handshake.connack:
+            # aiomqtt leaves the socket of a connect that timed out waiting for its CONNACK
+            # open, and watched by the loop: one descriptor leaked per retry against a broker
+            # that never answers. paho's own close also unregisters it from the loop.
+            client._client._sock_close()
+        raise LinkDown(_refusal(broker, name, exc, handshake)) from exc
 
 
 def tls_context(broker: BrokerSection, name: str) -> ssl.SSLContext:

@@ -27,12 +27,15 @@ def reading_id(device_id: str, topic: str, payload: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class IncomingMessage:
-    """A message as the local broker delivered it, before it is classified."""
+    """A message as the local broker delivered it, before it is classified. `retain` is set
+    only on a retained message the broker sent because of a (re)subscription, never on a live
+    one (MQTT 3.1.1 section 3.3.1.3)."""
 
     topic: str
     payload: bytes
     mid: int
     qos: int
+    retain: bool = False
 
 
 @dataclass(frozen=True, slots=True)

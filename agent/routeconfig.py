@@ -53,6 +53,14 @@ class Route(Section):
     priority: int = Field(
         default=0, ge=0, le=9, description="Higher is leased first from the inbox."
     )
+    retained: Literal["skip_answered", "infer"] = Field(
+        default="skip_answered",
+        description="Retained readings (Zigbee2MQTT, Tasmota and ESPHome publish retained) come "
+        "again from the local broker on every subscribe. skip_answered acks one without "
+        "inference when it is the last reading the agent already took on its topic; infer "
+        "answers it again on every reconnect (a result with the same id each time, which "
+        "the receiver drops as a duplicate).",
+    )
     # -- co-inference (issue 6) --
     executor: Literal["local", "cloud", "local-first", "cloud-first"] = Field(
         default="local",

@@ -136,6 +136,14 @@ class Store:
             self.outbox_changed.set()
         return outcome
 
+    async def last_readings(self, topics: Sequence[str]) -> dict[str, str]:
+        """The id of the last reading (or dead letter) ingest took on each topic that has one."""
+        return await self._call(storesql.last_readings, list(topics))
+
+    async def took_readings(self) -> bool:
+        """Whether ingest ever took a reading into this store (so a session existed before)."""
+        return await self._call(storesql.took_readings)
+
     async def lease(self, exclude: Sequence[str] = ()) -> Reading | None:
         """The next reading to infer (highest priority, then oldest), marked as leased; none
         of the routes in `exclude`."""

@@ -66,6 +66,13 @@ CREATE TABLE IF NOT EXISTS sizes (
     rows INTEGER NOT NULL,
     bytes INTEGER NOT NULL
 );
+-- The id of the last reading (or dead letter) taken on each topic: a retained message the
+-- local broker sends again on a resubscribe is its topic's last value, so when its id is
+-- this one it was answered already (ingest skips it). One row per topic.
+CREATE TABLE IF NOT EXISTS last_reading (
+    topic TEXT PRIMARY KEY,
+    id TEXT NOT NULL
+);
 """
 
 # Kept by triggers so the bound check costs O(1) per batch; recounted at every open.

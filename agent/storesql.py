@@ -110,7 +110,37 @@ def ingest(
             )
             accepted += cursor.rowcount
         dead_lettered = sum(_insert_dead_letter(conn, d, report, bounds) for d, report in dead)
+        _remember_last_readings(conn, readings, dead)
     return IngestOutcome(accepted, len(readings) - accepted, dead_lettered)
+
+
+def _remember_last_readings(conn: sqlite3.Connection, readings: Sequence[Reading],
+                            dead: Sequence[tuple[DeadLetter, NewOutboxRow]]) -> None:
+    """Record each topic's last id in `last_reading`, in the ingest's transaction."""
+    last = {d.topic: d.id for d, _ in dead}
+    # A reading wins over a dead letter of the same batch: a retained dead letter taken again
+    # only repeats a dead letter, which its unique id makes a no-op.
+    last.update((r.topic, r.id) for r in readings)
+    conn.executemany(
+        "INSERT INTO last_reading (topic, id) VALUES (?, ?) "
+        "ON CONFLICT (topic) DO UPDATE SET id = excluded.id",
+        list(last.items()),
+    )
+
+
+def took_readings(conn: sqlite3.Connection) -> bool:
+    """Whether ingest ever took a reading (or dead letter) into this store."""
+    return conn.execute("SELECT 1 FROM last_reading LIMIT 1").fetchone() is not None
+
+
+def last_readings(conn: sqlite3.Connection, topics: Sequence[str]) -> dict[str, str]:
+    """The id of the last reading taken on each of `topics` (those with one)."""
+    found: dict[str, str] = {}
+    for topic in set(topics):
+        row = conn.execute("SELECT id FROM last_reading WHERE topic = ?", (topic,)).fetchone()
+        if row is not None:
+            found[topic] = str(row[0])
+    return found
 
 
 def _insert_dead_letter(conn: sqlite3.Connection, d: DeadLetter, report: NewOutboxRow,

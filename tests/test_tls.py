@@ -1,7 +1,7 @@
 """TLS and mutual TLS to the cloud broker against a real mosquitto TLS listener, with a CA the
 test makes: the right certificates deliver; a wrong CA, an expired server certificate, a client
-certificate from another CA, or a plaintext port are refused with a clear error while the agent
-keeps buffering, and nothing is ever sent in plaintext."""
+certificate from another CA, no client certificate, or a plaintext port are refused with a clear
+error while the agent keeps buffering, and nothing is ever sent in plaintext."""
 
 from __future__ import annotations
 
@@ -98,14 +98,16 @@ def tls_broker(rig: Rig, ca: Authority, server: tuple[Path, Path]) -> tuple[Mosq
     return broker, plain
 
 
-def tls_agent(rig: Rig, *, port: int, ca: Path, cert: Path, key: Path) -> AgentProcess:
+def tls_agent(rig: Rig, *, port: int, ca: Path, cert: Path | None,
+              key: Path | None) -> AgentProcess:
     """An agent whose cloud link is TLS, the CA, certificate and key given as systemd
-    credentials in $CREDENTIALS_DIRECTORY."""
+    credentials in $CREDENTIALS_DIRECTORY (no client certificate when `cert` is None)."""
     creds = rig.workdir / "credentials"
     creds.mkdir(exist_ok=True)
     for name, source in (("cloud-broker-ca", ca), ("cloud-broker-cert", cert),
                          ("cloud-broker-key", key)):
-        (creds / name).write_bytes(source.read_bytes())
+        if source is not None:
+            (creds / name).write_bytes(source.read_bytes())
     agent = AgentProcess(rig.config(), rig.workdir / "agent.log", env={
         "CREDENTIALS_DIRECTORY": str(creds),
         "EDGE_AGENT_CLOUD_BROKER__TLS": "true",
@@ -132,7 +134,8 @@ def test_mutual_tls_delivers_results(rig: Rig, tmp_path: Path) -> None:
     collector.stop()
 
 
-@pytest.mark.parametrize("case", ["wrong_ca", "expired_server", "foreign_client", "plaintext"])
+@pytest.mark.parametrize("case", ["wrong_ca", "expired_server", "foreign_client", "no_client_cert",
+                                  "plaintext"])
 def test_a_refused_tls_link_is_reported_and_the_agent_keeps_buffering(
     rig: Rig, tmp_path: Path, case: str
 ) -> None:
@@ -145,7 +148,11 @@ def test_a_refused_tls_link_is_reported_and_the_agent_keeps_buffering(
     broker.start()
     rig.local.start()
     collector = CloudCollector(plain).start()
+    cert: Path | None
+    key: Path | None
     cert, key = (other if case == "foreign_client" else ca).issue("gw-test", server=False)
+    if case == "no_client_cert":
+        cert = key = None
     agent = tls_agent(rig, port=plain if case == "plaintext" else broker.port,
                       ca=other.ca_file if case == "wrong_ca" else ca.ca_file, cert=cert, key=key)
     failure = agent.wait_for_event("uplink_link_failed", 60)
@@ -153,6 +160,9 @@ def test_a_refused_tls_link_is_reported_and_the_agent_keeps_buffering(
         "wrong_ca": "certificate verify failed",
         "expired_server": "certificate has expired",
         "foreign_client": "refused the client certificate",
+        # Before issue 12: "TLS connection failed: TimeoutError: " after the whole timeout.
+        "no_client_cert": "the broker probably requires a client certificate "
+                          "(cloud_broker.cert_file is not set)",
         "plaintext": "TLS connection failed",
     }[case]
     assert expected in failure["error"], failure
