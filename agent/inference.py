@@ -2,6 +2,9 @@
 
 Owns the child process: start, per-request deadline, kill and restart after a hang or crash with
 a backoff against crash loops, and shutdown. It never imports llama_cpp; the worker does.
+
+Each worker runs in a session (and process group) of its own, and every kill goes to the whole
+group: nothing the worker started (a forked backtrace helper, say) outlives it.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import structlog
@@ -57,19 +61,29 @@ class InferenceWorker:
         self.liveness = Liveness("inference_worker")
         # Readiness: the model loaded and its last request (or the load) succeeded.
         self.answering = False
+        # Threads llama.cpp's context got: (per generated token, for the prompt).
+        self.threads: tuple[int, int] | None = None
 
-    async def start(self) -> None:
-        """Start the worker and wait until the model is loaded; ModelLoadError if it is refused."""
+    def command(self) -> list[str]:
+        """The worker's command line."""
         args = [sys.executable, "-m", "agent.worker", "--model", self.info.path,
                 "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed)]
         if self._model.n_threads:
             args += ["--n-threads", str(self._model.n_threads)]
+        if self._model.threads_batch:
+            args += ["--n-threads-batch", str(self._model.threads_batch)]
         if self._model.memory_limit_mb:
             args += ["--memory-limit-mb", str(self._model.memory_limit_mb)]
+        return args
+
+    async def start(self) -> None:
+        """Start the worker and wait until the model is loaded; ModelLoadError if it is refused."""
         self.liveness.busy()
+        # A session of its own: the group can be killed whole, and a Ctrl-C meant for the
+        # agent does not reach the worker (the agent stops it itself).
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=_LINE_LIMIT,
+            *self.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT, start_new_session=True,
         )
         self._proc = proc
         try:
@@ -84,9 +98,11 @@ class InferenceWorker:
             raise ModelLoadError(f"llama.cpp refused {self.info.path}: {hello.get('error')}")
         self.pid = proc.pid
         self.answering = True
+        self.threads = (int(hello.get("threads", 0)), int(hello.get("threads_batch", 0)))
         self.liveness.idle("no request")
         log.info("worker_ready", pid=proc.pid, model=self.info.name,
-                 load_ms=round(float(hello.get("load_ms", 0)), 1))
+                 load_ms=round(float(hello.get("load_ms", 0)), 1),
+                 threads=self.threads[0], threads_batch=self.threads[1])
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[InferenceWorker]:
@@ -170,25 +186,33 @@ class InferenceWorker:
         await self.start()
 
     async def _kill(self) -> None:
+        """SIGKILL the worker's whole process group and reap the worker."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
         # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
-        proc.send_signal(signal.SIGKILL)
+        _kill_group(proc)
         await proc.wait()
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`."""
+        """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`; either way
+        nothing of its process group is left."""
         proc = self._proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        if proc.stdin is not None:
+        if proc.returncode is None and proc.stdin is not None:
             proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            await self._kill()
-        self._proc = None
+            with suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout_s)
+        await self._kill()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL every process of the worker's group (its pid is the group id: start_new_session).
+    The kernel keeps a pid in use while a group of that id has members, so this reaches only
+    our worker's group, or nothing once that group is empty (ESRCH)."""
+    with suppress(ProcessLookupError, PermissionError):  # the group is already empty
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _describe_exit(code: int) -> str:

@@ -9,6 +9,11 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 {"event": "error", "error": ...}; then for each request line it writes exactly one response line.
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
+
+When llama.cpp aborts (GGML_ASSERT), ggml's handler would fork and attach gdb to print a backtrace:
+a debugger attaching from inside a service, `(gdb)` lines in the agent's JSON log, and a forked
+child that can outlive the worker. GGML_NO_BACKTRACE turns that off; the abort message still goes
+to stderr and the supervisor sees SIGABRT.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections import OrderedDict
 from typing import Any, TextIO
 
 from llama_cpp import Llama, LlamaState
+from llama_cpp.llama_cpp import llama_n_threads, llama_n_threads_batch
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from agent.grammar import forbid_raw_control_chars
@@ -119,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--n-threads-batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit-mb", type=int, default=None)
     args = parser.parse_args(argv)
+    # Read by ggml_print_backtrace() when it aborts (ggml/src/ggml.c): no fork, no gdb.
+    os.environ["GGML_NO_BACKTRACE"] = "1"
     out = _protocol_stream()
     started = time.perf_counter()
     if args.memory_limit_mb:
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
+            n_threads_batch=args.n_threads_batch,
             seed=args.seed,
             verbose=False,
         )
@@ -143,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             error += f" (address space limited to {args.memory_limit_mb} MiB)"
         _send(out, {"event": "error", "error": error})
         return 1
+    # The thread counts llama.cpp's context actually got, for the supervisor's log.
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
-                "pid": os.getpid()})
+                "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
+                "threads_batch": llama_n_threads_batch(llm.ctx)})
     engine = Engine(llm)
     for line in sys.stdin:
         request = json.loads(line)

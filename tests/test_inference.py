@@ -15,6 +15,7 @@ from agent.config import ModelSection
 from agent.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
 from agent.inference import InferenceWorker, identify
 from agent.records import Generation
+from tools.harness import wait_until
 
 SCHEMA = {"type": "object", "properties": {"level": {"enum": ["normal", "warning", "critical"]}},
           "required": ["level"], "additionalProperties": False}
@@ -132,11 +133,12 @@ def crashing_model(path: Path) -> Path:
 
 
 def test_a_worker_that_crashes_on_every_request_backs_off_between_restarts(
-    tmp_path: Path,
+    tmp_path: Path, capfd: pytest.CaptureFixture[str],
 ) -> None:
     """Every request aborts llama.cpp: each fails with WorkerCrashed, the worker is restarted
     each time, and from the second restart on a jittered backoff of at least base/2 separates
-    the restarts, so a crash loop cannot spin."""
+    the restarts, so a crash loop cannot spin; ggml's abort attaches no debugger (no gdb, whose
+    attach made a crash slow enough to miss the deadline now and then)."""
     from structlog.testing import capture_logs
 
     model = crashing_model(tmp_path / "crashes.gguf")
@@ -157,3 +159,77 @@ def test_a_worker_that_crashes_on_every_request_backs_off_between_restarts(
     assert worker.restarts == 3
     assert delays[0] == 0
     assert all(d >= 0.25 for d in delays[1:]), delays
+    stderr = capfd.readouterr().err  # the workers inherit this process's fd 2
+    assert stderr.count("unsupported types") == 4, stderr  # ggml_abort's message, once a crash
+    assert "gdb" not in stderr, stderr
+
+
+def test_the_worker_gets_both_thread_counts(tiny_model: Path) -> None:
+    """n_threads bounds prompt processing too unless n_threads_batch says otherwise: llama.cpp's
+    context reports the generation and prompt threads it was given."""
+
+    async def scenario() -> list[tuple[int, int] | None]:
+        got = []
+        for kwargs in ({}, {"n_threads_batch": 2}):
+            worker = await started(tiny_model, **kwargs)
+            try:
+                got.append(worker.threads)
+            finally:
+                await worker.close()
+        return got
+
+    assert asyncio.run(scenario()) == [(1, 1), (1, 2)]
+
+
+class WithHelper(InferenceWorker):
+    """A worker whose process group also holds a helper it started (a stand-in for a forked
+    backtrace helper): `sleep` in the background, detached from the protocol pipes."""
+
+    def command(self) -> list[str]:
+        return ["sh", "-c", 'sleep 600 </dev/null >/dev/null 2>&1 & exec "$@"', "sh",
+                *super().command()]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def test_a_crash_and_a_close_leave_no_process_of_the_worker_group(
+    tmp_path: Path, tiny_model: Path,
+) -> None:
+    """The worker runs in a process group of its own; after it crashes, and after close(),
+    nothing of that group is left running."""
+    model = crashing_model(tmp_path / "crashes.gguf")
+
+    async def scenario() -> None:
+        for path in (model, tiny_model):
+            section = ModelSection(path=path, n_ctx=256, n_threads=1)
+            worker = WithHelper(section, await identify(section, "tiny"))
+            await worker.start()
+            pgid = worker.pid
+            assert pgid is not None
+            assert len(group_members(pgid)) == 2  # the worker and its helper
+            try:
+                if path == model:
+                    with pytest.raises(WorkerCrashed, match="SIGABRT"):
+                        await ask(worker)
+                else:
+                    assert json.loads(await ask(worker))["level"]
+            finally:
+                await worker.close()
+            await asyncio.to_thread(wait_until, lambda g=pgid: not group_members(g), 30,
+                                    f"the group of the worker of {path.name} to be empty")
+
+    asyncio.run(scenario())
