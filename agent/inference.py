@@ -4,7 +4,11 @@ Owns the child process: start, per-request deadline, kill and restart after a ha
 a backoff against crash loops, and shutdown. It never imports llama_cpp; the worker does.
 
 Each worker runs in a session (and process group) of its own, and every kill goes to the whole
-group: nothing the worker started (a forked backtrace helper, say) outlives it.
+group: nothing the worker started (a forked backtrace helper, say) outlives it. A model that stops
+loading while the agent serves (the file damaged on disk, a load past its deadline) makes the
+worker unavailable: not answering, reported once as `model_unavailable`, the restart retried at the
+next request after a backoff, and `model_recovered` when it answers again. The pipeline keeps the
+readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -63,6 +68,10 @@ class InferenceWorker:
         self.answering = False
         # Threads llama.cpp's context got: (per generated token, for the prompt).
         self.threads: tuple[int, int] | None = None
+        # While serving: why the model does not load now (None while it does), and since when.
+        self.unavailable: str | None = None
+        self.load_failures = 0
+        self._unavailable_since = 0.0
 
     def command(self) -> list[str]:
         """The worker's command line."""
@@ -154,6 +163,10 @@ class InferenceWorker:
                 self.liveness.idle("no request")
             self._backoff.reset()
             self.answering = True
+            if self.unavailable is not None:
+                log.info("model_recovered", path=self.info.path, failures=self.load_failures,
+                         after_s=round(time.monotonic() - self._unavailable_since, 1))
+                self.unavailable = None
         if reply.get("id") != request_id:
             raise WorkerCrashed(f"worker answered request {reply.get('id')}, not {request_id}")
         if not reply.get("ok"):
@@ -183,7 +196,22 @@ class InferenceWorker:
         log.warning("worker_restarting", restarts=self.restarts, delay_s=round(delay, 2))
         self.liveness.idle("restart backoff")
         await asyncio.sleep(delay)
-        await self.start()
+        try:
+            await self.start()
+        except ModelLoadError as exc:
+            self._unavailable(exc)
+            raise
+
+    def _unavailable(self, exc: ModelLoadError) -> None:
+        """The model does not load while serving: reported once, retried at the next request
+        (after the backoff) until it answers."""
+        self.load_failures += 1
+        self.answering = False
+        if self.unavailable is None:
+            self._unavailable_since = time.monotonic()
+            log.error("model_unavailable", path=self.info.path, version=self.info.version,
+                      reason=str(exc), retry="at the next reading, after a backoff")
+        self.unavailable = str(exc)
 
     async def _kill(self) -> None:
         """SIGKILL the worker's whole process group and reap the worker."""
