@@ -134,7 +134,6 @@ class InferenceWorker:
                 await self._restart()
             proc = self._proc
             assert proc is not None
-            assert proc.stdin is not None
             request_id = next(self._ids)
             request = {"id": request_id, "messages": messages,
                        "max_tokens": generation.max_tokens,
@@ -142,9 +141,10 @@ class InferenceWorker:
                        "schema": generation.schema, "prefix_key": generation.prefix_key}
             self.liveness.busy()
             try:
-                proc.stdin.write(json.dumps(request).encode() + b"\n")
-                await proc.stdin.drain()
-                reply = await asyncio.wait_for(self._read(proc), self._model.request_timeout_s)
+                # The deadline covers the write too: a hung worker stops reading its stdin, and
+                # a request larger than the pipe buffer would wait in drain() for ever.
+                reply = await asyncio.wait_for(self._exchange(proc, request),
+                                               self._model.request_timeout_s)
             except TimeoutError as exc:
                 self.answering = False
                 await self._kill()
@@ -159,16 +159,22 @@ class InferenceWorker:
                 self.answering = False
                 await self._kill()
                 raise
+            except asyncio.CancelledError:
+                # Its answer would be read as the next request's: the next call starts afresh.
+                self._abandon()
+                raise
             finally:
                 self.liveness.idle("no request")
+            if reply.get("id") != request_id:
+                await self._kill()
+                raise WorkerCrashed(
+                    f"worker answered request {reply.get('id')}, not {request_id}")
             self._backoff.reset()
             self.answering = True
             if self.unavailable is not None:
                 log.info("model_recovered", path=self.info.path, failures=self.load_failures,
                          after_s=round(time.monotonic() - self._unavailable_since, 1))
                 self.unavailable = None
-        if reply.get("id") != request_id:
-            raise WorkerCrashed(f"worker answered request {reply.get('id')}, not {request_id}")
         if not reply.get("ok"):
             raise InferenceFailed(str(reply.get("error")))
         return Completion(
@@ -179,6 +185,13 @@ class InferenceWorker:
             latency_ms=float(reply["latency_ms"]),
             reused_tokens=int(reply.get("reused_tokens", 0)),
         )
+
+    async def _exchange(self, proc: asyncio.subprocess.Process, request: dict[str, Any]
+                        ) -> dict[str, Any]:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        await proc.stdin.drain()
+        return await self._read(proc)
 
     async def _read(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
         assert proc.stdout is not None
@@ -221,6 +234,13 @@ class InferenceWorker:
         # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
         _kill_group(proc)
         await proc.wait()
+
+    def _abandon(self) -> None:
+        """Kill the worker's group without waiting (from a cancelled request); the child
+        watcher reaps it and the next request starts a new worker."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_group(proc)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`; either way

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -231,5 +232,56 @@ def test_a_crash_and_a_close_leave_no_process_of_the_worker_group(
                 await worker.close()
             await asyncio.to_thread(wait_until, lambda g=pgid: not group_members(g), 30,
                                     f"the group of the worker of {path.name} to be empty")
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_worker_cannot_hold_a_request_larger_than_the_pipe_past_the_deadline(
+    tiny_model: Path,
+) -> None:
+    """A SIGSTOPped worker reads nothing: a 1 MB request (far over the 64 KiB pipe buffer) still
+    fails with WorkerTimeout at the request deadline instead of waiting to be written for ever."""
+    big = [{"role": "user", "content": "x" * 1_000_000}]
+
+    async def scenario() -> None:
+        worker = await started(tiny_model, request_timeout_s=1.0)
+        try:
+            hung = worker.pid
+            assert hung is not None
+            os.kill(hung, signal.SIGSTOP)
+            with pytest.raises(WorkerTimeout):
+                # The outer bound only turns the old hang into a failure; it is not the deadline.
+                await asyncio.wait_for(worker.complete(big, Generation(8, 0.0, 0, None)), 30)
+            with pytest.raises(ProcessLookupError):
+                os.kill(hung, 0)
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_does_not_leave_its_answer_for_the_next_one(tiny_model: Path) -> None:
+    """A request cancelled in flight (its reading's task stopped) is abandoned with its worker:
+    the next request gets its own answer from a fresh worker, not the cancelled one's."""
+
+    async def scenario() -> None:
+        worker = await started(tiny_model, request_timeout_s=30.0)
+        try:
+            first = worker.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)  # keep the request in flight
+            request = asyncio.ensure_future(ask(worker))
+            await asyncio.to_thread(wait_until, lambda: worker.liveness.idle_reason is None,
+                                    30, "the request in flight")
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first, signal.SIGCONT)  # if it survived, it answers the cancelled one
+            for seed in range(3):
+                assert json.loads(await ask(worker, seed))["level"]
+            assert worker.pid != first
+        finally:
+            await worker.close()
 
     asyncio.run(scenario())
