@@ -76,7 +76,8 @@ class InferenceWorker:
     def command(self) -> list[str]:
         """The worker's command line."""
         args = [sys.executable, "-m", "agent.worker", "--model", self.info.path,
-                "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed)]
+                "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed),
+                "--parent-pid", str(os.getpid())]
         if self._model.n_threads:
             args += ["--n-threads", str(self._model.n_threads)]
         if self._model.threads_batch:

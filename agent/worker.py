@@ -14,14 +14,21 @@ When llama.cpp aborts (GGML_ASSERT), ggml's handler would fork and attach gdb to
 a debugger attaching from inside a service, `(gdb)` lines in the agent's JSON log, and a forked
 child that can outlive the worker. GGML_NO_BACKTRACE turns that off; the abort message still goes
 to stderr and the supervisor sees SIGABRT.
+
+The worker runs in a session of its own (agent/inference.py kills its whole process group), so a
+signal to the agent's group does not reach it; instead it asks the kernel to SIGKILL it when the
+agent dies (PR_SET_PDEATHSIG), so an agent killed uncleanly leaves no worker behind, not even a
+hung or stopped one.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -120,6 +127,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits (prctl(2)); exit at once if
+    the agent is already gone (it died between fork and here)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"the agent (pid {parent_pid}) is gone")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.worker")
     parser.add_argument("--model", required=True)
@@ -128,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-threads-batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit-mb", type=int, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with(args.parent_pid)
     # Read by ggml_print_backtrace() when it aborts (ggml/src/ggml.c): no fork, no gdb.
     os.environ["GGML_NO_BACKTRACE"] = "1"
     out = _protocol_stream()
