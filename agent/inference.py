@@ -37,6 +37,8 @@ log = structlog.get_logger()
 
 # A response line holds a generation; well above any max_tokens the config allows.
 _LINE_LIMIT = 16 * 1024 * 1024
+# How long a dead (or SIGKILLed) worker may take to be reaped before we go on without it.
+_REAP_TIMEOUT_S = 5.0
 
 
 class InferenceFailed(PermanentError):
@@ -198,7 +200,7 @@ class InferenceWorker:
         assert proc.stdout is not None
         line = await proc.stdout.readline()
         if not line:
-            code = await proc.wait()
+            code = await _reap(proc)
             raise WorkerCrashed(f"worker exited with {_describe_exit(code)}")
         reply: dict[str, Any] = json.loads(line)
         return reply
@@ -234,7 +236,7 @@ class InferenceWorker:
             return
         # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
         _kill_group(proc)
-        await proc.wait()
+        await _reap(proc)
 
     def _abandon(self) -> None:
         """Kill the worker's group without waiting (from a cancelled request); the child
@@ -264,7 +266,30 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _describe_exit(code: int) -> str:
+async def _reap(proc: asyncio.subprocess.Process) -> int | None:
+    """The worker's exit status, waited for at most _REAP_TIMEOUT_S. A Process.wait() begun
+    before the exit returns only once every process holding the worker's pipes has closed them
+    (Python 3.11's base_subprocess), so one that escaped the worker's group (a forked helper
+    in a session of its own, say) would hold the agent's request, and its stop, for ever."""
+    try:
+        code: int | None = await asyncio.wait_for(proc.wait(), _REAP_TIMEOUT_S)
+    except TimeoutError:
+        code = proc.returncode
+        log.error("worker_reap_timeout", pid=proc.pid, exited=code is not None,
+                  timeout_s=_REAP_TIMEOUT_S,
+                  hint="another process holds the worker's pipes, or it cannot die (D state)")
+    if code is not None:
+        # Our ends of its pipes, which nothing will use again, even if another process still
+        # holds theirs. asyncio has no public close for a Process; this is its transport.
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+    return code
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "its pipe closed, exit not confirmed"
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"

@@ -15,7 +15,7 @@ import pytest
 from agent.config import ModelSection
 from agent.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
 from agent.inference import InferenceWorker, identify
-from agent.records import Generation
+from agent.records import Generation, ModelInfo
 from tools.harness import wait_until
 
 SCHEMA = {"type": "object", "properties": {"level": {"enum": ["normal", "warning", "critical"]}},
@@ -285,3 +285,48 @@ def test_a_cancelled_request_does_not_leave_its_answer_for_the_next_one(tiny_mod
             await worker.close()
 
     asyncio.run(scenario())
+
+
+class WithEscapedHelper(InferenceWorker):
+    """A worker that leaves behind a helper in a session of its own, holding the worker's pipes:
+    out of reach of the group kill, as a forked helper that called setsid would be."""
+
+    def __init__(self, section: ModelSection, info: ModelInfo, pidfile: Path) -> None:
+        super().__init__(section, info)
+        self.pidfile = pidfile
+
+    def command(self) -> list[str]:
+        return ["sh", "-c", f'setsid sleep 600 & echo $! >> {self.pidfile}; exec "$@"', "sh",
+                *super().command()]
+
+
+def test_a_helper_holding_the_worker_pipes_cannot_hold_the_agent(
+    tmp_path: Path, tiny_model: Path,
+) -> None:
+    """A hung worker killed at the deadline while a process outside its group keeps its pipes
+    open: the kill does not wait for ever for those pipes to close, the request ends with
+    WorkerTimeout, and the next request is served by a new worker."""
+    pidfile = tmp_path / "helper.pid"
+
+    async def scenario() -> None:
+        section = ModelSection(path=tiny_model, n_ctx=256, n_threads=1, request_timeout_s=2.0)
+        worker = WithEscapedHelper(section, await identify(section, "tiny"), pidfile)
+        await worker.start()
+        try:
+            first = worker.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)
+            with pytest.raises(WorkerTimeout):
+                # The outer bound only turns the old hang into a failure.
+                await asyncio.wait_for(ask(worker), 30)
+            assert json.loads(await asyncio.wait_for(ask(worker), 30))["level"]
+            assert worker.pid != first
+        finally:
+            await asyncio.wait_for(worker.close(), 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for line in pidfile.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line), signal.SIGKILL)
