@@ -179,8 +179,8 @@ class ModelSection(Section):
         default=None,
         ge=1,
         description="Threads llama.cpp uses to evaluate the prompt (batch processing); unset: "
-        "the same as n_threads, so n_threads bounds the worker's cores (llama.cpp alone would "
-        "use every core for the prompt).",
+        "n_threads, so n_threads bounds the worker's cores (llama.cpp alone would use every "
+        "core for the prompt); both unset: llama.cpp chooses.",
     )
     seed: int = Field(default=0, ge=0, description="Sampling seed, for reproducible outputs.")
     load_timeout_s: float = Field(
