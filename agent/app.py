@@ -228,7 +228,8 @@ class Agent:
                     self._stats,
                     links={"local": (ingest.subscribed.is_set(), ingest.connects),
                            "cloud": (uplink.connected, uplink.connects)},
-                    worker_restarts=worker.restarts, stalled=self.service.stalled, loops=loops,
+                    worker_restarts=worker.restarts, model_load_failures=worker.load_failures,
+                    stalled=self.service.stalled, loops=loops,
                     ready=self._not_ready(store, router) is None)
             self.service.status(summary_line(
                 model, self._stats, local_up=ingest.subscribed.is_set(),
@@ -258,8 +259,10 @@ class Agent:
     def _not_ready(store: Store, router: Router) -> str | None:
         if not store.is_open:
             return "store closed"
-        if not router.serving.worker.answering:
-            return "model not answering"
+        worker = router.serving.worker
+        if not worker.answering:
+            return f"model unavailable: {worker.unavailable}" if worker.unavailable else (
+                "model not answering")
         return None
 
     async def _reload_on_request(self, ingest: Ingest, pipeline: Pipeline) -> None:

@@ -78,6 +78,10 @@ class Metrics:
         self.worker_restarts = Counter(f"{PREFIX}_worker_restarts",
                                        "Inference worker restarts after a hang or crash.",
                                        registry=r)
+        self.model_load_failures = Counter(
+            f"{PREFIX}_model_load_failures",
+            "Worker restarts whose model did not load (readings wait in the inbox meanwhile).",
+            registry=r)
         self.stalled = Gauge(f"{PREFIX}_loop_stalled",
                              "1 while a critical loop is stalled (watchdog withheld).", ["loop"],
                              registry=r)
@@ -125,6 +129,7 @@ class Metrics:
         *,
         links: dict[str, tuple[bool, int]],
         worker_restarts: int,
+        model_load_failures: int = 0,
         stalled: list[str],
         loops: list[str],
         ready: bool,
@@ -142,6 +147,7 @@ class Metrics:
             self._advance(self.reconnects.labels(broker=broker), f"reconnects_{broker}",
                           max(0, connects - 1))
         self._advance(self.worker_restarts, "worker_restarts", worker_restarts)
+        self._advance(self.model_load_failures, "model_load_failures", model_load_failures)
         for loop in loops:
             self.stalled.labels(loop=loop).set(1 if loop in stalled else 0)
         self.ready.set(1 if ready else 0)

@@ -170,7 +170,17 @@ class ModelSection(Section):
     version: str = Field(default="0", description="Model version in results.")
     n_ctx: int = Field(default=2048, ge=64, description="Context window in tokens.")
     n_threads: int | None = Field(
-        default=None, ge=1, description="llama.cpp threads; default lets llama.cpp choose."
+        default=None,
+        ge=1,
+        description="Threads llama.cpp uses to generate each token; unset: llama.cpp chooses "
+        "(half the cores).",
+    )
+    n_threads_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads llama.cpp uses to evaluate the prompt (batch processing); unset: "
+        "n_threads, so n_threads bounds the worker's cores (llama.cpp alone would use every "
+        "core for the prompt); both unset: llama.cpp chooses.",
     )
     seed: int = Field(default=0, ge=0, description="Sampling seed, for reproducible outputs.")
     load_timeout_s: float = Field(
@@ -188,6 +198,11 @@ class ModelSection(Section):
         "limit. A worker over it fails to load or to answer, is restarted, and the reading is "
         "retried, then dead-lettered.",
     )
+
+    @property
+    def threads_batch(self) -> int | None:
+        """Prompt-processing threads passed to llama.cpp: n_threads_batch, else n_threads."""
+        return self.n_threads_batch or self.n_threads
 
 
 class PipelineSection(Section):

@@ -9,20 +9,33 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 {"event": "error", "error": ...}; then for each request line it writes exactly one response line.
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
+
+When llama.cpp aborts (GGML_ASSERT), ggml's handler would fork and attach gdb to print a backtrace:
+a debugger attaching from inside a service, `(gdb)` lines in the agent's JSON log, and a forked
+child that can outlive the worker. GGML_NO_BACKTRACE turns that off; the abort message still goes
+to stderr and the supervisor sees SIGABRT.
+
+The worker runs in a session of its own (agent/inference.py kills its whole process group), so a
+signal to the agent's group does not reach it; instead it asks the kernel to SIGKILL it when the
+agent dies (PR_SET_PDEATHSIG), so an agent killed uncleanly leaves no worker behind, not even a
+hung or stopped one.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from collections import OrderedDict
 from typing import Any, TextIO
 
 from llama_cpp import Llama, LlamaState
+from llama_cpp.llama_cpp import llama_n_threads, llama_n_threads_batch
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from agent.grammar import forbid_raw_control_chars
@@ -114,14 +127,34 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits (prctl(2)); exit at once if
+    the agent is already gone (it died between fork and here)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"the agent (pid {parent_pid}) is gone")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.worker")
     parser.add_argument("--model", required=True)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--n-threads-batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit-mb", type=int, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with(args.parent_pid)
+    # Read by ggml_print_backtrace() when it aborts (ggml/src/ggml.c): no fork, no gdb.
+    os.environ["GGML_NO_BACKTRACE"] = "1"
     out = _protocol_stream()
     started = time.perf_counter()
     if args.memory_limit_mb:
@@ -134,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
+            n_threads_batch=args.n_threads_batch,
             seed=args.seed,
             verbose=False,
         )
@@ -143,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             error += f" (address space limited to {args.memory_limit_mb} MiB)"
         _send(out, {"event": "error", "error": error})
         return 1
+    # The thread counts llama.cpp's context actually got, for the supervisor's log.
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
-                "pid": os.getpid()})
+                "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
+                "threads_batch": llama_n_threads_batch(llm.ctx)})
     engine = Engine(llm)
     for line in sys.stdin:
         request = json.loads(line)
