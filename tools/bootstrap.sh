@@ -76,8 +76,8 @@ fi
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp="$venv/.edge-agent-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  # Measured on 2 cores: 6 min 20 s cold (llama.cpp compiled; 10.5 min on a loaded machine),
-  # 23 s once pip has cached the llama-cpp-python wheel.
+  # Measured on 2 cores: 6 min 20 s and 10.5 min cold (llama.cpp compiled) on two machines,
+  # 23 to 37 s into a fresh venv once pip has cached the llama-cpp-python wheel.
   what="installing Python packages; the first install compiles llama.cpp"
   step "$what (6-11 min on 2 cores; later installs reuse it, under 1 min)" pip_install
   rm -f "$venv"/.edge-agent-*

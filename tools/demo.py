@@ -245,8 +245,8 @@ def describe(verdict: dict[str, Any]) -> str:
     figures = verdict.get("figures") or {}
     candidate, previous = figures.get("candidate") or {}, figures.get("previous") or {}
     if candidate:
-        text += (f": p95 {candidate.get('p95_ms')} ms over {candidate.get('requests')} "
-                 f"requests, previous model's p95 {previous.get('p95_ms')} ms over "
+        text += (f"; p95 {candidate.get('p95_ms')} ms over {candidate.get('requests')} "
+                 f"requests, the previous model's {previous.get('p95_ms')} ms over "
                  f"{previous.get('requests')}, limit {figures.get('p95_limit_ms')} ms")
     return text
 
