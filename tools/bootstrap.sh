@@ -3,14 +3,53 @@
 # Debian's packages, and a virtual environment (.venv, or $EDGE_AGENT_VENV) holding the project
 # with its dev extras. Safe to run again: each step is skipped when its result is already there.
 # Sourced by tools/test and tools/demo.
+#
+# Each step prints one line; what apt-get and pip say goes to $venv/bootstrap.log (rewritten by
+# each run that has something to do), whose path and last lines are printed if a step fails.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${EDGE_AGENT_VENV:-$repo/.venv}
+log=$venv/bootstrap.log
+log_started=
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
     echo "bootstrap: need root to run: $*" >&2; return 1; fi
+}
+
+# step "what" command...: one progress line; the command's output goes to the log.
+step() {
+  local what=$1 started=$SECONDS rc=0
+  shift
+  if [ -z "$log_started" ]; then
+    mkdir -p "$venv"
+    echo "bootstrap log, $(date -u +%FT%TZ)" >"$log"
+    log_started=1
+  fi
+  printf '%s\n' "== $what" >>"$log"
+  printf 'bootstrap: %s... ' "$what"
+  if "$@" </dev/null >>"$log" 2>&1; then
+    echo "done ($((SECONDS - started)) s)"
+    return 0
+  else
+    rc=$?
+  fi
+  echo "failed"
+  echo "bootstrap: that step failed (exit $rc); full output in $log; its last 40 lines:" >&2
+  tail -n 40 "$log" | sed 's/^/  | /' >&2
+  return "$rc"
+}
+
+# Steps run inside `if`, where set -e does not apply: each command is chained with &&.
+apt_install() {
+  as_root apt-get update -q &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+pip_install() {
+  "$venv/bin/python" -m pip install --upgrade pip &&
+    "$venv/bin/python" -m pip install -e "$repo[dev]"
 }
 
 missing=()
@@ -20,10 +59,9 @@ command -v c++ >/dev/null || missing+=(build-essential)
 command -v faketime >/dev/null || missing+=(faketime)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "bootstrap: installing ${missing[*]} from Debian's packages"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    "${missing[@]}"
+  # sudo may ask for a password: ask now, on the terminal, not inside the logged step.
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo -v; fi
+  step "installing ${missing[*]} from Debian's packages" apt_install "${missing[@]}"
 fi
 
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
@@ -32,17 +70,16 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 }
 
 if [ ! -x "$venv/bin/python" ]; then
-  echo "bootstrap: creating the virtual environment $venv"
-  python3 -m venv "$venv"
+  step "creating the virtual environment $venv" python3 -m venv "$venv"
 fi
 
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp="$venv/.edge-agent-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing edge-agent and its dependencies into $venv"
-  echo "bootstrap: the first install compiles llama.cpp (3 to 5 minutes); pip caches the wheel"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  # Measured on 2 cores: 6 min 20 s and 10.5 min cold (llama.cpp compiled) on two machines,
+  # 23 to 37 s into a fresh venv once pip has cached the llama-cpp-python wheel.
+  what="installing Python packages; the first install compiles llama.cpp"
+  step "$what (6-11 min on 2 cores; later installs reuse it, under 1 min)" pip_install
   rm -f "$venv"/.edge-agent-*
   touch "$stamp"
 fi

@@ -1,0 +1,136 @@
+"""The demo's own parts (tools/demo.py): sensors that publish until told to stop, waits that
+say what they waited for, the log tail it shows, and the processes it must not leave behind.
+The whole demo runs in .ci/run (tools/demo)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import Rig
+from tools.demo import AgentLog, Sensors, WaitFailed, Waits, main, users_of
+from tools.harness import REPO, AgentProcess, Mosquitto, wait_until
+
+
+def test_the_sensors_keep_publishing_until_stopped(rig: Rig) -> None:
+    """Started sensors publish `rate` readings a tick, past any fixed burst, until stop()."""
+    rig.local.start()
+    received: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    subscribed = threading.Event()
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        with lock:
+            received.append(json.loads(message.payload))
+
+    listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-listener")
+    listener.on_message = on_message
+    listener.on_subscribe = lambda *args: subscribed.set()
+    listener.connect("127.0.0.1", rig.local.port)
+    listener.loop_start()
+    listener.subscribe("sensors/#", qos=1)
+    assert subscribed.wait(30)
+    sensors = Sensors(rig.local.port, rate=5)
+    try:
+        sensors.start()
+        wait_until(lambda: sensors.sent >= 15, 60, "three ticks of readings")
+        sensors.stop()
+        sent = sensors.sent
+        wait_until(lambda: len(received) >= sent, 60, "every reading at the listener")
+    finally:
+        sensors.close()
+        listener.disconnect()
+        listener.loop_stop()
+    assert sent % 5 == 0
+    assert sorted(body["seq"] for body in received) == list(range(sent))
+    assert sensors.sent == sent
+
+
+def test_a_wait_that_gives_up_says_what_it_waited_for_and_what_it_saw(tmp_path: Path) -> None:
+    """A timed-out wait names its subject and what was seen so far."""
+    log = tmp_path / "agent.log"
+    waits = Waits(AgentProcess(tmp_path / "agent.toml", log), AgentLog(log))
+    with pytest.raises(WaitFailed) as failed:
+        waits.until("version 3's verdict", lambda: False, 1.0, lambda: "steps ['loaded']")
+    assert str(failed.value) == ("timed out after 1 s waiting for version 3's verdict; "
+                                 "seen so far: steps ['loaded']")
+
+
+def test_a_wait_ends_when_the_agent_exits(tmp_path: Path) -> None:
+    """A wait does not sit out its timeout once the agent has exited; it says with what code."""
+    config = tmp_path / "agent.toml"
+    config.write_text("[agent]\nno_such_key = 1\n")
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    waits = Waits(agent, AgentLog(agent.log_path))
+    try:
+        with pytest.raises(WaitFailed, match=r"the agent exited with 78 while the demo waited "
+                           r"for the agent's agent_ready event"):
+            waits.event("agent_ready", 120)
+    finally:
+        agent.kill()
+
+
+def test_the_log_tail_leaves_out_debug_lines(tmp_path: Path) -> None:
+    """The tail shown on failure keeps info-and-above events and non-JSON lines only."""
+    path = tmp_path / "agent.log"
+    lines = [json.dumps({"event": f"e{i}", "level": "debug" if i % 2 else "info"})
+             for i in range(10)]
+    path.write_text("\n".join([*lines, "Traceback (most recent call last):"]) + "\n")
+    tail = AgentLog(path).tail(3)
+    assert [json.loads(line)["event"] for line in tail[:2]] == ["e6", "e8"]
+    assert tail[2] == "Traceback (most recent call last):"
+
+
+def test_a_process_left_behind_by_a_child_is_adopted_and_ended() -> None:
+    """An orphan of the demo's child is re-parented to the demo, which finds and ends it."""
+    script = (
+        "import subprocess\n"
+        "from tools.demo import adopt_orphans, children, end_processes\n"
+        "adopt_orphans()\n"
+        "out = subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'],\n"
+        "                     capture_output=True, text=True, check=True).stdout\n"
+        "pid = int(out)\n"
+        "print(pid, flush=True)\n"
+        "left = children()\n"
+        "assert pid in left, left\n"
+        "end_processes({pid: left[pid]})\n"
+        "assert pid not in children()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    pid = int(done.stdout.split()[0]) if done.stdout.strip() else None
+    try:
+        assert done.returncode == 0, done.stderr
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        if pid is not None and done.returncode != 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def test_the_demo_refuses_a_state_dir_an_earlier_demo_still_uses(tmp_path: Path) -> None:
+    """A broker of an earlier demo still running in demo-state/: exit 2, nothing removed."""
+    work = tmp_path / "demo-state"
+    broker = Mosquitto("local", work).start()
+    marker = work / "keep-me"
+    marker.write_text("x")
+    try:
+        assert broker.proc is not None
+        assert broker.proc.pid in users_of(work)
+        assert main(["--workdir", str(work)]) == 2
+        assert marker.exists()
+    finally:
+        broker.stop()
+    assert users_of(work) == {}
