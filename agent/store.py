@@ -201,10 +201,17 @@ class Store:
 
     def _open(self, conn: sqlite3.Connection) -> None:
         """At open: the schema (a drain job: after a crash on a full disk it must still free
-        the leases), then the drain reserve if the filesystem has room for it."""
+        the leases), then the drain reserve: taken if the filesystem has room for it, spent at
+        once if the filesystem is full (less free than the WAL's bound), because the start
+        itself must write (the OTA state's start count, the leases freed, the first lease)."""
         open_schema(conn)
         if not self._reserve.adopt():
             self._retake_reserve(conn)
+        elif free_bytes(self.path.parent) < self._reserve.size // 4:
+            self._reserve.release()
+            log.warning("store_reserve_released", released_bytes=self._reserve.size,
+                        free_bytes=free_bytes(self.path.parent), job="open",
+                        error="the filesystem is full at start")
         if not self._reserve.held and self._reserve.size:
             log.warning("store_reserve_unavailable", bytes=self._reserve.size,
                         free_bytes=free_bytes(self.path.parent), path=str(self._reserve.path))
@@ -228,9 +235,14 @@ class Store:
         return outcome
 
     async def input_refusal(self) -> StoreFull | None:
-        """Why ingest would be refused now (the store full, the outbox at its bound), or None:
-        asked by paused input before it makes the local broker redeliver."""
-        return await self._call(storesql.input_refusal, self.bounds, use="input")
+        """Why paused ingest should not resume yet (the store full, the outbox at its bound),
+        or None. It resumes with half an input reserve more room than a batch needs, so that
+        the window the local broker redelivers fits rather than pausing it again at once."""
+        return await self._call(self._resume_refusal, use="input")
+
+    def _resume_refusal(self, conn: sqlite3.Connection, held_back: int) -> StoreFull | None:
+        return storesql.input_refusal(conn, self.bounds,
+                                      held_back + self.bounds.reserve_bytes // 2)
 
     async def lease(self) -> Reading | None:
         """The next reading to infer (highest priority, then oldest), marked as leased."""

@@ -17,14 +17,15 @@ import pytest
 
 from agent.config import StoreSection
 from agent.errors import StoreFull
-from agent.records import NewOutboxRow, Reading
+from agent.records import NewOutboxRow, Reading, reading_id
 from agent.store import Store
 from agent.storereserve import free_bytes, reserve_path
 from agent.storeviews import read_counts
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tools.harness import CloudCollector, publish_readings, wait_until, write_agent_config
 
 FS_BYTES = 8 * 1024 * 1024
+DRAIN_RESERVE = 512 * 1024
 
 
 @pytest.fixture
@@ -109,13 +110,15 @@ def test_a_store_filled_to_the_last_byte_still_deletes_delivered_rows_and_takes_
             await store.close()
 
     taken, done, free_when_full, reserve_left, refused, after = asyncio.run(scenario())
-    assert done > 0 and taken > done
+    assert done > 0
+    assert taken > done
     assert free_when_full < 64 * 1024, f"the filesystem never filled ({free_when_full} free)"
     assert refused is not None, "input was taken on a full store"
     assert not reserve_left, "the deletes never needed the reserve: the disk was not full"
     assert after is None, "input still refused after every result was delivered"
     counts = read_counts(path)
-    assert counts["outbox"] == 0 and counts["delivered"] == done
+    assert counts["outbox"] == 0
+    assert counts["delivered"] == done
     assert counts["inbox"] == taken - done
 
 
@@ -134,14 +137,81 @@ def test_input_refusal_folds_the_wal_before_it_refuses(small_fs: Path) -> None:
             # A write after the open leaves frames in the WAL, as a running agent does.
             leased = await store.lease()
             assert leased is not None
-            wal_before = os.path.getsize(f"{path}-wal")
+            wal_before = await asyncio.to_thread(os.path.getsize, f"{path}-wal")
             refusal = await store.input_refusal()
-            return wal_before, os.path.getsize(f"{path}-wal"), refusal
+            return wal_before, await asyncio.to_thread(os.path.getsize, f"{path}-wal"), refusal
         finally:
             await store.close()
 
     wal_before, wal_after, refusal = asyncio.run(scenario())
     assert refusal is not None
-    assert wal_before > 0 and wal_after == 0, (wal_before, wal_after)
+    assert wal_before > 0
+    assert wal_after == 0, f"the WAL kept {wal_after} of {wal_before} bytes"
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_agent_filled_during_an_outage_killed_and_restarted_on_the_full_disk_drains_everything(
+    rig: Rig, small_fs: Path,
+) -> None:
+    """State dir on an 8 MB tmpfs (mostly taken by another file), cloud down: 1,400 readings
+    fill the store until ingest pauses and results no longer fit. The agent is SIGKILLed and
+    restarted on the full disk, then the cloud returns: every reading's result arrives, the
+    agent never fails, paused ingest does not churn the local broker, and the database passes
+    integrity_check."""
+    count = 1400
+    state = small_fs / "state"
+    # Another tenant of the disk (logs, other services): the store gets about 1.1 MB of it.
+    filler = small_fs / "other-files"
+    with filler.open("wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, FS_BYTES - 1100 * 1024)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    rig.cloud.stop()
+    config = write_agent_config(
+        rig.workdir / "agent.toml", state_dir=state, model_path=rig.model,
+        local_port=rig.local.port, cloud_port=rig.cloud.port,
+        extra=f"[store]\nreserve_bytes = 262144\ndrain_reserve_bytes = {DRAIN_RESERVE}\n")
+    published = [(f"sensors/s{i % 3}/temperature",
+                  json.dumps({"seq": i, "celsius": 20, "note": "x" * 100}).encode())
+                 for i in range(count)]
+    ids = {reading_id("gw-test", topic, body) for topic, body in published}
+
+    first = rig.agent(config)
+    first.wait_for_event("agent_ready", 60)
+    publish_readings(rig.local.port, published)
+    paused = first.wait_for_event("ingest_paused", 120)
+    # The pipeline goes on turning readings into results until they no longer fit either.
+    wait_until(lambda: any(e.get("event") == "pipeline_store_failed" for e in first.events())
+               or read_counts(state / "agent.db")["inbox"] == 0, 180,
+               "results to fill the store (or every reading answered)")
+    held = read_counts(state / "agent.db")
+    free_at_kill = free_bytes(small_fs)
+    wal_at_kill = os.path.getsize(state / "agent.db-wal")
+    first.kill()
+
+    second = rig.agent(config)
+    second.wait_for_event("agent_ready", 60)
+    rig.cloud.start()
+    wait_until(lambda: collector.distinct_ids() >= ids, 300,
+               f"all {count} results at the cloud")
+    events = second.events()
+    names = [e.get("event") for e in events]
+    reconnects = names.count("ingest_subscribed")
+    print(f"disk full: paused={paused['reason']!r} held={held} free_at_kill={free_at_kill} "
+          f"wal_at_kill={wal_at_kill} reserve_released={names.count('store_reserve_released')} "
+          f"ingest_subscribed_after_restart={reconnects} "
+          f"delivered={len(collector.distinct_ids() & ids)}/{count}")
+    assert held["inbox"] + held["outbox"] < count, "the store took every reading: never full"
+    # What is free is the drain reserve, released when a lease met SQLITE_FULL.
+    assert "store_reserve_released" in [e.get("event") for e in first.events()]
+    assert free_at_kill <= DRAIN_RESERVE + 64 * 1024, f"{free_at_kill} bytes free at the kill"
+    assert "agent_failed" not in [e.get("event") for e in first.events()] + names
+    assert second.proc is not None
+    assert second.proc.poll() is None, "the agent exited"
+    assert reconnects < 20, f"ingest reconnected {reconnects} times while the store was full"
+    assert second.terminate() == 0
+    with sqlite3.connect(state / "agent.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    collector.stop()
