@@ -159,11 +159,12 @@ class StoreSection(Section):
     drain_reserve_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=0,
-        description="A file of this size kept beside the store (<db>-reserve) that only the "
-        "drain may spend: when the filesystem is full, a lease, an expiry or the delete of a "
-        "delivered row releases it, so the store empties by itself once the cloud returns; it "
-        "is taken again when the filesystem has room for it. The WAL is folded into the "
-        "database at a quarter of it, so that releasing it always covers that. 0: none.",
+        description="A file of this size kept beside the store (<db>-reserve) that input "
+        "never spends: when the filesystem is full, a lease, a result, an expiry or the delete "
+        "of a delivered row releases it (results may use half of it, the rest stays for the "
+        "deliveries), so the store empties by itself once the cloud returns; it is taken "
+        "again when the store has room for it. The WAL is folded into the database at a "
+        "quarter of it, so that releasing it always covers that. 0: none.",
     )
     max_page_count: int | None = Field(
         default=None,

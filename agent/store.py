@@ -42,9 +42,9 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 # What a job may spend. "drain": a write that empties the store or must happen for it to empty
-# (a lease, a release, a delete after PUBACK, an expiry, the open); it may spend the drain
-# reserve. "input": ingest, held back from the edge. "write": any other write (a result, a
-# dead letter, an update report), which waits while the store is full. "read": no write.
+# (a lease, a release, a delete after PUBACK, an expiry, the open): all of the drain reserve.
+# "write": any other write (a result, a dead letter, an update report): half of it. "input":
+# ingest, held back from it. "read": no write.
 _Use = Literal["drain", "input", "write", "read"]
 
 
@@ -152,24 +152,20 @@ class Store:
                  use: _Use) -> Any:
         """Run one job on the writer thread.
 
-        Input first retakes the drain reserve if the filesystem has room for it again, and is
-        held `drain_reserve_bytes` further from the edge while the reserve is spent. A write
-        that finds the filesystem full folds the WAL into the database, truncates it and runs
-        once more; a drain job that still finds it full spends the reserve (the file goes, the
-        WAL is folded again) and runs a last time. A drain job frees more than it takes, so
-        once it commits, the store drains by itself."""
+        Input first retakes the drain reserve if the store has room for it again, and is held
+        `drain_reserve_bytes` further from the edge while the reserve is spent. A write that
+        finds the filesystem full folds the WAL into the database, truncates it and runs once
+        more; if it is still full, the reserve is spent (the file goes, the WAL is folded
+        again) and it runs a last time. While the reserve is spent, results and other writes
+        stop at half of it: the other half (twice the WAL's bound) stays for the drain's
+        leases and deletes, so a store whose inbox filled the disk can still turn readings
+        into results, and those can still be delivered and deleted."""
         if use == "input":
-            self._retake_reserve(conn)
+            self._retake_reserve(conn, self.bounds.reserve_bytes // 2)
             held_back = 0 if self._reserve.held else self._reserve.size
             return fn(conn, *args, held_back)
         if use == "write" and not self._reserve.held and self._reserve.size:
-            # The reserve is spent: what is left of its bytes is the drain's, not the results'.
-            room = storesql.room_bytes(conn)
-            if room < self._reserve.size and storesql.checkpoint(conn):
-                room = storesql.room_bytes(conn)
-            if room < self._reserve.size:
-                raise StoreFull(f"store is full: {room} bytes left while the drain reserve of "
-                                f"{self._reserve.size} bytes is spent; waiting for deliveries")
+            self._keep_for_the_drain(conn)
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
@@ -179,7 +175,7 @@ class Store:
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
-            if use != "drain" or _code(exc) not in _FULL or not self._reserve.release():
+            if _code(exc) not in _FULL or not self._reserve.release():
                 raise
             error = f"{getattr(exc, 'sqlite_errorname', '')}: {exc}"
         folded = storesql.checkpoint(conn)
@@ -188,13 +184,42 @@ class Store:
                     job=getattr(fn, "__name__", "?"), error=error)
         return fn(conn, *args)
 
-    def _retake_reserve(self, conn: sqlite3.Connection) -> None:
+    def _keep_for_the_drain(self, conn: sqlite3.Connection) -> None:
+        """While the reserve is spent, a write other than the drain's goes ahead only with half
+        of it left as room, and a quarter of it (the WAL's bound) free on the filesystem, where
+        the deletes' WAL frames must go: free pages inside the database do not take them, so
+        they are given back to the filesystem first where the store allows it."""
+        floor, wal = self._reserve.size // 2, self._reserve.size // 4
+        free = free_bytes(self.path.parent)
+        if free < wal and storesql.checkpoint(conn):
+            free = free_bytes(self.path.parent)
+        if free < wal and storesql.free_page_bytes(conn) >= floor:
+            storesql.give_back(conn, wal - free)
+            free = free_bytes(self.path.parent)
+        room = storesql.room_bytes(conn)
+        if free < wal or room < floor:
+            raise StoreFull(f"store is full: {room} bytes of room, {free} free on the "
+                            f"filesystem, while the drain reserve is spent ({floor} bytes of "
+                            f"room and {wal} free kept for deliveries); waiting for them")
+
+    def _retake_reserve(self, conn: sqlite3.Connection, margin: int) -> None:
+        """Take the drain reserve again once the store has room for it beside the input's own
+        reserve (the room input is held back by while it is spent, so taking it does not
+        push the store under its threshold). Free pages a drain left inside the database are
+        given back to the filesystem for it first."""
         if self._reserve.held or self._reserve.size == 0:
             return
-        # Taken back only with room for it beside the input's own reserve, so that taking it
-        # cannot push the store straight back under its threshold.
-        if free_bytes(self.path.parent) < self._reserve.size + self.bounds.reserve_bytes:
-            return
+        # Once input runs, with half an input reserve to spare (as paused input resumes):
+        # taking the file must not pause input again at once.
+        needed = self._reserve.size + self.bounds.reserve_bytes + margin
+        free = free_bytes(self.path.parent)
+        if free < needed:
+            if free + storesql.free_page_bytes(conn) < needed:
+                return
+            if not storesql.give_back(conn, needed - free):
+                return
+            if free_bytes(self.path.parent) < needed:
+                return
         if self._reserve.take():
             log.info("store_reserve_taken", bytes=self._reserve.size,
                      free_bytes=free_bytes(self.path.parent))
@@ -205,8 +230,8 @@ class Store:
         once if the filesystem is full (less free than the WAL's bound), because the start
         itself must write (the OTA state's start count, the leases freed, the first lease)."""
         open_schema(conn)
-        if not self._reserve.adopt():
-            self._retake_reserve(conn)
+        if not self._reserve.adopt() and not self._reserve.spent:
+            self._retake_reserve(conn, 0)
         elif free_bytes(self.path.parent) < self._reserve.size // 4:
             self._reserve.release()
             log.warning("store_reserve_released", released_bytes=self._reserve.size,

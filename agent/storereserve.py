@@ -1,12 +1,12 @@
-"""The drain's reserve: a preallocated file beside the store that only the drain may spend.
+"""The drain's reserve: a preallocated file beside the store that input may never spend.
 
 Owns `<db>-reserve`, a file of `drain_reserve_bytes` allocated on the filesystem (not sparse)
-while there is room. When a write that empties the store (a lease, a result, a delivered row's
-delete, an expiry) fails because the filesystem is full, agent/store.py's writer thread releases
-it here, so that SQLite can fold its WAL into the database, truncate it and commit the write:
-without it, a store filled during a cloud outage cannot even delete a delivered row (the WAL can
-neither grow nor be checkpointed into a database file that cannot grow). The file is taken again
-once the filesystem has room for it beside the ingest reserve. Pure file handling, no SQLite;
+while there is room. When a write of the drain (a lease, a result, a delivered row's delete, an
+expiry) fails because the filesystem is full, agent/store.py's writer thread releases it here,
+so that SQLite can fold its WAL into the database, truncate it and commit the write: without
+it, a store filled during a cloud outage cannot even delete a delivered row (the WAL can
+neither grow nor be checkpointed into a database file that cannot grow). The file is taken
+again once the store has room for it beside the ingest reserve. Pure file handling, no SQLite;
 runs only on agent/store.py's writer thread.
 """
 
@@ -34,6 +34,7 @@ class DrainReserve:
         self.path = reserve_path(db)
         self.size = size
         self.held = False
+        self.spent = False  # released by this process at least once
 
     def adopt(self) -> bool:
         """Hold the file an earlier run left, if it has the right size (at open)."""
@@ -72,4 +73,5 @@ class DrainReserve:
             return False
         self.path.unlink(missing_ok=True)
         self.held = False
+        self.spent = True
         return True

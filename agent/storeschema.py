@@ -91,6 +91,11 @@ def connect(path: Path, max_page_count: int | None = None,
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     db = sqlite_utils.Database(conn)
+    if int(conn.execute("PRAGMA page_count").fetchone()[0]) == 0:
+        # A new store can give pages a drain emptied back to the filesystem, to take the drain
+        # reserve again (agent/storesql.py give_back). Only before the first table: a store
+        # made without it keeps its free pages (VACUUM would need twice its size on disk).
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")

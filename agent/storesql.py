@@ -117,6 +117,26 @@ def checkpoint(conn: sqlite3.Connection) -> bool:
     return not busy
 
 
+def free_page_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's free pages (room inside the file)."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    return page_size * int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def give_back(conn: sqlite3.Connection, nbytes: int) -> bool:
+    """Return at least `nbytes` of free pages to the filesystem (the file shrinks when the WAL
+    is folded); False for a store made without incremental auto-vacuum or too few free pages."""
+    if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:  # 2: INCREMENTAL
+        return False
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    pages = -(-nbytes // page_size)
+    if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) < pages:
+        return False
+    # executescript steps the pragma to the end: execute() would free a single page.
+    conn.executescript(f"PRAGMA incremental_vacuum({pages});")
+    return checkpoint(conn)
+
+
 def ingest(
     conn: sqlite3.Connection,
     readings: Sequence[Reading],
