@@ -150,6 +150,9 @@ def open_schema(conn: sqlite3.Connection) -> None:
             )
         if "created_mono" not in columns:  # a store made before per-route TTLs
             conn.execute("ALTER TABLE outbox ADD COLUMN created_mono REAL NOT NULL DEFAULT 0")
+        # TTL expiry runs every second while the uplink works: a range on this index, not a
+        # scan of the whole backlog.
+        conn.execute("CREATE INDEX IF NOT EXISTS outbox_age ON outbox (route, created_mono)")
         _carry_ages_across_boots(conn)
         # Leases belong to the process that took them; after a restart every reading is free.
         conn.execute("UPDATE inbox SET leased = 0 WHERE leased = 1")
