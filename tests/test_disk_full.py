@@ -205,9 +205,20 @@ def test_agent_filled_during_an_outage_killed_and_restarted_on_the_full_disk_dra
     events = second.events()
     names = [e.get("event") for e in events]
     reconnects = names.count("ingest_subscribed")
+    # Reconnects while paused: each should come with room for the redelivered window (and so
+    # end the pause), not on the link's 1-s backoff whether or not there is room.
+    paused_now, pauses, while_paused = False, 0, 0
+    for name in names:
+        if name == "ingest_paused":
+            paused_now, pauses = True, pauses + 1
+        elif name == "ingest_resumed":
+            paused_now = False
+        elif name == "ingest_subscribed" and paused_now:
+            while_paused += 1
     print(f"disk full: paused={paused['reason']!r} held={held} free_at_kill={free_at_kill} "
           f"wal_at_kill={wal_at_kill} reserve_released={names.count('store_reserve_released')} "
-          f"ingest_subscribed_after_restart={reconnects} "
+          f"ingest_subscribed_after_restart={reconnects} pauses={pauses} "
+          f"reconnects_while_paused={while_paused} "
           f"delivered={len(collector.distinct_ids() & ids)}/{count}")
     assert held["inbox"] + held["outbox"] < count, "the store took every reading: never full"
     # What is free is the drain reserve, released when a lease met SQLITE_FULL.
@@ -216,8 +227,30 @@ def test_agent_filled_during_an_outage_killed_and_restarted_on_the_full_disk_dra
     assert "agent_failed" not in [e.get("event") for e in first.events()] + names
     assert second.proc is not None
     assert second.proc.poll() is None, "the agent exited"
-    assert reconnects < 20, f"ingest reconnected {reconnects} times while the store was full"
+    assert while_paused <= 2 * pauses, (
+        f"ingest reconnected {while_paused} times in {pauses} pauses while the store was full")
     assert second.terminate() == 0
     with sqlite3.connect(state / "agent.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     collector.stop()
+
+
+def test_paused_ingest_stays_off_the_local_broker_while_the_store_stays_full(rig: Rig) -> None:
+    """Database capped at 40 pages, cloud down, so the store stays full: after `ingest_paused`
+    ingest does not reconnect to make the broker redeliver (before: every reconnect_max_s, 1 s
+    here, 133 reconnects in 2 minutes) until room returns; in 6 s at most one reconnect."""
+    rig.local.start()
+    agent = rig.agent(rig.config(
+        extra="[store]\nmax_page_count = 40\nreserve_bytes = 32768\ndrain_reserve_bytes = 0\n"))
+    agent.wait_for_event("agent_ready")
+    publish_readings(rig.local.port, [
+        (f"sensors/s{i % 3}/temperature",
+         json.dumps({"seq": i, "celsius": 20, "note": "x" * 100}).encode()) for i in range(400)])
+    paused = agent.wait_for_event("ingest_paused", 60)
+    since = [e for e in agent.events() if e.get("event") == "ingest_subscribed"]
+    time.sleep(6.0)  # a negative: nothing to wait for but time (the old churn was time-driven)
+    after = [e for e in agent.events() if e.get("event") == "ingest_subscribed"]
+    print(f"paused: {paused['reason']!r}; reconnects in 6 s: {len(after) - len(since)}")
+    assert len(after) - len(since) <= 1
+    assert agent.proc is not None
+    assert agent.proc.poll() is None
