@@ -1,6 +1,7 @@
-"""The store's periodic reads cost the same whatever the backlog (issue 12, item 5): measured in
-SQLite virtual-machine steps on real files, not in milliseconds, so a loaded machine cannot make
-the test pass or fail."""
+"""What the store's queries cost and how its SQLite errors are classified (issue 12): the
+periodic reads cost the same whatever the backlog, measured in SQLite virtual-machine steps on
+real files rather than in milliseconds, so a loaded machine cannot decide the test; errors are
+told apart by SQLite's result code, never by the message's text."""
 
 from __future__ import annotations
 
@@ -114,3 +115,45 @@ def test_ttl_expiry_and_window_leases_do_not_scan_the_backlog(tmp_path: Path) ->
         many, _ = vm_steps(large, query)
         assert many <= few * 2 + 10, f"{query.__name__}: {few} steps at 20 rows, {many} at 20,000"
     assert vm_steps(large, window)[1] == 16
+
+
+def test_sqlite_errors_are_classified_by_result_code_not_by_their_text(tmp_path: Path) -> None:
+    """Errors raised by real SQLite: a full database is StoreFull, a lock is StoreUnavailable
+    (handled like a full store: wait and retry), a file that is not a database is StoreDamaged,
+    and a missing table whose name contains "full" stays what it is (the old test of the
+    message's text called it a full store)."""
+    from agent.errors import StoreDamaged, StoreFull, StoreUnavailable
+    from agent.store import _translate
+
+    def error_of(path: Path, *statements: str, other: str | None = None) -> sqlite3.Error:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        holder = sqlite3.connect(path, isolation_level=None) if other else None
+        try:
+            if holder is not None and other is not None:
+                holder.execute(other)
+            for statement in statements:
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            return exc
+        finally:
+            conn.close()
+            if holder is not None:
+                holder.close()
+        raise AssertionError(f"no error from {statements}")
+
+    full = error_of(tmp_path / "full.db", "PRAGMA max_page_count = 2",
+                    "CREATE TABLE t (x BLOB)", "INSERT INTO t VALUES (zeroblob(100000))")
+    (tmp_path / "busy.db").write_bytes(b"")
+    sqlite3.connect(tmp_path / "busy.db").execute("CREATE TABLE t (x)").connection.close()
+    busy = error_of(tmp_path / "busy.db", "BEGIN IMMEDIATE", other="BEGIN EXCLUSIVE")
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    junk = error_of(tmp_path / "junk.db", "SELECT * FROM sqlite_master")
+    missing = error_of(tmp_path / "other.db", "SELECT * FROM full_outbox")
+
+    assert isinstance(_translate(full), StoreFull)
+    assert not isinstance(_translate(full), StoreUnavailable)
+    assert isinstance(_translate(busy), StoreUnavailable)
+    assert isinstance(_translate(junk), StoreDamaged)
+    translated = _translate(missing)
+    assert translated is missing
+    assert "full" in str(missing)
