@@ -50,6 +50,16 @@ class StoreFull(TransientError):
     """SQLite reported the disk or database full; input must stop being acked until it clears."""
 
 
+class StoreUnavailable(StoreFull):
+    """A store write failed for a reason that may pass (locked, an I/O error): handled like a
+    full store, so input waits and the pipeline and the uplink retry."""
+
+
+class StoreDamaged(AgentError):
+    """SQLite found the store's file damaged (SQLITE_CORRUPT, SQLITE_NOTADB): not a reading's
+    fault and not worth a retry; the agent stops, and the next start quarantines the file."""
+
+
 class StoreUnreadable(PermanentError):
     """A read-only look at the store (the operator's commands) failed: no file, not a store."""
 

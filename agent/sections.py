@@ -156,6 +156,16 @@ class StoreSection(Section):
         "filesystem space, or room under max_page_count): room the pipeline needs to turn "
         "waiting readings into results.",
     )
+    drain_reserve_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="A file of this size kept beside the store (<db>-reserve) that input "
+        "never spends: when the filesystem is full, a lease, a result, an expiry or the delete "
+        "of a delivered row releases it (results may use half of it, the rest stays for the "
+        "deliveries), so the store empties by itself once the cloud returns; it is taken "
+        "again when the store has room for it. The WAL is folded into the database at a "
+        "quarter of it, so that releasing it always covers that. 0: none.",
+    )
     max_page_count: int | None = Field(
         default=None,
         ge=16,

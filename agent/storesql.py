@@ -62,11 +62,13 @@ def expire(conn: sqlite3.Connection, ttls: dict[str, float]) -> dict[str, int]:
 
 def _sizes(conn: sqlite3.Connection) -> tuple[int, int]:
     """Rows and payload bytes waiting in the inbox and the outbox together."""
-    rows, size = conn.execute("SELECT sum(rows), sum(bytes) FROM sizes").fetchone()
+    rows, size = conn.execute(
+        "SELECT sum(rows), sum(bytes) FROM sizes WHERE name IN ('inbox', 'outbox')"
+    ).fetchone()
     return int(rows or 0), int(size or 0)
 
 
-def _room_bytes(conn: sqlite3.Connection) -> int:
+def room_bytes(conn: sqlite3.Connection) -> int:
     """Bytes the database can still grow by: free pages inside the file plus free filesystem
     space, capped by PRAGMA max_page_count."""
     page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
@@ -79,25 +81,73 @@ def _room_bytes(conn: sqlite3.Connection) -> int:
     return int(min(room, (max_pages - pages + free_pages) * page_size))
 
 
+def input_refusal(conn: sqlite3.Connection, bounds: StoreSection,
+                  held_back: int = 0) -> StoreFull | None:
+    """Why the store cannot take input now, or None. Below `reserve_bytes` (plus `held_back`,
+    the drain reserve's bytes while its file is released) of room, the WAL is first folded into
+    the database and truncated: its file is room the input may not spend either."""
+    needed = bounds.reserve_bytes + held_back
+    room = room_bytes(conn)
+    if room < needed:
+        checkpoint(conn)
+        room = room_bytes(conn)
+    if room < needed:
+        # A store filled to the last page by readings could not turn them into results (a
+        # result is larger than its reading): the deadlock this reserve prevents.
+        return StoreFull(f"store is full: {room} bytes left, below the reserve of "
+                         f"{needed} bytes; refusing input")
+    if bounds.when_full == "refuse_input":
+        rows, size = _sizes(conn)
+        if rows >= bounds.max_outbox_rows or size >= bounds.max_outbox_bytes:
+            return OutboxFull(f"outbox at its bound ({rows} rows, {size} bytes waiting; "
+                              f"max {bounds.max_outbox_rows} rows, {bounds.max_outbox_bytes} "
+                              "bytes); refusing input")
+    return None
+
+
+def checkpoint(conn: sqlite3.Connection) -> bool:
+    """Fold the WAL into the database and truncate it to zero bytes; True if it all went.
+    Fails (False) while the database file cannot grow by what the WAL adds to it."""
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return False
+        raise
+    return not busy
+
+
+def free_page_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's free pages (room inside the file)."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    return page_size * int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def give_back(conn: sqlite3.Connection, nbytes: int) -> bool:
+    """Return at least `nbytes` of free pages to the filesystem (the file shrinks when the WAL
+    is folded); False for a store made without incremental auto-vacuum or too few free pages."""
+    if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:  # 2: INCREMENTAL
+        return False
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    pages = -(-nbytes // page_size)
+    if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) < pages:
+        return False
+    # executescript steps the pragma to the end: execute() would free a single page.
+    conn.executescript(f"PRAGMA incremental_vacuum({pages});")
+    return checkpoint(conn)
+
+
 def ingest(
     conn: sqlite3.Connection,
     readings: Sequence[Reading],
     dead: Sequence[tuple[DeadLetter, NewOutboxRow]],
     bounds: StoreSection,
+    held_back: int = 0,
 ) -> IngestOutcome:
     accepted = 0
-    room = _room_bytes(conn)
-    if room < bounds.reserve_bytes:
-        # A store filled to the last page by readings could not turn them into results (a
-        # result is larger than its reading): the deadlock this reserve prevents.
-        raise StoreFull(f"store is full: {room} bytes left, below the reserve of "
-                        f"{bounds.reserve_bytes} bytes; refusing input")
-    if bounds.when_full == "refuse_input":
-        rows, size = _sizes(conn)
-        if rows >= bounds.max_outbox_rows or size >= bounds.max_outbox_bytes:
-            raise OutboxFull(f"outbox at its bound ({rows} rows, {size} bytes waiting; "
-                             f"max {bounds.max_outbox_rows} rows, {bounds.max_outbox_bytes} "
-                             "bytes); refusing input")
+    refusal = input_refusal(conn, bounds, held_back)
+    if refusal is not None:
+        raise refusal
     with Transaction(conn):
         for r in readings:
             # A redelivered reading whose result is already waiting in the outbox is not redone.
@@ -275,8 +325,11 @@ def lease_window(conn: sqlite3.Connection, windows: dict[str, tuple[int, int]],
             route = str(head[0])
             size, cap = windows.get(route, (1, 1))
             if cap > size:
+                # Counted only up to the cap: the window's size needs no more, and a count of
+                # the whole backlog would cost O(backlog) for every window.
                 backlog = conn.execute(
-                    "SELECT count(*) FROM inbox WHERE leased = 0 AND route = ?", (route,)
+                    "SELECT count(*) FROM (SELECT 1 FROM inbox WHERE leased = 0 AND route = ? "
+                    "LIMIT ?)", (route, cap)
                 ).fetchone()[0]
                 size = max(size, min(cap, int(backlog)))
             return _lease_some(conn, route, size)

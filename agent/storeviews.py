@@ -21,13 +21,34 @@ from agent.records import QueueStats
 
 
 def snapshot_counts(db: sqlite_utils.Database) -> dict[str, int]:
-    counts = {name: int(db[name].count) for name in ("inbox", "outbox", "dead_letter")}
-    delivered = db.execute("SELECT value FROM counters WHERE name = 'delivered'").fetchone()
-    counts["delivered"] = int(delivered[0]) if delivered else 0
+    conn = db.conn
+    counts = {name: rows for name, (rows, _) in _table_sizes(conn).items()}
+    counts["delivered"] = _delivered(conn)
     if db["drops"].exists():
         dropped = db.execute("SELECT coalesce(sum(dropped), 0) FROM drops").fetchone()
         counts["dropped"] = int(dropped[0])
     return counts
+
+
+def _table_sizes(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """Rows and payload bytes of the inbox, the outbox and the dead letters, from the `sizes`
+    table the triggers keep (O(1)); counted only for a table a store made before it had one
+    (an older file read by the operator's commands before the agent upgraded it)."""
+    kept: dict[str, tuple[int, int]] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sizes'").fetchone():
+        kept = {str(name): (int(rows), int(size)) for name, rows, size
+                in conn.execute("SELECT name, rows, bytes FROM sizes")}
+    for table in ("inbox", "outbox", "dead_letter"):
+        if table not in kept:
+            rows, size = conn.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {table}").fetchone()
+            kept[table] = (int(rows), int(size))
+    return kept
+
+
+def _delivered(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM counters WHERE name = 'delivered'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def read_drops(path: Path) -> dict[str, int]:
@@ -59,18 +80,15 @@ def read_dead_letters(path: Path, limit: int = 100) -> list[dict[str, Any]]:
 
 
 def queue_stats(conn: sqlite3.Connection, now: float) -> QueueStats:
-    inbox, inbox_bytes = conn.execute(
-        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox").fetchone()
-    outbox, outbox_bytes, oldest = conn.execute(
-        "SELECT count(*), coalesce(sum(length(payload)), 0), min(created_at) FROM outbox"
-    ).fetchone()
-    dead = conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
-    delivered = conn.execute("SELECT value FROM counters WHERE name = 'delivered'").fetchone()
+    """Depths, bytes and the oldest undelivered row's age: O(1) in the backlog (the sizes the
+    triggers keep, and the outbox's first row by seq), so the sampler never holds the writer."""
+    sizes = _table_sizes(conn)
+    oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
     return QueueStats(
-        inbox=int(inbox), inbox_bytes=int(inbox_bytes), outbox=int(outbox),
-        outbox_bytes=int(outbox_bytes), dead_letter=int(dead),
-        delivered=int(delivered[0]) if delivered else 0,
-        oldest_undelivered_s=None if oldest is None else max(0.0, now - float(oldest)),
+        inbox=sizes["inbox"][0], inbox_bytes=sizes["inbox"][1], outbox=sizes["outbox"][0],
+        outbox_bytes=sizes["outbox"][1], dead_letter=sizes["dead_letter"][0],
+        delivered=_delivered(conn),
+        oldest_undelivered_s=None if oldest is None else max(0.0, now - float(oldest[0])),
     )
 
 

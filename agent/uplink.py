@@ -128,6 +128,15 @@ class Uplink:
         if expired:
             log.warning("outbox_rows_expired", expired=expired)
 
+    async def _report_drops(self) -> None:
+        try:
+            report = await self._store.report_drops(self._drops_row)
+        except StoreFull as exc:  # the drops stay counted; reported once there is room
+            log.warning("outbox_drops_report_failed", error=str(exc))
+            return
+        if report is not None:
+            log.warning("outbox_drops_reported", id=report.id)
+
     async def _pump(self, link: mqtt.Link, stop: asyncio.Event) -> None:
         """Keep up to `inflight_window` rows in flight; commit PUBACKed rows in groups.
 
@@ -174,9 +183,7 @@ class Uplink:
             if not draining or now >= housekeeping_due:
                 housekeeping_due = now + HOUSEKEEPING_INTERVAL_S
                 await self._expire()
-                report = await self._store.report_drops(self._drops_row)
-                if report is not None:
-                    log.warning("outbox_drops_reported", id=report.id)
+                await self._report_drops()
             rows = await self._store.pending_outbox(window.size, after_seq=sent_up_to)
             draining = len(rows) == window.size
             if not rows:
@@ -220,7 +227,20 @@ class Uplink:
                 await self._retire(window.take())
 
     async def _retire(self, seqs: list[int]) -> None:
-        await self._store.mark_delivered(seqs)
+        """Delete PUBACKed rows. While the store is full (it may spend the drain reserve for
+        this, so only briefly), wait and commit the same rows again rather than end the
+        connection: rows resent on a new one would meet the same full disk."""
+        outage = OutageLog("uplink_store")
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                await self._store.mark_delivered(seqs)
+            except StoreFull as exc:
+                outage.failed(exc, rows=len(seqs))
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            outage.recovered()
+            break
         self.delivered += len(seqs)
         self.liveness.progressed()
         log.debug("outbox_batch_delivered", rows=len(seqs))

@@ -8,7 +8,10 @@ shared machines:
              paho subscriber draining the same queued backlog from the same broker;
   uplink     a backlog of results delivered to the cloud broker after reconnect, against a bare
              paho QoS 1 publisher with the same window and payload size;
-  footprint  agent RSS without the worker, worker RSS less the model file, start to READY.
+  footprint  agent RSS without the worker, worker RSS less the model file, start to READY;
+  backlog    with a large backlog waiting in the outbox, the status sampler's read and the
+             latency of a commit queued behind it on the writer thread: the sampler's queries
+             as they were before issue 12 (full scans) against the ones it runs now.
 Hot swap and prefix cache figures arrive with the issues that build those features.
 
 Usage: tools/bench.py [--quick] [--json FILE]. --quick uses small sizes: a smoke test of the
@@ -18,6 +21,7 @@ suite, not of the figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -39,7 +43,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import Route
+from agent.records import Reading
 from agent.routes import build_messages
+from agent.store import Store
 from agent.storeviews import read_counts
 from tools.harness import (
     AgentProcess,
@@ -67,10 +73,13 @@ class Sizes:
     uplink: int
     model_preset: str
     prefix_readings: int
+    backlog: int
 
 
-FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench", prefix_readings=8)
-QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny", prefix_readings=2)
+FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench", prefix_readings=8,
+             backlog=200_000)
+QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny", prefix_readings=2,
+              backlog=2_000)
 
 
 def reading(i: int) -> tuple[str, bytes]:
@@ -418,6 +427,66 @@ def footprint(rig: Rig) -> dict[str, float]:
 # -- the suite ------------------------------------------------------------------------------
 
 
+# -- the status sampler against a large backlog ---------------------------------------------
+
+# The status sampler's queries before issue 12, kept here only as the "before" of the figure.
+_SCAN_STATS = (
+    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox",
+    "SELECT count(*), coalesce(sum(length(payload)), 0), min(created_at) FROM outbox",
+    "SELECT count(*) FROM dead_letter",
+)
+
+
+def _scan_stats(conn: sqlite3.Connection) -> None:
+    for query in _SCAN_STATS:
+        conn.execute(query).fetchone()
+
+
+def backlog_commits(work: Path, n: int, trials: int = 20) -> dict[str, float]:
+    """With `n` results waiting, a status sample and then a one-reading commit are queued on
+    the writer thread together (as when the 2-s sampler fires just before a batch): the
+    sample's time and the commit's latency, median of `trials`, for the full-scan sample of
+    before and the sizes-table sample of now; and a commit with no sample ahead of it."""
+    path = work / "backlog" / "agent.db"
+
+    async def create() -> None:
+        await (await Store.open(path)).close()
+
+    asyncio.run(create())
+    _fill_outbox(path, n, 600)
+
+    async def measure() -> dict[str, float]:
+        store = await Store.open(path)
+        figures: dict[str, float] = {}
+        samples: dict[str, Callable[[], Awaitable[Any]]] = {
+            "scan": lambda: store._call(_scan_stats),  # the old queries, on the writer thread
+            "sizes": store.stats,
+            "none": lambda: asyncio.sleep(0),
+        }
+        try:
+            for label, sample in samples.items():
+                sample_ms, commit_ms = [], []
+                for i in range(trials):
+                    started = time.perf_counter()
+                    first = asyncio.ensure_future(sample())
+                    commit = asyncio.ensure_future(store.ingest([Reading(
+                        f"bench-{label}-{i}", "sensors/b/temperature", b'{"seq": 1}',
+                        time.time(), "temperature", 0)], []))
+                    await first
+                    sample_ms.append((time.perf_counter() - started) * 1000)
+                    await commit
+                    commit_ms.append((time.perf_counter() - started) * 1000)
+                figures[f"{label}_sample_ms"] = statistics.median(sample_ms)
+                figures[f"{label}_commit_ms"] = statistics.median(commit_ms)
+            stats = await store.stats()
+        finally:
+            await store.close()
+        figures["outbox_rows"] = float(stats.outbox)
+        return figures
+
+    return asyncio.run(measure())
+
+
 def _timed(label: str, fn: Callable[[], Any]) -> Any:
     print(f"bench: {label} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -445,6 +514,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         # the stream must stay below what the model sustains on a busy 2-core machine.
         swap = _timed("hot swap", lambda: hot_swap(rig, 0.1, "tiny"))
         prefix = _timed("prefix cache", lambda: prefix_cache(model, sizes.prefix_readings))
+        backlog = _timed("commits behind the status sampler", lambda: backlog_commits(
+            work, sizes.backlog))
     finally:
         rig.close()
     return {
@@ -462,12 +533,13 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         "footprint": foot,
         "hot_swap": swap,
         "prefix_cache": prefix,
+        "backlog": backlog,
     }
 
 
 def table(results: dict[str, Any]) -> str:
     inf, ing, up, foot = (results[k] for k in ("inference", "ingest", "uplink", "footprint"))
-    swap, prefix = results["hot_swap"], results["prefix_cache"]
+    swap, prefix, backlog = results["hot_swap"], results["prefix_cache"], results["backlog"]
     rows = [
         ("inference results/s", inf["agent"]["results_per_s"], inf["raw"]["results_per_s"],
          inf["ratio"], ">= 0.90"),
@@ -488,6 +560,12 @@ def table(results: dict[str, Any]) -> str:
         f"failed {swap['failed_or_missing']:.0f} of {swap['readings']:.0f} (target 0) |",
         f"| prefix cache ms/reading (2 routes) | {prefix['with_ms']:,.0f} | "
         f"{prefix['without_ms']:,.0f} (no cache) | {prefix['speedup']:.1f}x | |",
+        f"| status sample, {backlog['outbox_rows']:,.0f} rows waiting | "
+        f"{backlog['sizes_sample_ms']:.2f} ms | {backlog['scan_sample_ms']:.2f} ms (count(*) "
+        "scans, before) | | O(1) in the backlog |",
+        f"| commit queued behind a status sample | {backlog['sizes_commit_ms']:.2f} ms | "
+        f"{backlog['scan_commit_ms']:.2f} ms (before) | | no sample ahead: "
+        f"{backlog['none_commit_ms']:.2f} ms |",
     ]
     return "\n".join(lines)
 
