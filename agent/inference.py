@@ -74,6 +74,8 @@ class InferenceWorker:
         self.unavailable: str | None = None
         self.load_failures = 0
         self._unavailable_since = 0.0
+        # Set while the model does not load (agent/ota.py falls back to an earlier model).
+        self.went_unavailable = asyncio.Event()
 
     def command(self) -> list[str]:
         """The worker's command line."""
@@ -178,6 +180,7 @@ class InferenceWorker:
                 log.info("model_recovered", path=self.info.path, failures=self.load_failures,
                          after_s=round(time.monotonic() - self._unavailable_since, 1))
                 self.unavailable = None
+                self.went_unavailable.clear()
         if not reply.get("ok"):
             raise InferenceFailed(str(reply.get("error")))
         return Completion(
@@ -228,6 +231,7 @@ class InferenceWorker:
             log.error("model_unavailable", path=self.info.path, version=self.info.version,
                       reason=str(exc), retry="at the next reading, after a backoff")
         self.unavailable = str(exc)
+        self.went_unavailable.set()
 
     async def _kill(self) -> None:
         """SIGKILL the worker's whole process group and reap the worker."""

@@ -33,7 +33,7 @@ from agent.errors import AgentError, ModelLoadError
 from agent.inference import InferenceWorker
 from agent.messages import Topics, model_event_row, model_status_row
 from agent.otastart import describe, model_for
-from agent.otastate import ModelStore, OtaState, Trial
+from agent.otastate import BASE, ModelStore, OtaState, Trial
 from agent.records import ModelInfo
 from agent.serving import Figures, Router, Served
 from agent.store import Store
@@ -56,6 +56,9 @@ class Ota:
         self._models = models
         self.wake = asyncio.Event()
         self._busy = False
+        # The serving worker that stopped loading its model and was already fallen back from
+        # (or had nothing to fall back to): not tried twice.
+        self._fallen_from: InferenceWorker | None = None
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -90,7 +93,15 @@ class Ota:
             while not stop.is_set():
                 self.wake.clear()
                 await self.scan(stop)
-                await first_of(self.wake, stop)
+                serving = self._router.serving.worker
+                if serving.unavailable is not None and serving is not self._fallen_from:
+                    self._fallen_from = serving  # one fallback per worker that stopped loading
+                    await self._fall_back(serving)
+                    continue
+                if serving is self._fallen_from:
+                    await first_of(self.wake, stop)
+                else:
+                    await first_of(self.wake, stop, serving.went_unavailable)
         finally:
             if stop.is_set():  # a graceful stop, even one that had to cancel us
                 self._leave_trial_open()
@@ -366,6 +377,42 @@ class Ota:
                           version=trial.version, stage=step, reason=verdict.reason,
                           figures=verdict.figures, active=trial.previous, **extra)
         await self.publish_status()
+
+    async def _fall_back(self, broken: InferenceWorker) -> None:
+        """The active model stopped loading while serving (FAULTS.md: damaged on disk, a load
+        that times out): serve the previous good model where one exists, mark the broken
+        version failed, and report it. With no earlier model (the base model itself broke) or an
+        update on trial (its own verdict decides), readings wait until the model loads again."""
+        state = await asyncio.to_thread(self._models.read)
+        current = state.active
+        target = state.previous if state.previous is not None else (
+            BASE if current != BASE else None)
+        reason = f"the model does not load while serving: {broken.unavailable}"
+        if state.trial is not None or target is None:
+            log.warning("model_fallback_unavailable", active=current, reason=reason,
+                        why="an update is on trial" if state.trial is not None
+                        else "no earlier model installed")
+            return
+        try:
+            section, info = await describe(self._settings, state, self._models, target)
+            worker = InferenceWorker(section, info)
+            await worker.start()
+        except AgentError as exc:
+            await self.report("fallback_refused", version=current, target=target,
+                              reason=f"{reason}; {target} does not start either: {exc}")
+            return
+        served = self._router.switch(Served(worker))
+
+        def fall_back(s: OtaState) -> None:
+            s.failed[current] = {"reason": reason, "step": "serving", "at": time.time()}
+            s.active, s.previous, s.trial = target, None, None
+
+        await asyncio.to_thread(self._models.update, fall_back)
+        await self.report("rolled_back", version=current, stage="serving", reason=reason,
+                          active=target)
+        await self.publish_status()
+        await served.idle.wait()
+        await served.worker.close()
 
     async def _operator_rollback(self) -> None:
         """`edge-agent model rollback`: back to the previous model; the current one is failed."""

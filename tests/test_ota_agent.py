@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -303,3 +305,52 @@ def test_a_graceful_stop_during_probation_resumes_the_trial_without_counting_a_s
     assert state["active"] == "2"
     assert (state["trial"]["stopped"], state["trial"]["starts"]) == (False, 0)
     assert not state["failed"]
+
+
+def test_a_committed_model_that_stops_loading_falls_back_to_the_previous_one(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Version 2 is committed, then its GGUF is damaged on disk and its worker killed: the
+    restart cannot load it, so the agent serves the previous model (base, version 1) by
+    itself, marks 2 failed at step `serving`, reports `rolled_back` with the reason, and every
+    reading is answered, none dead-lettered."""
+    key, public = keypair(tmp_path)
+    pkg = package(tmp_path, key, "2", seed=2)
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    config = ota_config(rig, public, probation_requests=3, probation_latency_factor=20.0)
+    agent = rig.agent(config)
+    agent.wait_for_event("agent_ready")
+    assert model_cli("install", str(pkg), "--config", str(config)).returncode == 0
+    sensors = Sensors(rig.local.port, 0.05)
+    sensors.start()
+    try:
+        wait_until(lambda: "committed" in steps(agent.events())
+                   or "rolled_back" in steps(agent.events()), 120, "the verdict on 2")
+        assert "committed" in steps(agent.events()), steps(agent.events())
+    finally:
+        sensors.stop.set()
+        sensors.join(10)
+    wait_until(lambda: len(collector.distinct_ids()) == sensors.sent, 60, "results on 2")
+    [gguf] = (rig.workdir / "state" / "ota" / "models" / "2").glob("*.gguf")
+    with gguf.open("r+b") as handle:  # damaged on disk: the tensor data cut off
+        handle.truncate(gguf.stat().st_size // 2)
+    worker = [e for e in agent.events() if e.get("event") == "worker_ready"][-1]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    publish_readings(rig.local.port, [(f"sensors/s{i}/temperature",
+                                       json.dumps({"seq": 10_000 + i, "celsius": 40}).encode())
+                                      for i in range(5)])
+    wait_until(lambda: "rolled_back" in steps(agent.events()), 120, "the fallback")
+    rolled = next(e for e in agent.events() if e.get("step") == "rolled_back")
+    assert (rolled["version"], rolled["stage"], rolled["active"]) == ("2", "serving", "base")
+    assert "does not load while serving" in rolled["reason"]
+    wait_until(lambda: len(collector.distinct_ids()) == sensors.sent + 5, 120,
+               "the 5 readings answered after the fallback")
+    late = [r for r in collector.results() if r["source"]["payload"]["seq"] >= 10_000]
+    assert {r["model"]["version"] for r in late} == {"1"}
+    assert not collector.results("deadletter")
+    listed = json.loads(model_cli("list", "--config", str(config)).stdout)
+    assert listed["active"] == "base"
+    assert listed["failed"]["2"]["step"] == "serving"
+    collector.stop()
