@@ -108,7 +108,7 @@ def test_ttl_expiry_and_window_leases_do_not_scan_the_backlog(tmp_path: Path) ->
 
     def window(conn: sqlite3.Connection) -> int:
         conn.isolation_level = None
-        return len(storesql.lease_window(conn, {"t": (4, 16)}))
+        return len(storesql.lease_window(conn, {"t": (4, 16)}, ()))
 
     for query in (expire_none, window):
         few, _ = vm_steps(small, query)
