@@ -24,7 +24,7 @@ from typing import Protocol
 import structlog
 
 from agent import mqtt, payload
-from agent.config import Settings
+from agent.config import Route, Settings
 from agent.errors import OutboxFull, StoreFull
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row
@@ -261,18 +261,11 @@ class Ingest:
                     log.warning("ingest_shedding", topic=message.topic, shed_total=self.shed)
             else:
                 try:
-                    value = payload.parse(
-                        message.payload,
-                        max_bytes=self._broker.max_payload_bytes,
-                        max_depth=self._broker.max_json_depth,
-                    )
-                except payload.PayloadRejected as exc:
-                    reason = str(exc)
-                else:
-                    if route.input_schema is not None:
-                        problem = schema_violation(value, route.input_schema)
-                        if problem is not None:
-                            reason = f"payload fails the route's input schema {problem}"
+                    reason = self._refusal(message, route)
+                except Exception as exc:  # a check nobody expected to fail: this message only
+                    log.error("ingest_check_failed", topic=message.topic, id=rid,
+                              error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                    reason = f"ingest could not check the payload: {type(exc).__name__}: {exc}"
             if reason is None and route is not None:
                 readings.append(Reading(rid, message.topic, message.payload, received_at,
                                         route.name, route.priority))
@@ -281,6 +274,19 @@ class Ingest:
                 letter = DeadLetter(rid, message.topic, kept, reason or "", received_at)
                 dead.append((letter, dead_letter_row(self._topics, letter)))
         return readings, dead
+
+    def _refusal(self, message: IncomingMessage, route: Route) -> str | None:
+        """Why the payload cannot be a reading of `route`, or None."""
+        try:
+            value = payload.parse(message.payload, max_bytes=self._broker.max_payload_bytes,
+                                  max_depth=self._broker.max_json_depth)
+        except payload.PayloadRejected as exc:
+            return str(exc)
+        if route.input_schema is not None:
+            problem = schema_violation(value, route.input_schema)
+            if problem is not None:
+                return f"payload fails the route's input schema {problem}"
+        return None
 
 
 def _limiter(settings: Settings) -> TopicLimiter | None:
