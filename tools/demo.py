@@ -556,13 +556,15 @@ def steps(demo: Demo, local: Mosquitto, cloud: Mosquitto, rate: int) -> int:
     say(f"   backlog delivered in {took:.1f} s")
     shown = show_results(collector, shown, 3)
 
-    say("4. bad input: a payload that is not JSON")
+    say("4. bad input: a payload that is not JSON, and JSON whose number overflows a double")
     sensors.publish_raw("sensors/press-1/temperature", b"{celsius: 21")
-    waits.until("the dead letter at the cloud", lambda: bool(collector.results("deadletter")),
-                RESULTS_TIMEOUT_S, demo.progress)
-    letter = collector.results("deadletter")[0]
-    say(f"   dead-lettered {letter['id'][:8]} from {letter['source']['topic']}: "
-        f"{letter['reason']}")
+    sensors.publish_raw("sensors/oven-2/temperature", b'{"seq": -1, "celsius": 1e400}')
+    waits.until("the 2 dead letters at the cloud",
+                lambda: len(collector.results("deadletter")) >= 2, RESULTS_TIMEOUT_S,
+                demo.progress)
+    for letter in collector.results("deadletter"):
+        say(f"   dead-lettered {letter['id'][:8]} from {letter['source']['topic']}: "
+            f"{letter['reason']}")
 
     say("5. graceful stop (SIGTERM)")
     started = time.monotonic()
