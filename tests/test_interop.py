@@ -1,0 +1,169 @@
+"""The agent against other MQTT brokers (issue 14): one short scenario, parametrized over
+mosquitto, aedes (npm) and RabbitMQ's MQTT plugin, each a real broker that the test starts on
+free loopback ports and stops at teardown (tests/brokers.py).
+
+The broker under test is both the local and the cloud broker (the agent's ingest, uplink and
+command clients have distinct client ids); the cloud link goes through tests/fault_proxy.py, so
+that a cloud outage is the same real fault on every broker. The scenario: results flow; the
+agent is SIGKILLed while it works, readings are published while it is down, and after a restart
+none is lost (the persistent local session queued them, unacked ones are redelivered); during a
+cloud outage results are buffered in the outbox and delivered when the link returns. amqtt is
+not here: it is unsupported (docs/interop.md says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from agent.storeviews import read_counts
+from tests.brokers import Aedes, RabbitMQ
+from tests.fault_proxy import FaultProxy
+from tools.harness import (
+    AgentProcess,
+    CloudCollector,
+    Mosquitto,
+    publish_readings,
+    wait_until,
+    write_agent_config,
+)
+
+BATCH = 8
+
+
+class Broker(Protocol):
+    port: int
+
+    def kill(self) -> None: ...
+
+
+def readings(start: int, n: int = BATCH) -> list[tuple[str, bytes]]:
+    return [(f"sensors/s{i % 3}/temperature", json.dumps({"seq": i, "celsius": 20}).encode())
+            for i in range(start, start + n)]
+
+
+def unread_bytes(pid: int, port: int) -> int:
+    """Bytes received from 127.0.0.1:`port` that process `pid` has not read yet (the receive
+    queues of its TCP sockets to that port, from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[9] in inodes:
+            total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def subscribed(agent: AgentProcess) -> list[dict[str, Any]]:
+    return [e for e in agent.events() if e.get("event") == "ingest_subscribed"]
+
+
+def seqs(collector: CloudCollector) -> set[int]:
+    """The `seq` of every reading whose result reached the cloud broker."""
+    return {int(body["source"]["payload"]["seq"]) for body in collector.results()}
+
+
+def wait_for_results(collector: CloudCollector, upto: int, what: str, timeout_s: float) -> None:
+    """Wait until the results of readings 0..upto-1 have all arrived; name the missing ones."""
+    try:
+        wait_until(lambda: seqs(collector) == set(range(upto)), timeout_s, what)
+    except TimeoutError as exc:
+        missing = sorted(set(range(upto)) - seqs(collector))
+        raise AssertionError(f"{exc}; readings without a result: {missing}") from None
+
+
+@pytest.fixture(params=["mosquitto", "aedes", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    """The broker under test, started on free loopback ports; killed at teardown."""
+    kind = request.param
+    started: Broker
+    if kind == "mosquitto":
+        started = Mosquitto("local", tmp_path).start()
+    else:
+        cls = Aedes if kind == "aedes" else RabbitMQ
+        reason = cls.unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        started = cls(tmp_path).start(timeout_s=90)
+    try:
+        yield started
+    finally:
+        started.kill()
+
+
+def test_nothing_is_lost_through_a_sigkill_and_a_cloud_outage_on_each_broker(
+    broker: Broker, tmp_path: Path, tiny_model: Path
+) -> None:
+    """On mosquitto, aedes and RabbitMQ alike, results flow; readings published around a
+    SIGKILL of the agent all get results after its restart; and results made during a cloud
+    outage wait in the outbox and are all delivered when the link returns."""
+    collector = CloudCollector(broker.port).start()
+    proxy = FaultProxy(broker.port).start()
+    config = write_agent_config(
+        tmp_path / "agent.toml", state_dir=tmp_path / "state", model_path=tiny_model,
+        local_port=broker.port, cloud_port=proxy.port,
+    )
+    store = tmp_path / "state" / "agent.db"
+    agents: list[AgentProcess] = []
+
+    def start_agent() -> AgentProcess:
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        agents.append(agent)
+        agent.wait_for_event("agent_ready")
+        return agent
+
+    try:
+        # 1. Results flow.
+        agent = start_agent()
+        publish_readings(broker.port, readings(0))
+        wait_for_results(collector, BATCH, "the first results", 60)
+
+        # 2. SIGKILL while the agent works, readings published while it is down, restart.
+        # The agent is stopped first, so the broker's deliveries of the second batch wait,
+        # unacked, in the agent's socket: after the SIGKILL the broker must send them again.
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        publish_readings(broker.port, readings(BATCH))
+        wait_until(lambda: unread_bytes(pid, broker.port) > 0, 30,
+                   "deliveries waiting unread in the stopped agent's socket")
+        agent.kill()
+        publish_readings(broker.port, readings(2 * BATCH))  # queued in the agent's session
+        agent = start_agent()
+        assert subscribed(agent)[0]["session_present"] is True, "the broker lost the session"
+        wait_for_results(collector, 3 * BATCH, "the results of the readings published around "
+                         "the SIGKILL", 60)
+
+        # 3. Cloud outage: new connections refused and the live one cut.
+        proxy.set_mode("refuse")
+        proxy.reset()
+        publish_readings(broker.port, readings(3 * BATCH))
+        wait_until(lambda: read_counts(store)["outbox"] == BATCH, 60,
+                   f"{BATCH} results waiting in the outbox")
+        assert seqs(collector) == set(range(3 * BATCH)), "a result passed the outage"
+        proxy.set_mode("pass")
+        wait_for_results(collector, 4 * BATCH, "the buffered results after the outage", 60)
+        wait_until(lambda: read_counts(store)["outbox"] == 0, 30, "the outbox drained")
+
+        counts = read_counts(store)
+        assert counts["dead_letter"] == 0, counts
+        assert counts["inbox"] == 0, counts
+        assert agent.terminate() == 0
+    finally:
+        for started in agents:
+            started.kill()
+        proxy.stop()
+        collector.stop()
