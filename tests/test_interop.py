@@ -17,11 +17,15 @@ import contextlib
 import json
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.storeviews import read_counts
 from tests.brokers import Aedes, RabbitMQ
@@ -85,19 +89,23 @@ def wait_for_results(collector: CloudCollector, upto: int, what: str, timeout_s:
         raise AssertionError(f"{exc}; readings without a result: {missing}") from None
 
 
-@pytest.fixture(params=["mosquitto", "aedes", "rabbitmq"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
-    """The broker under test, started on free loopback ports; killed at teardown."""
+@pytest.fixture(scope="module", params=["mosquitto", "aedes", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Broker]:
+    """The broker under test, started on free loopback ports once for this module's tests (a
+    RabbitMQ node takes about 10 s to start); killed at teardown. Each test uses its own
+    device id, so the agents' client ids and topics differ from one test to the next."""
     kind = request.param
+    workdir = tmp_path_factory.mktemp(kind)
     started: Broker
     if kind == "mosquitto":
-        started = Mosquitto("local", tmp_path).start()
+        started = Mosquitto("local", workdir).start()
     else:
         cls = Aedes if kind == "aedes" else RabbitMQ
         reason = cls.unavailable()
         if reason is not None:
             pytest.skip(reason)
-        started = cls(tmp_path).start(timeout_s=90)
+        started = cls(workdir).start(timeout_s=90)
     try:
         yield started
     finally:
@@ -114,7 +122,7 @@ def test_nothing_is_lost_through_a_sigkill_and_a_cloud_outage_on_each_broker(
     proxy = FaultProxy(broker.port).start()
     config = write_agent_config(
         tmp_path / "agent.toml", state_dir=tmp_path / "state", model_path=tiny_model,
-        local_port=broker.port, cloud_port=proxy.port,
+        local_port=broker.port, cloud_port=proxy.port, device_id="gw-scenario",
     )
     store = tmp_path / "state" / "agent.db"
     agents: list[AgentProcess] = []
@@ -167,3 +175,68 @@ def test_nothing_is_lost_through_a_sigkill_and_a_cloud_outage_on_each_broker(
             started.kill()
         proxy.stop()
         collector.stop()
+
+
+def retained_status_for(port: int, topic_filter: str, device_id: str) -> list[dict[str, Any]]:
+    """Subscribe to `topic_filter` with a new client and return the retained status bodies the
+    broker sends for it. A marker published after the SUBACK ends the wait: a broker sends the
+    retained messages of a subscription before anything published after it."""
+    marker_topic = f"edge/{device_id}/status/marker"
+    got: list[dict[str, Any]] = []
+    marker_seen = threading.Event()
+    subscribed_ = threading.Event()
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == marker_topic:
+            marker_seen.set()
+        elif message.topic == f"edge/{device_id}/status" and message.retain:
+            got.append(json.loads(message.payload))
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"retained-{time.monotonic_ns()}")
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed_.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        # The marker's topic is subscribed to by name, so it comes back whatever the filter.
+        client.subscribe([(topic_filter, 1), (marker_topic, 1)])
+        assert subscribed_.wait(10), "no SUBACK"
+        publish_readings(port, [(marker_topic, b"{}")], client_id=f"marker-{time.monotonic_ns()}")
+        assert marker_seen.wait(10), "the marker did not come back"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+def test_the_retained_status_reaches_new_subscribers_of_its_exact_topic_on_each_broker(
+    broker: Broker, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The agent's retained status reaches a new subscriber of edge/<device_id>/status on every
+    broker with `state` online (what Home Assistant's `value_template` reads); a wildcard
+    subscriber gets it too on mosquitto and aedes, but not on RabbitMQ, as docs/interop.md says."""
+    device_id = "gw-retained"
+    watcher = CloudCollector(broker.port, topic=f"edge/{device_id}/status",
+                             client_id="status-watcher").start()
+    config = write_agent_config(
+        tmp_path / "agent.toml", state_dir=tmp_path / "state", model_path=tiny_model,
+        local_port=broker.port, cloud_port=broker.port, device_id=device_id,
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        agent.wait_for_event("agent_ready")
+        wait_until(lambda: any(body.get("state") == "online"
+                               for body in watcher.results("status")), 30,
+                   "the agent's status online")
+        exact = retained_status_for(broker.port, f"edge/{device_id}/status", device_id)
+        assert [body["state"] for body in exact] == ["online"], exact
+        wildcard = retained_status_for(broker.port, "edge/#", device_id)
+        if isinstance(broker, RabbitMQ):
+            assert wildcard == [], "RabbitMQ now sends retained messages to wildcards: update " \
+                                   "docs/interop.md"
+        else:
+            assert [body["state"] for body in wildcard] == ["online"], wildcard
+        assert agent.terminate() == 0
+    finally:
+        agent.kill()
+        watcher.stop()
