@@ -5,10 +5,12 @@ free loopback ports and stops at teardown (tests/brokers.py).
 The broker under test is both the local and the cloud broker (the agent's ingest, uplink and
 command clients have distinct client ids); the cloud link goes through tests/fault_proxy.py, so
 that a cloud outage is the same real fault on every broker. The scenario: results flow; the
-agent is SIGKILLed while it works, readings are published while it is down, and after a restart
-none is lost (the persistent local session queued them, unacked ones are redelivered); during a
-cloud outage results are buffered in the outbox and delivered when the link returns. amqtt is
-not here: it is unsupported (docs/interop.md says why).
+agent is SIGKILLed while the broker's deliveries wait unacked in its socket, readings are
+published while it is down, and after a restart none is lost (the broker redelivered the unacked
+ones and queued the others in the persistent session); during a cloud outage results are
+buffered in the outbox and delivered when the link returns. A second test pins which
+subscriptions get the agent's retained status on each broker. amqtt is not here: it is
+unsupported, and fails this scenario (docs/interop.md says why).
 """
 
 from __future__ import annotations
