@@ -52,6 +52,14 @@ pip_install() {
     "$venv/bin/python" -m pip install -e "$repo[dev]"
 }
 
+# tests/test_interop.py runs aedes as one of its brokers: npm installs it from the lock file in
+# tests/node into $venv/node (where tests/brokers.py looks), once per version of that file.
+npm_install() {
+  mkdir -p "$venv/node" &&
+    cp "$repo/tests/node/package.json" "$repo/tests/node/package-lock.json" "$venv/node/" &&
+    npm ci --prefix "$venv/node" --no-audit --no-fund
+}
+
 missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v c++ >/dev/null || missing+=(build-essential)
@@ -82,5 +90,19 @@ if [ ! -f "$stamp" ]; then
   step "$what (6-11 min on 2 cores; later installs reuse it, under 1 min)" pip_install
   rm -f "$venv"/.edge-agent-*
   touch "$stamp"
+fi
+node_stamp="$venv/node/.installed-$(sha256sum "$repo/tests/node/package-lock.json" | cut -c1-16)"
+if [ ! -f "$node_stamp" ]; then
+  # aedes 1.2 needs node 20 or newer (Debian 12's nodejs is 18). RabbitMQ is not installed here:
+  # its Debian package starts a system-wide service; the test starts a node of its own where one
+  # is installed, and skips RabbitMQ where it is not.
+  if command -v npm >/dev/null &&
+    node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; then
+    step "installing aedes (npm) for the interop test" npm_install
+    rm -f "$venv/node"/.installed-*
+    touch "$node_stamp"
+  else
+    echo "bootstrap: no node 20+ with npm, so tests/test_interop.py will skip aedes"
+  fi
 fi
 export PATH="$venv/bin:$PATH"
