@@ -64,6 +64,8 @@ def start_agent(rig: Rig, namespace: CloudNamespace) -> AgentProcess:
     config = write_agent_config(
         rig.workdir / "agent.toml", state_dir=rig.workdir / "state", model_path=rig.model,
         local_port=rig.local.port, cloud_port=broker.port,
+        # No status refresh on the link during a test: only keepalive may notice silence.
+        service="metrics_port = 0\nstatus_interval_s = 3600",
     )
     text = config.read_text()
     assert f"keepalive_s = {KEEPALIVE_S}" in text
