@@ -45,8 +45,17 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 
 
+def _tool(name: str) -> str | None:
+    """`ip` and `tc` live in /usr/sbin, which a PATH may leave out."""
+    found = shutil.which(name)
+    if found is None and os.access(f"/usr/sbin/{name}", os.X_OK):
+        found = f"/usr/sbin/{name}"
+    return found
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=20)
+    command = [_tool(args[0]) or args[0], *args[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=20)
 
 
 def _check(*args: str) -> None:
@@ -60,7 +69,7 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
     for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
+        if _tool(tool) is None:
             return f"`{tool}` is missing (apt-get install iproute2)"
     name = f"eaprobe{secrets.token_hex(3)}"
     done = _run("ip", "netns", "add", name)
@@ -297,8 +306,9 @@ class NamespacedMosquitto(Mosquitto):
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         log = (self.dir / "mosquitto.log").open("ab")
         # `ip netns exec` execs mosquitto, so the pid is mosquitto's and kill() reaches it.
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.namespace.name, binary,
-                                      "-c", str(self.conf)], stdout=log, stderr=log)
+        command = [_tool("ip") or "ip", "netns", "exec", self.namespace.name, binary,
+                   "-c", str(self.conf)]
+        self.proc = subprocess.Popen(command, stdout=log, stderr=log)
         wait_until(lambda: self._accepts() or not self.running, timeout_s,
                    f"mosquitto {self.role} on {self.namespace.ns_addr}:{self.port}")
         if not self.running:

@@ -28,9 +28,6 @@ from tools.harness import (
 
 KEEPALIVE_S = 5  # the smallest keepalive the config accepts (agent/sections.py)
 
-_reason = unavailable_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"no network namespaces: {_reason}")
-
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:
     return [(f"sensors/s{i % 3}/temperature", json.dumps({"seq": i, "celsius": 20}).encode())
@@ -41,6 +38,9 @@ def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:
 def cloud_ns(rig: Rig) -> Iterator[tuple[Rig, CloudNamespace, CloudCollector]]:
     """The local broker on the host, the cloud broker in its own namespace, a collector beside
     it on the namespace's loopback (so the impaired link carries only the agent's traffic)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces here: {reason}")
     namespace = CloudNamespace()
     collector: CloudCollector | None = None
     try:
