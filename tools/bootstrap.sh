@@ -65,6 +65,8 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosqu
 command -v c++ >/dev/null || missing+=(build-essential)
 # tests/test_clock_jumps.py moves the agent's wall clock with libfaketime.
 command -v faketime >/dev/null || missing+=(faketime)
+# tests/test_netem.py puts the cloud broker in a network namespace (ip netns, tc).
+command -v tc >/dev/null || [ -x /usr/sbin/tc ] || missing+=(iproute2)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   # sudo may ask for a password: ask now, on the terminal, not inside the logged step.
