@@ -229,6 +229,12 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
     if not directory:
         return settings
     base = Path(directory)
+    try:
+        present = {entry.name for entry in os.scandir(base)}
+    except OSError as exc:
+        # e.g. a directory the (dynamic) user cannot read: a clear refusal, not a traceback
+        raise ConfigError(f"cannot read the credentials directory {base} "
+                          f"($CREDENTIALS_DIRECTORY): {exc.strerror}") from exc
     updates: dict[str, BrokerSection] = {}
     for section in ("local_broker", "cloud_broker"):
         broker: BrokerSection = getattr(settings, section)
@@ -236,7 +242,7 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
         found: dict[str, Any] = {}
         for key, pattern in CREDENTIALS.items():
             credential = base / pattern.format(role=role)
-            if getattr(broker, key) is not None or not credential.is_file():
+            if getattr(broker, key) is not None or credential.name not in present:
                 continue
             if key != "password" and not broker.tls:
                 continue  # TLS files mean nothing on a plaintext link; _check_tls says so
@@ -245,7 +251,7 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
                     secret = credential.read_text(encoding="utf-8").strip()
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError(
-                        f"{section}.password: cannot read credential {credential.name}"
+                        f"{section}.password: cannot read credential {credential}: {exc}"
                     ) from exc
                 found[key] = SecretStr(secret)
             else:
