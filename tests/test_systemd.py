@@ -9,6 +9,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,11 @@ def test_installed_unit_verifies_clean(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert os.access(root / "opt/edge-agent/venv/bin/edge-agent", os.X_OK)
+    # The venv's interpreter is the system's, not one under /root or /home (ProtectHome=yes
+    # hides those from the service: 203/EXEC), whatever python3 is first on the PATH.
+    interpreter = (root / "opt/edge-agent/venv/bin/python").resolve()
+    assert not interpreter.is_relative_to("/root"), interpreter
+    assert not interpreter.is_relative_to("/home"), interpreter
     installed = root / "etc/systemd/system/edge-agent.service"
     assert installed.read_bytes() == UNIT.read_bytes()
     assert (root / "etc/edge-agent/agent.toml").is_file()
@@ -105,3 +111,18 @@ def test_the_start_limit_leaves_room_for_manual_restarts() -> None:
     settings = {key: values[-1] for key, values in unit_settings().items()}
     assert int(settings["StartLimitBurst"]) >= 5 + 5
     assert int(settings["StartLimitIntervalSec"]) >= 300
+
+
+def test_install_refuses_an_interpreter_the_service_cannot_see(tmp_path: Path) -> None:
+    """An interpreter under /root (pyenv's, here) is hidden by ProtectHome=yes: install.sh
+    stops with the reason instead of installing a venv the service cannot execute."""
+    home = tmp_path / "root" / "python3"
+    pyenv = Path(sys.base_prefix) / "bin" / "python3"
+    if not pyenv.resolve().is_relative_to("/root"):
+        pytest.skip(f"no interpreter under /root to try ({pyenv.resolve()})")
+    env = dict(os.environ, EDGE_AGENT_PYTHON=str(pyenv))
+    proc = subprocess.run(["bash", str(REPO / "tools" / "install.sh"), "--root", str(home.parent)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "which the unit's ProtectHome=yes hides" in proc.stderr
+    assert not (home.parent / "opt/edge-agent/venv").exists()
