@@ -101,7 +101,7 @@ def test_reload_checks_the_file_before_signalling_the_agent() -> None:
     """ExecReload= runs check-config before SIGHUP, so a refused file fails `systemctl reload`
     and the running agent is not signalled."""
     check, signal = unit_settings()["ExecReload"]
-    assert check.endswith("edge-agent check-config /etc/edge-agent/agent.toml")
+    assert check == "+/opt/edge-agent/venv/bin/edge-agent check-config /etc/edge-agent/agent.toml"
     assert signal == "/bin/kill -HUP $MAINPID"
 
 
