@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.otakit import keypair, package
 from tools.harness import wait_until, write_agent_config
 from tools.make_tiny_model import make_model
 
@@ -136,13 +137,18 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
                        timeout=180)
         _tree_tar(workdir / "tree.tar")
         make_model(workdir / "tiny.gguf")
+        key, public = keypair(workdir)
+        # Version 1 is the running [model]'s: the agent rejects it (anti-rollback) and must be
+        # able to remove what root handed it.
+        package(workdir, key, "1")
         config = write_agent_config(
             workdir / "agent.toml", state_dir=Path("/var/lib/edge-agent"),
             model_path=Path("/var/lib/edge-agent/models/current.gguf"),
             local_port=1883, cloud_port=1884,
             # The worker's own deadline far away, the stall bound short: a SIGSTOPped worker
             # is then the watchdog's to catch (check-config warns about exactly this).
-            service="metrics_port = 0\nstall_timeout_s = 5")
+            service="metrics_port = 0\nstall_timeout_s = 5",
+            extra=f"[ota]\ntrusted_keys = [{json.dumps(public)}]\nwatch_debounce_s = 0.3\n")
         text = config.read_text().replace("request_timeout_s = 20", "request_timeout_s = 120")
         # The password is not in the file: only the credential in /etc/credstore has it.
         config.write_text(text.replace("[cloud_broker]\n", '[cloud_broker]\nusername = "gw"\n', 1))
@@ -219,6 +225,25 @@ def test_results_flow_under_the_sandbox_with_the_password_from_credstore(live: L
     result = json.loads(live.sh(f"{sub} -C 1 -W 60", timeout_s=90).stdout)
     assert result["status"] == "ok", result
     assert live.events("uplink_connected")
+
+
+def test_a_package_root_installs_is_removed_by_the_agent_and_not_read_again(live: Live) -> None:
+    """`edge-agent model install` run as root hands the package to the dynamic user: the agent
+    rejects it (not newer), removes it from incoming/, and a restart does not receive it again."""
+    live.sh(f"/opt/edge-agent/venv/bin/edge-agent model install {live.workdir}/pkg-1 "
+            f"--config {CONFIG}")
+    wait_until(lambda: any(e.get("step") == "rejected"
+                           for e in live.events("model_update_step")),
+               30, "the package rejected", interval_s=0.5)
+    wait_until(lambda: live.sh("ls -A /var/lib/edge-agent/incoming").stdout == "", 10,
+               "incoming/ emptied by the agent", interval_s=0.5)
+    assert not live.events("model_package_not_removed")
+    received = len([e for e in live.events("model_update_step") if e.get("step") == "received"])
+    live.sh("systemctl restart edge-agent", timeout_s=120)
+    wait_until(lambda: len(live.events("agent_ready")) >= 2, 30, "the restarted agent ready",
+               interval_s=0.5)
+    assert len([e for e in live.events("model_update_step")
+                if e.get("step") == "received"]) == received
 
 
 def test_reload_applies_a_change_and_fails_on_a_refused_file(live: Live) -> None:
