@@ -2,15 +2,16 @@
 (tools/live-systemd: an overlay of /, its own loopback, cgroup2), the agent installed inside by
 tools/install.sh from wheels built here, then checked for real: active only after READY=1,
 STATUS= in `systemctl status`, results flowing under the unit's sandbox with the cloud
-password coming from /etc/credstore, `systemctl reload` applying a change and failing on a
-refused file, the watchdog restarting an agent whose worker is SIGSTOPped, `systemctl stop`
-exiting 0, a bad configuration and a missing model not restarted, and the exposure that
-`systemd-analyze security` gives the installed unit.
+password coming from /etc/credstore, a model package root installs removed by the agent,
+`systemctl reload` applying a change and failing on a refused file, the watchdog restarting
+an agent whose worker is SIGSTOPped, `systemctl stop` exiting 0, a bad configuration and a
+missing model not restarted, and the exposure `systemd-analyze security` gives the installed
+unit.
 
 Skipped, with the reason printed, only where the container cannot boot (not root, no
 unshare/overlayfs/cgroup2/systemd, no mosquitto). The container is always stopped in teardown.
-The tests share one container and run in file order; together they take about a minute and a
-half (the watchdog's 30 s is most of it).
+The tests share one container and run in file order; together they take about 75 s (the
+watchdog's 35 s is most of it), well under their 240 s bound.
 """
 
 from __future__ import annotations
