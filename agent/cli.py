@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import config, logs, modelcli
+from agent import config, logs, modelcli, preflight
 from agent.errors import EXIT_CONFIG, AgentError, ConfigError, StoreUnreadable
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
@@ -46,10 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         return modelcli.run(args)
     try:
         settings = config.load(args.config)
+        if args.command in ("run", "check-config"):
+            # The same checks in both: check-config passes exactly what run starts with, and
+            # run's own refusal is the main process's exit 78, which the unit does not restart.
+            preflight.check(settings)
     except ConfigError as exc:
         print(f"edge-agent: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        for line in preflight.advice(settings):
+            print(f"edge-agent: warning: {line}", file=sys.stderr)
         routes, device = len(settings.routes), settings.agent.device_id
         print(f"{args.config}: ok ({routes} routes, device {device})")
         return 0

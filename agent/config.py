@@ -12,6 +12,7 @@ error that names it, never a silent default.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,7 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
         found: dict[str, Any] = {}
         for key, pattern in CREDENTIALS.items():
             credential = base / pattern.format(role=role)
-            if getattr(broker, key) is not None or not credential.is_file():
+            if getattr(broker, key) is not None or not _credential_present(credential):
                 continue
             if key != "password" and not broker.tls:
                 continue  # TLS files mean nothing on a plaintext link; _check_tls says so
@@ -245,7 +246,7 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
                     secret = credential.read_text(encoding="utf-8").strip()
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError(
-                        f"{section}.password: cannot read credential {credential.name}"
+                        f"{section}.password: cannot read credential {credential}: {exc}"
                     ) from exc
                 found[key] = SecretStr(secret)
             else:
@@ -253,6 +254,20 @@ def _with_credentials(settings: Settings, directory: str | None) -> Settings:
         if found:
             updates[section] = broker.model_copy(update=found)
     return settings.model_copy(update=updates)
+
+
+def _credential_present(credential: Path) -> bool:
+    """Is this credential there? Looked up by name, never by listing the directory: systemd
+    252 lets an ExecReload= process of a PrivateUsers= unit read the files but not list the
+    directory (EACCES). A directory the user cannot search is a clear refusal naming it, not a
+    traceback."""
+    try:
+        return stat.S_ISREG(credential.stat().st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot read the credentials directory {credential.parent} "
+                          f"($CREDENTIALS_DIRECTORY): {exc.strerror}") from exc
 
 
 def _read_cloud_key(settings: Settings, base: Path) -> Settings:

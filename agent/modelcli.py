@@ -5,9 +5,10 @@ signed rollback directive to a package, agent/directive.py; command prints the J
 on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
 runs because none of them changes what the agent is serving directly: `list` reads the state
 file (replaced atomically, so never half-written); `install` verifies the package, copies it
-into incoming/ under a hidden name and renames it into place, so the agent only ever sees a
-complete package; `rollback` durably writes ota/rollback.request, which the running agent (or
-the next start) acts on, reporting the outcome like any other update step.
+into incoming/ under a hidden name, gives it to the agent's user (when run as root) and renames
+it into place, so the agent only ever sees a complete package it can remove; `rollback`
+durably writes ota/rollback.request, which the running agent (or the next start) acts on,
+reporting the outcome like any other update step.
 """
 
 from __future__ import annotations
@@ -152,21 +153,51 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_owner(state_dir: Path) -> tuple[int, int] | None:
+    """The agent's user and group (the owner of its state directory, the unit's dynamic user
+    under systemd) when this command runs as root as someone else, else None: what root writes
+    for the agent must be the agent's, or it cannot remove it (issue 14, item 4)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = state_dir.stat()
+    except FileNotFoundError:
+        return None  # the agent never started; systemd hands the directory over at its start
+    if owner.st_uid == 0:
+        return None
+    return owner.st_uid, owner.st_gid
+
+
+def _hand_over(path: Path, owner: tuple[int, int] | None) -> None:
+    """Give `path` (and what is in it) to the agent's user."""
+    if owner is None:
+        return
+    os.chown(path, *owner)
+    if path.is_dir():
+        for child in path.iterdir():
+            _hand_over(child, owner)
+
+
 def _install(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     package = modelpkg.verify_blocking(args.package, settings.ota.trusted_keys)
     manifest = package.manifest
+    owner = _agent_owner(settings.agent.state_dir)
     incoming = settings.incoming_dir
-    incoming.mkdir(parents=True, exist_ok=True)
+    if not incoming.is_dir():
+        incoming.mkdir(parents=True)
+        _hand_over(incoming, owner)
     final = incoming / f"{manifest.name}-{manifest.version}"
     hidden = incoming / f".install-{manifest.name}-{manifest.version}-{os.getpid()}"
-    shutil.rmtree(hidden, ignore_errors=True)
+    shutil.rmtree(hidden, ignore_errors=True)  # our own leftover of an earlier try, if any
     hidden.mkdir()
     names = [manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE]
     if directive.read(args.package, settings.ota.trusted_keys) is not None:
         names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
     for name in names:
         durable.copy_file(args.package / name, hidden / name)
+    # Handed over before the rename: the agent only ever sees a package it can remove.
+    _hand_over(hidden, owner)
     durable.fsync_dir(hidden)
     os.replace(hidden, final)
     durable.fsync_dir(incoming)
@@ -177,8 +208,13 @@ def _install(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     store = ModelStore(settings.ota_dir)
+    owner = _agent_owner(settings.agent.state_dir)
+    created = not store.models.is_dir()
     store.ensure()
+    if created:
+        _hand_over(settings.ota_dir, owner)
     durable.replace(store.rollback_request, b"rollback\n")
+    _hand_over(store.rollback_request, owner)
     print(f"{store.rollback_request}: the agent rolls back to {store.read().previous} "
           "(now, or at its next start)")
     return 0

@@ -19,6 +19,7 @@ MQTT or SQLite directly.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -271,7 +272,7 @@ class Ota:
                 f"version {version} is not newer than installed {shown} (anti-rollback)")
 
     def _discard(self, directory: Path) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
+        discard(directory)
 
     async def _start_candidate(self, state: OtaState, trial: Trial,
                                manifest: modelpkg.Manifest) -> Served | None:
@@ -451,3 +452,29 @@ async def wait_any(timeout_s: float, *events: asyncio.Event) -> None:
         await asyncio.wait([either], timeout=timeout_s)
     finally:
         either.cancel()
+
+
+def discard(directory: Path) -> None:
+    """Remove a package from incoming/. A package the agent cannot remove (one root left
+    behind, owned by root) is never skipped silently: it is logged and renamed to a hidden
+    name, which `scan` passes over, so it is not received and rejected again at every start."""
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        try:
+            owner: int | None = directory.stat().st_uid
+        except OSError:
+            owner = None
+        aside = directory.with_name(f".unremovable-{directory.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            directory.rename(aside)
+        except OSError as rename_exc:
+            log.error("model_package_not_removed", package=directory.name,
+                      path=str(directory), error=str(exc), owner_uid=owner,
+                      agent_uid=os.geteuid(), set_aside=False, rename_error=str(rename_exc))
+            return
+        log.error("model_package_not_removed", package=directory.name, path=str(directory),
+                  error=str(exc), owner_uid=owner, agent_uid=os.geteuid(),
+                  set_aside=True, left_at=str(aside))

@@ -197,9 +197,11 @@ class ModelSection(Section):
         default=120.0, gt=0, description="Deadline for the worker to load the model."
     )
     request_timeout_s: float = Field(
-        default=60.0,
+        default=30.0,
         gt=0,
-        description="Hard per-request deadline; a worker that misses it is killed and restarted.",
+        description="Hard per-request deadline; a worker that misses it (hung, SIGSTOPped, "
+        "looping) is killed and restarted by the agent, and the reading retried. It catches a "
+        "hung worker; service.stall_timeout_s, above it, catches a hung agent.",
     )
     memory_limit_mb: int | None = Field(
         default=None,
@@ -345,11 +347,15 @@ class ServiceSection(Section):
     """How the agent runs under systemd and shows itself to operators."""
 
     stall_timeout_s: float = Field(
-        default=180.0,
+        default=150.0,
         gt=0,
         description="A critical loop busy on one unit of work (an ingest commit, an inference "
         "request, a model load, a publish window) for longer than this is stalled: systemd "
-        "watchdog pings stop. Keep it above model.request_timeout_s and model.load_timeout_s.",
+        "watchdog pings stop and systemd restarts the agent (after WatchdogSec more at most). "
+        "The backstop for a stuck agent: keep it above model.request_timeout_s and "
+        "model.load_timeout_s plus 10 s (check-config warns otherwise), so that a hung worker "
+        "is killed by its own deadline first and only a loop stuck past every deadline of its "
+        "own restarts the whole agent.",
     )
     status_interval_s: float = Field(
         default=30.0,

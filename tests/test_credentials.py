@@ -3,12 +3,19 @@ and the environment leave unset, and TLS files given without `tls = true` are re
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from agent.config import ConfigError, load
 from tests.conftest import MINIMAL_CONFIG as BASE
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_broker_password_and_tls_files_come_from_the_credentials_directory(
@@ -53,3 +60,30 @@ def test_tls_files_without_tls_are_refused_naming_the_key(tmp_path: Path) -> Non
     config.write_text(BASE + "[cloud_broker]\nca_file = \"ca.pem\"\n")
     with pytest.raises(ConfigError, match=r"cloud_broker: .*ca_file given but tls = false"):
         load(config)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run check-config as another user")
+def test_an_unreadable_credentials_directory_is_exit_78_naming_it() -> None:
+    """A $CREDENTIALS_DIRECTORY the agent's user cannot read is a clear configuration error
+    naming the directory, not an uncaught PermissionError traceback."""
+    # Not under tmp_path: pytest's base directory is 0700, the other user could not reach it.
+    base = Path(tempfile.mkdtemp(prefix="edge-agent-creds-"))
+    try:
+        base.chmod(0o755)
+        creds = base / "creds"
+        creds.mkdir(mode=0o700)
+        (creds / "cloud-broker-password").write_text("s3cret")
+        (base / "model.gguf").write_bytes(b"GGUF")
+        config = base / "agent.toml"
+        config.write_text(BASE)
+        config.chmod(0o644)
+        env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "agent", "check-config", str(config)],
+            capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    finally:
+        shutil.rmtree(base)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert f"cannot read the credentials directory {creds}" in proc.stderr
+    assert "Traceback" not in proc.stderr
