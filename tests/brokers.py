@@ -15,24 +15,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tools.harness import free_port, wait_until
+from tools.harness import accepts, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 AEDES_SCRIPT = HERE / "aedes_broker.mjs"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def node_modules() -> Path:
@@ -75,7 +66,7 @@ class _BrokerProcess:
         self.proc = subprocess.Popen(self._command(), stdout=log, stderr=log, env=self._env(),
                                      cwd=self.dir, start_new_session=True)
         log.close()
-        wait_until(lambda: _accepts(self.port) or not self.running, timeout_s,
+        wait_until(lambda: accepts(self.port) or not self.running, timeout_s,
                    f"{self.name} to listen on 127.0.0.1:{self.port} (log: {self.log_path})")
         if not self.running:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "

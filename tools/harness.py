@@ -43,7 +43,8 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str,
         time.sleep(interval_s)
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (a broker or server that has started)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
@@ -81,7 +82,7 @@ class Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         log = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_until(lambda: _accepts(self.port) or not self.running, timeout_s,
+        wait_until(lambda: accepts(self.port) or not self.running, timeout_s,
                    f"mosquitto {self.role} on port {self.port}")
         if not self.running:
             raise RuntimeError(f"mosquitto {self.role} exited; see {self.dir / 'mosquitto.log'}")
@@ -322,7 +323,7 @@ class LlamaServer:
              "--n_threads", "1", "--model_alias", self.alias, "--api_key", self.api_key],
             stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
-        wait_until(lambda: _accepts(self.port) or not self.running, timeout_s,
+        wait_until(lambda: accepts(self.port) or not self.running, timeout_s,
                    f"llama_cpp.server on port {self.port}")
         if not self.running:
             raise RuntimeError(f"llama_cpp.server exited; see {self.log_path}")
