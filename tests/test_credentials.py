@@ -62,27 +62,29 @@ def test_tls_files_without_tls_are_refused_naming_the_key(tmp_path: Path) -> Non
         load(config)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run check-config as another user")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop its own capabilities")
 def test_an_unreadable_credentials_directory_is_exit_78_naming_it() -> None:
     """A $CREDENTIALS_DIRECTORY the agent's user cannot read is a clear configuration error
     naming the directory, not an uncaught PermissionError traceback."""
-    # Not under tmp_path: pytest's base directory is 0700, the other user could not reach it.
     base = Path(tempfile.mkdtemp(prefix="edge-agent-creds-"))
     try:
-        base.chmod(0o755)
         creds = base / "creds"
-        creds.mkdir(mode=0o700)
+        creds.mkdir()
         (creds / "cloud-broker-password").write_text("s3cret")
+        creds.chmod(0)
         (base / "model.gguf").write_bytes(b"GGUF")
         config = base / "agent.toml"
         config.write_text(BASE)
         config.chmod(0o644)
         env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+        # Root without the capabilities that bypass file modes: the checkout stays readable
+        # (root owns it, wherever CI cloned it), the 000 directory does not.
         proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all",
              sys.executable, "-m", "agent", "check-config", str(config)],
             capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     finally:
+        creds.chmod(0o700)
         shutil.rmtree(base)
     assert proc.returncode == 78, proc.stdout + proc.stderr
     assert f"cannot read the credentials directory {creds}" in proc.stderr
