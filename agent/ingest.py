@@ -25,7 +25,7 @@ import structlog
 
 from agent import mqtt, payload
 from agent.config import Route, Settings
-from agent.errors import OutboxFull, StoreFull
+from agent.errors import OutboxFull, StoreFull, StoreUnavailable
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row
 from agent.records import DeadLetter, IncomingMessage, NewOutboxRow, Reading, reading_id
@@ -106,6 +106,11 @@ class Ingest:
                     await link.guard(self._receive(link))
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
+            except StoreUnavailable as exc:
+                # A busy or failing disk is not a full one: waiting for room would return at
+                # once and reconnect in a tight loop. Paused, so the link's backoff grows.
+                outage.failed(exc)
+                self.paused_reason = str(exc)
             except StoreFull as exc:
                 # Unacked messages stay with the broker; reconnecting makes it redeliver them.
                 if self.paused_reason is None:
@@ -185,29 +190,32 @@ class Ingest:
                 self._broker.batch_max_messages, self._broker.batch_wait_ms / 1000
             )
             self.liveness.busy()
-            await self._commit(link, batch)
+            await self._commit(link, batch, await self._answered(batch))
             if self.paused_reason is not None:
                 log.info("ingest_resumed", was=self.paused_reason)
                 self.paused_reason = None
 
-    async def _commit(self, link: mqtt.Link, batch: list[IncomingMessage]) -> None:
+    async def _commit(self, link: mqtt.Link, batch: list[IncomingMessage],
+                      answered: list[bool]) -> None:
         """Commit a batch, then ack it. If the store is too full for the whole batch, commit
         and ack it in halves, oldest first, so a nearly full store still takes what fits
         (the broker redelivers the whole unacked window at once after a reconnect, which may
-        never fit in one transaction). StoreFull escapes only for a single message."""
-        readings, dead = self.classify(await self._unanswered(batch), time.time())
+        never fit in one transaction). StoreFull escapes only for a single message.
+        `answered[i]` marks a retained message answered already: acked, not committed."""
+        take = [message for message, done in zip(batch, answered, strict=True) if not done]
+        readings, dead = self.classify(take, time.time())
         if not readings and not dead:  # only retained readings already answered: nothing to
             for message in batch:      # commit, so a full store need not refuse them
                 link.ack(message)
             return
         try:
             outcome = await self._store.ingest(readings, dead)
-        except StoreFull:
-            if len(batch) == 1:
-                raise
+        except StoreFull as exc:
+            if len(batch) == 1 or isinstance(exc, StoreUnavailable):
+                raise  # halves cannot fit better into a store that is not full but failing
             half = len(batch) // 2
-            await self._commit(link, batch[:half])
-            await self._commit(link, batch[half:])
+            await self._commit(link, batch[:half], answered[:half])
+            await self._commit(link, batch[half:], answered[half:])
             return
         # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
         for message in batch:
@@ -215,10 +223,10 @@ class Ingest:
         log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                   duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 
-    async def _unanswered(self, batch: list[IncomingMessage]) -> list[IncomingMessage]:
-        """The batch without the retained messages already answered: on a route that skips
-        them, a retained message whose id is the last one taken on its topic. The skipped
-        ones are still acked, in order, with the rest of the batch."""
+    async def _answered(self, batch: list[IncomingMessage]) -> list[bool]:
+        """For each message, whether it is a retained message already answered: on a route
+        that skips them, one whose id is the last one taken on its topic. Asked once per
+        batch; the skipped ones are still acked, in order, with the rest of the batch."""
         device_id = self._settings.agent.device_id
         retained: dict[int, str] = {}
         for index, message in enumerate(batch):
@@ -228,17 +236,16 @@ class Ingest:
             if route is not None and route.retained == "skip_answered":
                 retained[index] = reading_id(device_id, message.topic, message.payload)
         if not retained:
-            return batch
+            return [False] * len(batch)
         last = await self._store.last_readings([batch[i].topic for i in retained])
         answered = {i for i, rid in retained.items() if last.get(batch[i].topic) == rid}
-        if not answered:
-            return batch
-        self.retained_skipped += len(answered)
-        log.info("retained_readings_skipped", skipped=len(answered),
-                 skipped_total=self.retained_skipped,
-                 why="retained readings the agent answered already (route retained = "
-                 "skip_answered)")
-        return [m for i, m in enumerate(batch) if i not in answered]
+        if answered:
+            self.retained_skipped += len(answered)
+            log.info("retained_readings_skipped", skipped=len(answered),
+                     skipped_total=self.retained_skipped,
+                     why="retained readings the agent answered already (route retained = "
+                     "skip_answered)")
+        return [i in answered for i in range(len(batch))]
 
     def classify(
         self, batch: list[IncomingMessage], received_at: float

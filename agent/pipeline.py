@@ -22,12 +22,12 @@ from typing import Any, Protocol
 import structlog
 
 from agent.config import Route, Settings
-from agent.errors import AgentError, PermanentError, StoreFull, Unavailable
+from agent.errors import AgentError, PermanentError, Unavailable
 from agent.executors import Executors, LocalModel
 from agent.liveness import Liveness
 from agent.messages import Topics, dead_letter_row, result_row
 from agent.records import Answer, Completion, DeadLetter, NewOutboxRow, Reading
-from agent.retry import Backoff, OutageLog
+from agent.retry import Backoff, OutageLog, retry_while_full
 from agent.routes import build_messages, prompt_version
 from agent.store import Store
 from agent.validation import check_output
@@ -128,10 +128,7 @@ class Pipeline:
             try:
                 await self._step(stop)
             except Exception as exc:  # the loop outlives any one round (STYLE.md 2)
-                if not failures.failing:
-                    log.error("pipeline_round_failed", error=str(exc),
-                              error_type=type(exc).__name__, exc_info=exc)
-                failures.failed(exc)
+                failures.failed(exc, error_type=type(exc).__name__, exc_info=exc)
                 self.liveness.idle("pipeline backoff after a failed round")
                 await wait_or_timeout(stop, backoff.next_delay())
             else:
@@ -323,10 +320,12 @@ class Pipeline:
         return sorted(name for name, parked in self._parked.items() if parked.until > now)
 
     def _next_unpark(self) -> float | None:
-        """Seconds until the next waiting route may be tried again, if any waits."""
-        if not self._parked:
-            return None
-        return max(0.0, min(p.until for p in self._parked.values()) - time.monotonic())
+        """Seconds until the next waiting route may be tried again; None if none is held back
+        now (a route whose wait is over stays parked until it answers, but has nothing to wake
+        for: waking for it with no reading of it in the inbox would spin)."""
+        now = time.monotonic()
+        ahead = [p.until - now for p in self._parked.values() if p.until > now]
+        return min(ahead) if ahead else None
 
     @property
     def waiting_routes(self) -> dict[str, str]:
@@ -407,15 +406,5 @@ class Pipeline:
 
     async def _commit(self, row_id: str, commit: Callable[[], Awaitable[None]]) -> None:
         """Run one store commit; while the store is full, retry it with backoff."""
-        outage = OutageLog("pipeline_store")
-        backoff = Backoff(0.2, 5.0)
-        while True:
-            try:
-                await commit()
-            except StoreFull as exc:
-                outage.failed(exc, id=row_id)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            outage.recovered()
-            return
+        await retry_while_full("pipeline_store", commit, id=row_id)
 

@@ -1,16 +1,23 @@
-"""Retry pacing on monotonic time: capped exponential backoff with full jitter, and an outage
-log that reports the first failure, then at most once per interval with a count, then recovery.
+"""Retry pacing on monotonic time: capped exponential backoff with full jitter, an outage
+log that reports the first failure, then at most once per interval with a count, then recovery,
+and the one loop that retries a store commit while the store is full.
 
-Pure logic apart from reading `time.monotonic`; no I/O.
+No I/O of its own: it reads `time.monotonic` and sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
+
+from agent.errors import StoreFull
+
+T = TypeVar("T")
 
 
 class Backoff:
@@ -73,3 +80,21 @@ class OutageLog:
             self._log.info(f"{self._thing}_recovered", failures=self._failures,
                            after_s=round(self._clock() - self._since, 1), **data)
         self._failures = 0
+
+
+async def retry_while_full(thing: str, commit: Callable[[], Awaitable[T]],
+                           **data: object) -> T:
+    """Run a store commit; while the store is full (StoreFull), log it as `<thing>_failed` and
+    commit again after a backoff (0.2 s to 5 s) instead of giving the work up: redoing it (an
+    inference, a resend) would meet the same full store. A stop cancels the waiting task."""
+    outage = OutageLog(thing)
+    backoff = Backoff(0.2, 5.0)
+    while True:
+        try:
+            result = await commit()
+        except StoreFull as exc:
+            outage.failed(exc, **data)
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        outage.recovered()
+        return result

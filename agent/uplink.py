@@ -23,7 +23,7 @@ from agent.config import Settings
 from agent.errors import StoreFull
 from agent.liveness import Liveness
 from agent.messages import RETAINED_KIND, Topics, drops_row
-from agent.retry import Backoff, OutageLog
+from agent.retry import Backoff, OutageLog, retry_while_full
 from agent.store import Store
 from agent.waits import first_of, wait_or_timeout, wait_or_timeout_any
 
@@ -89,7 +89,8 @@ class Uplink:
             except mqtt.LinkDown as exc:
                 outage.failed(exc)
             except StoreFull as exc:
-                # Retiring delivered rows needs a little space too; they are resent (same ids).
+                # A write this connection needed was refused (retiring rows waits instead):
+                # reconnect after the backoff; rows not yet retired are resent with their ids.
                 outage.failed(exc, store_full=True)
             finally:
                 self.connected = False
@@ -230,17 +231,8 @@ class Uplink:
         """Delete PUBACKed rows. While the store is full (it may spend the drain reserve for
         this, so only briefly), wait and commit the same rows again rather than end the
         connection: rows resent on a new one would meet the same full disk."""
-        outage = OutageLog("uplink_store")
-        backoff = Backoff(0.2, 5.0)
-        while True:
-            try:
-                await self._store.mark_delivered(seqs)
-            except StoreFull as exc:
-                outage.failed(exc, rows=len(seqs))
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            outage.recovered()
-            break
+        await retry_while_full("uplink_store", lambda: self._store.mark_delivered(seqs),
+                               rows=len(seqs))
         self.delivered += len(seqs)
         self.liveness.progressed()
         log.debug("outbox_batch_delivered", rows=len(seqs))

@@ -3,6 +3,7 @@ loopback ports, and agent processes that are always stopped at teardown."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +83,12 @@ def flip_bytes(path: Path, offset: int, count: int = 64) -> None:
         data = handle.read(count)
         handle.seek(offset)
         handle.write(bytes(b ^ 0xFF for b in data))
+
+
+def inbox_attempts(store: Path) -> list[int]:
+    """Attempts of each reading in the inbox, read-only while the agent runs."""
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return sorted(row[0] for row in conn.execute("SELECT attempts FROM inbox"))
+    finally:
+        conn.close()

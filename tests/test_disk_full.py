@@ -252,5 +252,8 @@ def test_paused_ingest_stays_off_the_local_broker_while_the_store_stays_full(rig
     after = [e for e in agent.events() if e.get("event") == "ingest_subscribed"]
     print(f"paused: {paused['reason']!r}; reconnects in 6 s: {len(after) - len(since)}")
     assert len(after) - len(since) <= 1
+    # Only meaningful while the store stayed full the whole time.
+    assert not [e for e in agent.events() if e.get("event") == "ingest_resumed"
+                and e["timestamp"] >= paused["timestamp"]], "ingest resumed: the store had room"
     assert agent.proc is not None
     assert agent.proc.poll() is None

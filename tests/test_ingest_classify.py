@@ -1,8 +1,10 @@
 """Ingest's classification of one batch (pure logic): every message becomes a reading or a dead
-letter with a reason, whatever a check does."""
+letter with a reason, whatever a check does; and its pacing against a failing store."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,11 @@ import pytest
 
 from agent import ingest
 from agent.config import Settings
+from agent.errors import StoreUnavailable
 from agent.messages import Topics
 from agent.records import IncomingMessage
+from agent.store import Store
+from tools.harness import Mosquitto, publish_readings
 
 
 def test_a_check_that_raises_dead_letters_that_message_only(
@@ -44,3 +49,46 @@ def test_a_check_that_raises_dead_letters_that_message_only(
     assert reasons["s/2"] == ("ingest could not check the payload: RecursionError: maximum "
                               "recursion depth exceeded")
     assert reasons["s/3"].startswith("payload fails the route's input schema")
+
+
+def test_a_failing_store_paces_ingest_reconnects_by_the_link_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that fails with an I/O error (StoreUnavailable, a kind of StoreFull) is not a
+    full one: ingest does not wait for room (which returns at once) and reconnect in a tight
+    loop, but backs off like after a broken link. Real mosquitto; the store's ingest raises."""
+    broker = Mosquitto("local", tmp_path).start()
+    try:
+        settings = Settings(
+            agent={"device_id": "gw", "state_dir": tmp_path},
+            model={"path": tmp_path / "m.gguf"},
+            local_broker={"port": broker.port, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0},
+            routes=[{"name": "t", "topics": ["s/#"], "instruction": "Classify."}],
+        )
+
+        async def scenario() -> int:
+            store = await Store.open(settings.store_path)
+
+            async def failing(*args: Any) -> None:
+                raise StoreUnavailable("disk I/O error")
+
+            monkeypatch.setattr(store, "ingest", failing)
+            taker = ingest.Ingest(settings, store, Topics("edge", "gw"))
+            task = asyncio.create_task(taker.run(), name="ingest")
+            try:
+                for _ in range(4):
+                    await asyncio.to_thread(
+                        publish_readings, broker.port, [("s/1", b'{"celsius": 1}')])
+                await asyncio.sleep(3.0)  # a negative: count the reconnects in this time
+                return taker.connects
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await store.close()
+
+        connects = asyncio.run(scenario())
+    finally:
+        broker.kill()
+    # Backoff 0.5 s doubling to 2 s: a handful in 3 s; the tight loop made hundreds.
+    assert 1 <= connects <= 8, connects

@@ -7,29 +7,19 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from agent.metrics import scrape
 from agent.storeviews import read_counts
-from tests.conftest import Rig
+from tests.conftest import Rig, inbox_attempts
 from tools.harness import CloudCollector, publish_readings, wait_until
 
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:
     return [(f"sensors/s{i % 3}/temperature", json.dumps({"seq": i, "celsius": 20}).encode())
             for i in range(start, start + n)]
-
-
-def inbox_attempts(store: Path) -> list[int]:
-    """Attempts of each reading in the inbox, read-only while the agent runs."""
-    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    try:
-        return sorted(row[0] for row in conn.execute("SELECT attempts FROM inbox"))
-    finally:
-        conn.close()
 
 
 def readyz(port: int) -> tuple[int, str]:

@@ -7,18 +7,21 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent.config import Settings
+from agent.errors import ModelLoadError
 from agent.inference import InferenceWorker, identify
 from agent.messages import Topics
 from agent.pipeline import Pipeline
 from agent.records import Completion, Generation, ModelInfo, Reading
 from agent.store import Store
-from agent.storeviews import read_dead_letters
+from agent.storeviews import read_counts, read_dead_letters
+from tests.conftest import inbox_attempts
+from tools.harness import wait_until
 
 
 def settings(tmp_path: Path, model: Path, max_tokens: int, **model_extra: float) -> Settings:
@@ -150,11 +153,9 @@ def test_an_unforeseen_exception_on_one_reading_is_an_attempt_then_a_dead_letter
                          for i in range(3)]
             await store.ingest(readings, [])
             task = asyncio.create_task(pipeline.run(stop), name="pipeline")
-            for _ in range(600):
-                depths = await store.depths()
-                if depths["inbox"] == 0 or task.done():
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(
+                wait_until, lambda: read_counts(cfg.store_path)["inbox"] == 0 or task.done(),
+                60, "the inbox drained")
             stop.set()
             store.inbox_changed.set()
             await asyncio.wait_for(task, 30)  # re-raises if the loop died
@@ -228,18 +229,15 @@ def test_a_model_that_no_longer_loads_keeps_readings_in_the_inbox_until_it_loads
             await store.ingest(readings, [])
             task = asyncio.create_task(pipeline.run(stop), name="pipeline")
             # Several failed restarts: each would have cost an attempt before.
-            for _ in range(400):
-                if worker.restarts >= 3 or task.done():
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_until, lambda: worker.restarts >= 3 or task.done(),
+                                    60, "three restarts that could not load the model")
             assert worker.restarts >= 3
-            attempts = [r.attempts for r in _inbox(store.path)]
+            attempts = inbox_attempts(store.path)
             waiting = await store.depths()
             model.write_bytes(good)
-            for _ in range(1200):
-                if (await store.depths())["inbox"] == 0 or task.done():
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(
+                wait_until, lambda: read_counts(cfg.store_path)["inbox"] == 0 or task.done(),
+                90, "every reading answered after the repair")
             stop.set()
             store.inbox_changed.set()
             await asyncio.wait_for(task, 60)
@@ -257,12 +255,19 @@ def test_a_model_that_no_longer_loads_keeps_readings_in_the_inbox_until_it_loads
     assert not read_dead_letters(tmp_path / "agent.db")
 
 
-def _inbox(path: Path) -> list[Reading]:
-    """Every reading in the inbox (leased or not), read through a second connection."""
-    conn = sqlite3.connect(path)
-    try:
-        rows = conn.execute("SELECT id, topic, payload, received_at, route, priority, attempts "
-                            "FROM inbox ORDER BY seq").fetchall()
-    finally:
-        conn.close()
-    return [Reading(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+def test_a_route_whose_wait_is_over_gives_an_idle_pipeline_nothing_to_wake_for(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A parked route wakes the idle pipeline when its wait ends; once over, it stays parked
+    until it answers but is no reason to wake: with none of its readings left (dead-lettered,
+    or its route removed by a reload), waking for it at once would spin the loop on the store."""
+    cfg = settings(tmp_path, tiny_model, max_tokens=8)
+    pipeline = Pipeline(cfg, None, None, Topics("edge", "gw"))  # type: ignore[arg-type]
+    pipeline._park(cfg.routes[0], ModelLoadError("the model does not load"))
+    wake = pipeline._next_unpark()
+    assert wake is not None
+    assert 0 < wake <= 30.0
+    assert pipeline.waiting_routes == {"t": "the model does not load"}
+    pipeline._parked["t"].until = time.monotonic() - 1
+    assert pipeline._next_unpark() is None
+    assert pipeline.waiting_routes == {"t": "the model does not load"}
