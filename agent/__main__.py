@@ -1,5 +1,5 @@
 """`python -m agent` is the same as the `edge-agent` console script."""
 
-from agent.cli import main
+from agent.cli.main import main
 
 raise SystemExit(main())

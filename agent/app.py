@@ -21,27 +21,35 @@ from typing import Any
 
 import structlog
 
-from agent import config, mqtt, ota, otastart, reload
-from agent.cloud import CloudModel
-from agent.commands import ModelCommands
-from agent.config import Settings, service_environment
-from agent.errors import ConfigError
-from agent.executors import Executors
-from agent.inference import InferenceWorker
-from agent.ingest import Ingest
-from agent.messages import Topics
-from agent.metrics import Endpoint, Metrics
-from agent.offload import CircuitBreaker
-from agent.otastate import ModelStore
-from agent.pipeline import Pipeline
-from agent.records import Generation, QueueStats
-from agent.retry import OutageLog
-from agent.sdnotify import Notifier
-from agent.service import Service, summary_line
-from agent.serving import Router
-from agent.store import Store
-from agent.uplink import Uplink
-from agent.watcher import Watcher
+from agent.base.errors import ConfigError
+from agent.base.records import Generation, QueueStats
+from agent.base.retry import OutageEvents, OutageLog
+from agent.config import reload
+from agent.config.settings import Settings, load, service_environment
+from agent.flows.executors import Executors
+from agent.flows.ingest import Ingest
+from agent.flows.offload import CircuitBreaker
+from agent.flows.pipeline import Pipeline
+from agent.flows.uplink import Uplink
+from agent.inference.cloud import CloudModel
+from agent.inference.supervisor import InferenceWorker
+from agent.inference.switch import WorkerSwitch
+from agent.ota.remote import ModelCommands
+from agent.ota.startup import Startup, decide_startup
+from agent.ota.state import ModelStore
+from agent.ota.updates import Ota
+from agent.ota.watcher import Watcher
+from agent.routing.outbound import Topics
+from agent.service.metrics import Endpoint, Metrics
+from agent.service.sdnotify import Notifier
+from agent.service.systemd import Service, summary_line
+from agent.store.writer import Store
+from agent.transport import mqtt
+
+SAMPLE_EVENTS = OutageEvents(
+    "status_sample_failed", "status_sample_failing",
+    "status_sample_recovered",
+)
 
 log = structlog.get_logger()
 
@@ -67,7 +75,8 @@ class Agent:
         self._executors: Executors | None = None
 
     def request_reload(self) -> None:
-        """SIGHUP: reload routes and limits from the configuration file (see agent/reload.py)."""
+        """SIGHUP: reload routes and limits from the configuration file (see
+        agent/config/reload.py)."""
         log.info("config_reload_requested", path=str(self._config_path))
         self._reload_requested.set()
 
@@ -91,15 +100,15 @@ class Agent:
             if broker.tls:
                 mqtt.tls_context(broker, name)  # a bad TLS file is a ConfigError (exit 78) now
         store = await Store.open(settings.store_path, settings.store)
-        router: Router | None = None
+        switch: WorkerSwitch | None = None
         try:
             log.info("store_opened", path=str(settings.store_path), **await store.depths())
             models = ModelStore(settings.ota_dir)
             # Counts this start against a model on trial and rolls back if it must.
-            startup = await otastart.startup(settings, models)
+            startup = await decide_startup(settings, models)
             info = startup.info
             worker = InferenceWorker(startup.section, info)
-            router = Router(worker)
+            switch = WorkerSwitch(worker)
             await worker.start()
             probe = await worker.complete(PROBE_MESSAGES,
                                           Generation(1, 0.0, settings.model.seed))
@@ -112,26 +121,26 @@ class Agent:
                                             local_up=False, cloud_up=False))
             log.info("service_ready", startup_s=round(time.monotonic() - started, 3),
                      notify_socket=self._notifier.enabled)
-            await self._serve(store, router, started, models, startup)
+            await self._serve(store, switch, started, models, startup)
         finally:
             if self._cloud is not None:
                 await self._cloud.aclose()
-            if router is not None:
-                await router.serving.worker.close()
+            if switch is not None:
+                await switch.serving.worker.close()
             await store.close()
             self._notifier.close()
             log.info("agent_stopped")
 
-    async def _serve(self, store: Store, router: Router, started: float, models: ModelStore,
-                     startup: otastart.Startup) -> None:
+    async def _serve(self, store: Store, switch: WorkerSwitch, started: float, models: ModelStore,
+                     startup: Startup) -> None:
         settings = self.settings
         topics = Topics(settings.cloud_broker.topic_prefix, settings.agent.device_id)
         ingest = Ingest(settings, store, topics, observer=self.metrics)
-        pipeline = Pipeline(settings, store, router, topics, observer=self.metrics,
+        pipeline = Pipeline(settings, store, switch, topics, observer=self.metrics,
                             executors=self._executors)
         uplink = Uplink(settings, store, topics,
-                        status=lambda: self._status_body(ingest, uplink, router))
-        updates = ota.Ota(settings, store, router, topics, models)
+                        status=lambda: self._status_body(ingest, uplink, switch))
+        updates = Ota(settings, store, switch, topics, models)
         watcher = Watcher(settings.incoming_dir, [settings.ota_dir], updates.wake,
                           settings.ota.watch_debounce_s)
         commands = ModelCommands(settings, updates, topics)
@@ -149,13 +158,13 @@ class Agent:
             reload_task = tasks.create_task(self._reload_on_request(ingest, pipeline),
                                             name="reloader")
             self.service.watch([ingest.liveness, pipeline.liveness, uplink.liveness,
-                                _ServingWorker(router)])
+                                _ServingWorker(switch)])
             observers = [
                 tasks.create_task(self.service.run_watchdog(), name="watchdog"),
-                tasks.create_task(self._sample(store, ingest, uplink, router), name="sampler"),
+                tasks.create_task(self._sample(store, ingest, uplink, switch), name="sampler"),
             ]
             if settings.service.metrics_enabled:
-                endpoint = Endpoint(self.metrics, lambda: self._not_ready(store, router))
+                endpoint = Endpoint(self.metrics, lambda: self._not_ready(store, switch))
                 observers.append(tasks.create_task(
                     endpoint.serve(settings.service.metrics_host, settings.service.metrics_port),
                     name="metrics"))
@@ -208,14 +217,14 @@ class Agent:
         return task.done()
 
     async def _sample(
-        self, store: Store, ingest: Ingest, uplink: Uplink, router: Router
+        self, store: Store, ingest: Ingest, uplink: Uplink, switch: WorkerSwitch
     ) -> None:
         """Every SAMPLE_INTERVAL_S: read the store's depths once, then update the metrics and
         systemd's STATUS= line from that snapshot."""
         loops = ["ingest", "pipeline", "uplink", "inference_worker"]
-        outage = OutageLog("status_sample")
+        outage = OutageLog(SAMPLE_EVENTS)
         while True:
-            worker = router.serving.worker  # changes when a model update is committed
+            worker = switch.serving.worker  # changes when a model update is committed
             model = f"{worker.info.name} v{worker.info.version}"
             self.metrics.active_model(worker.info)
             try:
@@ -230,18 +239,18 @@ class Agent:
                            "cloud": (uplink.connected, uplink.connects)},
                     worker_restarts=worker.restarts, model_load_failures=worker.load_failures,
                     stalled=self.service.stalled, loops=loops,
-                    ready=self._not_ready(store, router) is None)
+                    ready=self._not_ready(store, switch) is None)
             self.service.status(summary_line(
                 model, self._stats, local_up=ingest.subscribed.is_set(),
                 cloud_up=uplink.connected, stalled=self.service.stalled))
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def _status_body(
-        self, ingest: Ingest, uplink: Uplink, router: Router
+        self, ingest: Ingest, uplink: Uplink, switch: WorkerSwitch
     ) -> dict[str, Any]:
         """The JSON summary in the retained MQTT status (uplink adds state and time)."""
         stats = self._stats
-        worker = router.serving.worker
+        worker = switch.serving.worker
         return {
             "model": {"name": worker.info.name, "version": worker.info.version,
                       "sha256": worker.info.sha256},
@@ -256,10 +265,10 @@ class Agent:
         }
 
     @staticmethod
-    def _not_ready(store: Store, router: Router) -> str | None:
+    def _not_ready(store: Store, switch: WorkerSwitch) -> str | None:
         if not store.is_open:
             return "store closed"
-        worker = router.serving.worker
+        worker = switch.serving.worker
         if not worker.answering:
             return f"model unavailable: {worker.unavailable}" if worker.unavailable else (
                 "model not answering")
@@ -281,7 +290,7 @@ class Agent:
             log.warning("config_reload_unsupported", reason="started without a config file")
             return
         try:
-            new = config.load(self._config_path)
+            new = load(self._config_path)
         except ConfigError as exc:
             log.error("config_reload_refused", error=str(exc), keeping="the running config")
             return
@@ -321,8 +330,8 @@ class _ServingWorker:
 
     name = "inference_worker"
 
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    def __init__(self, switch: WorkerSwitch) -> None:
+        self._switch = switch
 
     def stalled_for(self, stall_after_s: float) -> float | None:
-        return self._router.serving.worker.liveness.stalled_for(stall_after_s)
+        return self._switch.serving.worker.liveness.stalled_for(stall_after_s)

@@ -1,6 +1,6 @@
 """MQTT brokers other than mosquitto, for tests/test_interop.py (issue 14): aedes (Node.js) and
 RabbitMQ with its MQTT plugin, each a real process that the test starts on free loopback ports
-and stops at teardown. Each offers what the interop scenario needs of tools/harness.py's
+and stops at teardown. Each offers what the interop scenario needs of tests/harness.py's
 Mosquitto: `port`, `start()`, `stop()`, `kill()` and the path of its log.
 
 `unavailable()` says why a broker cannot run on this machine (None when it can): the test skips
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.harness import accepts, free_port, wait_until
+from tests.harness import accepts, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 AEDES_SCRIPT = HERE / "aedes_broker.mjs"

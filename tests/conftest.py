@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.harness import AgentProcess, Mosquitto, write_agent_config
+from tests.harness import AgentProcess, Mosquitto, write_agent_config
 from tools.make_tiny_model import make_model
 
 # The smallest configuration that validates: tests add or change keys on top of it.

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tools.harness import Mosquitto, wait_until
+from tests.harness import Mosquitto, wait_until
 
 T = TypeVar("T")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent import modelpkg, signing
+from agent.base import signing
+from agent.ota import modelpkg
 from tools.make_tiny_model import make_model
 
 CANARY = [{"route": "temperature", "payload": {"sensor": "canary", "celsius": 81.5}}]

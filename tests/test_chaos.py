@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import Mosquitto, publish_readings, wait_until
 from tools.chaos import order_violations, run
 from tools.cloud_ingest import CloudIngest, report
-from tools.harness import Mosquitto, publish_readings, wait_until
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent import app, cli
-from agent.config import Settings
+from agent import app
+from agent.cli import main
+from agent.config.settings import Settings
 from tests.conftest import MINIMAL_CONFIG
 
 
@@ -41,9 +42,9 @@ def test_an_exception_group_out_of_the_app_is_logged_as_agent_failed_with_exit_1
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(app, "run", broken)
-    monkeypatch.setattr(cli.logs, "configure", configure)
+    monkeypatch.setattr(main.logs, "configure", configure)
     try:
-        assert cli.main(["run", "--config", str(config)]) == 1
+        assert main.main(["run", "--config", str(config)]) == 1
     finally:
         structlog.reset_defaults()
     events = [json.loads(line) for line in out.getvalue().splitlines()]

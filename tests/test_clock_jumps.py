@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tools.harness import AgentProcess, CloudCollector, publish_readings, wait_until
+from tests.harness import AgentProcess, CloudCollector, publish_readings, wait_until
 
 LIBFAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
 

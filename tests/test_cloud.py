@@ -14,18 +14,18 @@ from typing import Any
 
 import pytest
 
-from agent.cloud import CloudError, CloudModel, CloudUnavailable
-from agent.config import ConfigError, Settings, load
-from agent.executors import Executors
-from agent.inference import InferenceWorker, identify
-from agent.messages import Topics
-from agent.metrics import Metrics
-from agent.offload import CircuitBreaker
-from agent.pipeline import Pipeline
-from agent.records import Generation, Reading
-from agent.store import Store
-from agent.waits import wait_or_timeout
-from tools.harness import LlamaServer
+from agent.base.records import Generation, Reading
+from agent.base.waits import wait_or_timeout
+from agent.config.settings import ConfigError, Settings, load
+from agent.flows.executors import Executors
+from agent.flows.offload import CircuitBreaker
+from agent.flows.pipeline import Pipeline
+from agent.inference.cloud import CloudError, CloudModel, CloudUnavailable
+from agent.inference.supervisor import InferenceWorker, identify
+from agent.routing.outbound import Topics
+from agent.service.metrics import Metrics
+from agent.store.writer import Store
+from tests.harness import LlamaServer
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
           "properties": {"level": {"enum": ["normal", "warning", "critical"]}}}
@@ -228,7 +228,7 @@ def test_a_local_route_sends_nothing_to_a_cloud_that_is_up(
 
 
 def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    from tools.harness import wait_until
+    from tests.harness import wait_until
 
     wait_until(predicate, timeout_s, "the server's access log")
 

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 from tests.conftest import Rig
-from tools.harness import (
+from tests.harness import (
     TEST_ROUTES,
     AgentProcess,
     CloudCollector,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load
+from agent.config.settings import ConfigError, load
 from tests.conftest import MINIMAL_CONFIG as GOOD
 
 
@@ -75,13 +75,13 @@ def test_missing_file_exits_78(tmp_path: Path) -> None:
 
 def test_readme_documents_every_configuration_key() -> None:
     """The README's configuration reference names every key of every section."""
-    from agent.config import Settings
+    from agent.config.settings import Settings
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for section, field in Settings.model_fields.items():
         model = field.annotation
         if section == "routes":
-            from agent.config import Route as model
+            from agent.config.settings import Route as model
         header = f"`[[{section}]]` key" if section == "routes" else f"`[{section}]` key"
         table = readme[readme.index(header):]
         table = table[: table.index("\n\n")]

@@ -1,4 +1,4 @@
-"""agent/mqtt.py and what a broker says, or does not say, in its CONNACK.
+"""agent/transport/mqtt.py and what a broker says, or does not say, in its CONNACK.
 
 A broker that never answers CONNECT, or closes the connection after reading it (an MQTT 5-only
 broker may do either with an MQTT 3.1.1 CONNECT, as may something that is not an MQTT broker),
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import mqtt
-from agent.config import BrokerSection
-from tools.harness import Mosquitto
+from agent.config.settings import BrokerSection
+from agent.transport import mqtt
+from tests.harness import Mosquitto
 
 
 async def _connect_once(broker: BrokerSection) -> None:

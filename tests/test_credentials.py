@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load
+from agent.config.settings import ConfigError, load
 from tests.conftest import MINIMAL_CONFIG as BASE
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import Rig
+from tests.harness import REPO, AgentProcess, Mosquitto, wait_until
 from tools.demo import AgentLog, Sensors, WaitFailed, Waits, main, users_of
-from tools.harness import REPO, AgentProcess, Mosquitto, wait_until
 
 
 def test_the_sensors_keep_publishing_until_stopped(rig: Rig) -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import StoreSection
-from agent.errors import StoreFull
-from agent.records import NewOutboxRow, Reading, reading_id
-from agent.store import Store
-from agent.storereserve import free_bytes, reserve_path
-from agent.storeviews import read_counts
+from agent.base.errors import StoreFull
+from agent.base.records import NewOutboxRow, Reading, reading_id
+from agent.config.settings import StoreSection
+from agent.store.reserve import free_bytes, reserve_path
+from agent.store.views import read_counts
+from agent.store.writer import Store
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until, write_agent_config
+from tests.harness import CloudCollector, publish_readings, wait_until, write_agent_config
 
 FS_BYTES = 8 * 1024 * 1024
 DRAIN_RESERVE = 512 * 1024

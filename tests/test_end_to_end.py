@@ -8,9 +8,9 @@ import sys
 import time
 from collections import Counter
 
-from agent.storeviews import read_counts, read_dead_letters
+from agent.store.views import read_counts, read_dead_letters
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:

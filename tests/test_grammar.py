@@ -6,11 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
-from agent.config import ModelSection
-from agent.grammar import forbid_raw_control_chars
-from agent.inference import InferenceWorker, identify
-from agent.records import Generation
-from agent.validation import check_output
+from agent.base.records import Generation
+from agent.base.validation import check_output
+from agent.config.settings import ModelSection
+from agent.inference.grammar import forbid_raw_control_chars
+from agent.inference.supervisor import InferenceWorker, identify
 
 # Two free string fields: the grammar lets the model put any character in them. maxLength keeps
 # every answer inside max_tokens even when each character is a six-byte \u escape.

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import ModelSection
-from agent.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
-from agent.inference import InferenceWorker, identify
-from agent.records import Generation, ModelInfo
-from tools.harness import wait_until
+from agent.base.errors import ModelLoadError, WorkerCrashed, WorkerTimeout
+from agent.base.records import Generation, ModelInfo
+from agent.config.settings import ModelSection
+from agent.inference.supervisor import InferenceWorker, identify
+from tests.harness import wait_until
 
 SCHEMA = {"type": "object", "properties": {"level": {"enum": ["normal", "warning", "critical"]}},
           "required": ["level"], "additionalProperties": False}

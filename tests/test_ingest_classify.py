@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from agent import ingest
-from agent.config import Settings
-from agent.errors import StoreUnavailable
-from agent.messages import Topics
-from agent.records import IncomingMessage
-from agent.store import Store
-from tools.harness import Mosquitto, publish_readings
+from agent.base.errors import StoreUnavailable
+from agent.base.records import Delivery
+from agent.config.settings import Settings
+from agent.flows import ingest
+from agent.routing.outbound import Topics
+from agent.store.writer import Store
+from tests.harness import Mosquitto, publish_readings
 
 
 def test_a_check_that_raises_dead_letters_that_message_only(
@@ -40,9 +40,9 @@ def test_a_check_that_raises_dead_letters_that_message_only(
 
     monkeypatch.setattr(ingest, "schema_violation", fragile)
     taker = ingest.Ingest(settings, None, Topics("edge", "gw"))  # type: ignore[arg-type]
-    batch = [IncomingMessage("s/1", b'{"celsius": 1}', 1, 1),
-             IncomingMessage("s/2", b'{"tag": "boom"}', 2, 1),
-             IncomingMessage("s/3", b'[1]', 3, 1)]
+    batch = [Delivery("s/1", b'{"celsius": 1}', 1, 1),
+             Delivery("s/2", b'{"tag": "boom"}', 2, 1),
+             Delivery("s/3", b'[1]', 3, 1)]
     readings, dead = taker.classify(batch, 1.0)
     assert [r.topic for r in readings] == ["s/1"]
     reasons = {letter.topic: letter.reason for letter, _ in dead}

@@ -9,9 +9,9 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.records import reading_id
+from agent.base.records import reading_id
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 MAX_PAYLOAD = 2048
 

@@ -29,10 +29,10 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.brokers import Aedes, RabbitMQ
 from tests.fault_proxy import FaultProxy
-from tools.harness import (
+from tests.harness import (
     AgentProcess,
     CloudCollector,
     Mosquitto,

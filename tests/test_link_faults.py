@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import Settings
-from agent.messages import Topics, model_event_row
-from agent.store import Store
-from agent.storeviews import read_counts
-from agent.uplink import Uplink
+from agent.config.settings import Settings
+from agent.flows.uplink import Uplink
+from agent.routing.outbound import Topics, model_event_row
+from agent.store.views import read_counts
+from agent.store.writer import Store
 from tests.conftest import Rig
 from tests.fault_proxy import FaultProxy
-from tools.harness import (
+from tests.harness import (
     AgentProcess,
     CloudCollector,
     publish_readings,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from agent.config import ServiceEnvironment, ServiceSection
-from agent.liveness import Liveness
-from agent.sdnotify import Notifier
-from agent.service import Service
+from agent.base.liveness import Liveness
+from agent.config.settings import ServiceEnvironment, ServiceSection
+from agent.service.sdnotify import Notifier
+from agent.service.systemd import Service
+from tests.harness import wait_until
 from tests.test_service import NotifyListener
-from tools.harness import wait_until
 
 
 class Clock:

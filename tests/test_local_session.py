@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from agent.metrics import scrape
+from agent.service.metrics import scrape
 from tests.conftest import Rig
-from tools.harness import AgentProcess, CloudCollector, publish_readings, wait_until
+from tests.harness import AgentProcess, CloudCollector, publish_readings, wait_until
 
 
 def _subscribed(agent: AgentProcess) -> list[dict[str, Any]]:

@@ -11,10 +11,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from agent.metrics import scrape
-from agent.storeviews import read_counts
+from agent.service.metrics import scrape
+from agent.store.views import read_counts
 from tests.conftest import Rig, inbox_attempts
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:

@@ -1,4 +1,4 @@
-"""agent/mqtt.py against a real mosquitto: PUBACK only when the agent says so.
+"""agent/transport/mqtt.py against a real mosquitto: PUBACK only when the agent says so.
 
 This is the test that pins aiomqtt 2.5's private path to paho's manual_ack: if an upgrade breaks
 it, an unacked reading would no longer be redelivered, and this test fails.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent import mqtt
-from agent.config import BrokerSection
-from tools.harness import Mosquitto, publish_readings
+from agent.config.settings import BrokerSection
+from agent.transport import mqtt
+from tests.harness import Mosquitto, publish_readings
 
 
 async def _receive_one(broker: BrokerSection, *, ack: bool) -> bytes:

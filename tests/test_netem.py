@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tests.netns import CloudNamespace, in_namespace, unavailable_reason
-from tools.harness import (
+from tests.harness import (
     AgentProcess,
     CloudCollector,
     publish_readings,
     wait_until,
     write_agent_config,
 )
+from tests.netns import CloudNamespace, in_namespace, unavailable_reason
 
-KEEPALIVE_S = 5  # the smallest keepalive the config accepts (agent/sections.py)
+KEEPALIVE_S = 5  # the smallest keepalive the config accepts (agent/config/sections.py)
 
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:

@@ -16,9 +16,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.metrics import Endpoint, Metrics, scrape
+from agent.service.metrics import Endpoint, Metrics, scrape
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 
 def get(url: str) -> tuple[int, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.offload import (
+from agent.flows.offload import (
     FALLBACK_CIRCUIT_OPEN,
     OFFLOAD_BACKLOG,
     CircuitBreaker,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Rig
+from tests.harness import CloudCollector, publish_readings, wait_until
 from tests.otakit import keypair, package
-from tools.harness import CloudCollector, publish_readings, wait_until
 
 
 def ota_config(rig: Rig, public: str, **ota: object) -> Path:

@@ -9,12 +9,12 @@ import json
 import time
 from pathlib import Path
 
-from agent.modelpkg import MANIFEST, SIGNATURE
+from agent.ota.modelpkg import MANIFEST, SIGNATURE
 from tests.conftest import Rig
 from tests.fileserver import FileServer, Served
+from tests.harness import CloudCollector, publish_readings, wait_until
 from tests.otakit import keypair, package
 from tests.test_ota_agent import Sensors, ota_config, steps
-from tools.harness import CloudCollector, publish_readings, wait_until
 
 
 def test_a_cloud_command_downloads_and_commits_a_model_while_readings_flow(

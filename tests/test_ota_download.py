@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from agent import directive, download, modelpkg
-from agent.commands import ModelCommands
-from agent.config import Settings
-from agent.inference import InferenceWorker
-from agent.messages import Topics
-from agent.modelpkg import MANIFEST, SIGNATURE, verify
-from agent.ota import Ota
-from agent.otastate import ModelStore
-from agent.records import ModelInfo
-from agent.serving import Router
-from agent.store import Store
+from agent.base.records import ModelInfo
+from agent.config.settings import Settings
+from agent.inference.supervisor import InferenceWorker
+from agent.inference.switch import WorkerSwitch
+from agent.ota import directive, download, modelpkg
+from agent.ota.modelpkg import MANIFEST, SIGNATURE, verify
+from agent.ota.remote import ModelCommands
+from agent.ota.state import ModelStore
+from agent.ota.updates import Ota
+from agent.routing.outbound import Topics
+from agent.store.writer import Store
 from tests.fileserver import FileServer, Served
 from tests.otakit import keypair, package
 from tests.test_ota_swap import make_settings
@@ -128,7 +128,8 @@ def command(signed: dict[str, Any], url: str, **edits: Any) -> bytes:
 async def commands_for(settings: Settings) -> AsyncIterator[tuple[ModelCommands, Path]]:
     store = await Store.open(settings.store_path)
     worker = InferenceWorker(settings.model, ModelInfo("base", "1", "0" * 64, "unused"))
-    ota = Ota(settings, store, Router(worker), Topics("edge", "gw"), ModelStore(settings.ota_dir))
+    ota = Ota(settings, store, WorkerSwitch(worker), Topics("edge", "gw"),
+    ModelStore(settings.ota_dir))
     try:
         yield ModelCommands(settings, ota, Topics("edge", "gw")), settings.store_path
     finally:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import directive, modelpkg, signing
+from agent.base import signing
+from agent.ota import directive, modelpkg
 from tests.otakit import keypair, package
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent import modelpkg
-from agent.errors import StoreFull
-from agent.ota import Ota
-from agent.otastate import ModelStore, OtaState
+from agent.base.errors import StoreFull
+from agent.ota import modelpkg
+from agent.ota.state import ModelStore, OtaState
+from agent.ota.updates import Ota
 from tests.otakit import keypair, package
 from tests.test_ota_swap import make_settings, running
 

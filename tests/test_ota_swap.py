@@ -18,19 +18,20 @@ from typing import Any
 
 import pytest
 
-from agent import __version__, directive, modelpkg
-from agent.config import Settings
-from agent.inference import InferenceWorker
-from agent.messages import Topics
-from agent.ota import Ota
-from agent.otastart import startup
-from agent.otastate import ModelStore
-from agent.pipeline import Pipeline
-from agent.records import Reading, reading_id
-from agent.serving import Router
-from agent.store import Store
+from agent import __version__
+from agent.base.records import Reading, reading_id
+from agent.config.settings import Settings
+from agent.flows.pipeline import Pipeline
+from agent.inference.supervisor import InferenceWorker
+from agent.inference.switch import WorkerSwitch
+from agent.ota import directive, modelpkg
+from agent.ota.startup import decide_startup
+from agent.ota.state import ModelStore
+from agent.ota.updates import Ota
+from agent.routing.outbound import Topics
+from agent.store.writer import Store
+from tests.harness import TEST_ROUTES
 from tests.otakit import SLOW, keypair, package, wrong_shapes_package
-from tools.harness import TEST_ROUTES
 
 ROUTE = {"name": "temperature", "topics": ["sensors/+/temperature"],
          "instruction": "Classify the temperature reading as normal, warning or critical.",
@@ -56,7 +57,7 @@ def make_settings(tmp_path: Path, model: Path, public: str, version: str = "1",
 class Running:
     settings: Settings
     store: Store
-    router: Router
+    switch: WorkerSwitch
     ota: Ota
     models: ModelStore
 
@@ -92,23 +93,23 @@ class Running:
 async def running(settings: Settings) -> AsyncIterator[Running]:
     store = await Store.open(settings.store_path)
     models = ModelStore(settings.ota_dir)
-    start = await startup(settings, models)
+    start = await decide_startup(settings, models)
     worker = InferenceWorker(start.section, start.info)
     await worker.start()
-    router = Router(worker)
+    switch = WorkerSwitch(worker)
     topics = Topics("edge", "gw")
-    ota = Ota(settings, store, router, topics, models)
-    pipeline = Pipeline(settings, store, router, topics)
+    ota = Ota(settings, store, switch, topics, models)
+    pipeline = Pipeline(settings, store, switch, topics)
     stop = asyncio.Event()
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(pipeline.run(stop), name="pipeline")
             try:
-                yield Running(settings, store, router, ota, models)
+                yield Running(settings, store, switch, ota, models)
             finally:
                 stop.set()
     finally:
-        await router.serving.worker.close()
+        await switch.serving.worker.close()
         await store.close()
 
 
@@ -142,7 +143,7 @@ async def test_a_model_too_slow_for_the_canary_budget_is_never_promoted(
         assert refused[0]["stage"] == "canary"
         assert "over the 50.0 ms budget" in refused[0]["reason"]
         assert refused[0]["figures"]["answers"][0]["latency_ms"] > 50
-        assert rig.router.info.version == "1"
+        assert rig.switch.info.version == "1"
         state = rig.models.read()
         assert state.active == "base"
         assert state.trial is None
@@ -164,12 +165,12 @@ async def test_a_model_with_wrong_shapes_fails_to_load_and_is_never_promoted(
     for item in src.iterdir():
         (pkg / item.name).write_bytes(item.read_bytes())
     async with running(settings) as rig:
-        pid = rig.router.serving.worker.pid
+        pid = rig.switch.serving.worker.pid
         assert not await rig.ota.install(pkg, asyncio.Event())
         refused = rig.events("refused")
         assert refused[0]["stage"] == "load"
         assert "llama.cpp refused" in refused[0]["reason"]
-        assert rig.router.serving.worker.pid == pid
+        assert rig.switch.serving.worker.pid == pid
         await rig.feed(0, 2)
         await rig.drained()
         assert [r["status"] for r in rig.outbox("result")] == ["ok", "ok"]
@@ -202,7 +203,7 @@ async def test_a_model_that_degrades_in_probation_is_rolled_back_automatically(
     async with running(settings) as rig:
         await rig.feed(0, 60)  # the previous model's p95 from a warm, steady window
         await rig.drained()
-        old_pid = rig.router.serving.worker.pid
+        old_pid = rig.switch.serving.worker.pid
         install = asyncio.create_task(rig.ota.install(pkg, asyncio.Event()))
         sent = 60
         while not install.done():
@@ -216,7 +217,7 @@ async def test_a_model_that_degrades_in_probation_is_rolled_back_automatically(
         assert "p95 latency" in rolled["reason"]
         figures = rolled["figures"]
         assert figures["candidate"]["p95_ms"] > figures["p95_limit_ms"]
-        assert rig.router.serving.worker.pid == old_pid
+        assert rig.switch.serving.worker.pid == old_pid
         state = rig.models.read()
         assert state.active == "base"
         assert state.trial is None
@@ -287,7 +288,7 @@ async def test_a_package_for_a_newer_agent_is_refused_before_staging(
         assert f"needs agent 999.1; this is {__version__}" in reason
         assert not list(rig.models.models.iterdir())
         assert rig.models.read().trial is None
-        assert rig.router.info.version == "1"
+        assert rig.switch.info.version == "1"
 
 
 def with_directive(kit: dict[str, Any], pkg: Path, devices: list[str],
@@ -330,7 +331,7 @@ async def test_a_signed_rollback_directive_lets_an_older_version_back_once(
         assert await rig.ota.install(allowed, stop), rig.events("rejected")
         state = rig.models.read()
         assert (state.active, state.previous) == ("2", "3")
-        assert rig.router.info.version == "2"
+        assert rig.switch.info.version == "2"
         used = rig.events("verified")[-1]["rollback_directive"]
         assert used["id"] in state.directives
         await rig.feed(0, 3)

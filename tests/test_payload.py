@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.payload import PayloadRejected, parse
+from agent.routing.payload import PayloadRejected, parse
 
 LIMITS = {"max_bytes": 1024, "max_depth": 8}
 
@@ -41,7 +41,7 @@ def test_bad_payloads_are_refused_with_a_reason(payload: bytes, reason: str) -> 
 def test_what_passes_can_be_written_back_as_strict_utf8_json() -> None:
     """A surrogate pair is a real character and passes; so does the largest finite double:
     both re-serialize the way a result is written (agent/messages.encode)."""
-    from agent.messages import encode
+    from agent.routing.outbound import encode
 
     value = parse(b'{"emoji": "\\ud83d\\ude00", "big": 1.7e308, "nul": "a\\u0000b"}', **LIMITS)
     assert value["emoji"] == "\U0001F600"
@@ -73,7 +73,7 @@ def test_arbitrary_bytes_either_decode_or_are_refused(payload: bytes) -> None:
 
 
 def test_a_route_input_schema_violation_names_where() -> None:
-    from agent.validation import schema_violation
+    from agent.base.validation import schema_violation
 
     schema = {"type": "object", "required": ["celsius"],
               "properties": {"celsius": {"type": "number"}}}

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agent.config import Settings
-from agent.errors import ModelLoadError
-from agent.inference import InferenceWorker, identify
-from agent.messages import Topics
-from agent.pipeline import Pipeline
-from agent.records import Completion, Generation, ModelInfo, Reading
-from agent.store import Store
-from agent.storeviews import read_counts, read_dead_letters
+from agent.base.errors import ModelLoadError
+from agent.base.records import Completion, Generation, ModelInfo, Reading
+from agent.config.settings import Settings
+from agent.flows.pipeline import Pipeline
+from agent.inference.supervisor import InferenceWorker, identify
+from agent.routing.outbound import Topics
+from agent.store.views import read_counts, read_dead_letters
+from agent.store.writer import Store
 from tests.conftest import inbox_attempts
-from tools.harness import wait_until
+from tests.harness import wait_until
 
 
 def settings(tmp_path: Path, model: Path, max_tokens: int, **model_extra: float) -> Settings:

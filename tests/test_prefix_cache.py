@@ -6,11 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
-from agent.config import ModelSection, Route
-from agent.executors import prefix_key
-from agent.inference import InferenceWorker, identify
-from agent.records import Completion, Generation
-from agent.routes import build_messages
+from agent.base.records import Completion, Generation
+from agent.config.settings import ModelSection, Route
+from agent.flows.executors import prefix_key
+from agent.inference.supervisor import InferenceWorker, identify
+from agent.routing.prompts import build_messages
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
           "properties": {"level": {"enum": ["normal", "warning", "critical"]}}}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load
-from agent.preflight import advice
+from agent.cli.preflight import advice
+from agent.config.settings import load
 from tests.conftest import MINIMAL_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_the_default_deadlines_let_the_worker_deadline_act_before_the_watchdog(
 def test_the_example_configuration_deadlines_agree() -> None:
     """configs/agent.toml's deadlines are the defaults' and pass the same rule."""
     text = (REPO / "configs" / "agent.toml").read_text()
-    from agent.sections import ModelSection, ServiceSection
+    from agent.config.sections import ModelSection, ServiceSection
 
     model = ModelSection(path=Path("m.gguf"))
     assert f"request_timeout_s = {model.request_timeout_s}" in text

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import time
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 
 def readings(n: int, start: int = 0) -> list[tuple[str, bytes]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import signal
 
-from agent.config import load
-from agent.reload import changed_keys, is_reloadable, merge
+from agent.config.reload import changed_keys, is_reloadable, merge
+from agent.config.settings import load
 from tests.conftest import Rig
+from tests.harness import CloudCollector, publish_readings, wait_until
 from tests.test_service import NotifyListener, notify, start_agent  # noqa: F401
-from tools.harness import CloudCollector, publish_readings, wait_until
 
 VIBRATION_ROUTE = """
 [[routes]]

@@ -13,9 +13,9 @@ import json
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tools.harness import TEST_ROUTES, AgentProcess, CloudCollector, wait_until
+from tests.harness import TEST_ROUTES, AgentProcess, CloudCollector, wait_until
 
 # Published before the agent's first subscribe: it arrives with the retain flag every time.
 BEFORE = ("sensors/zigbee-1/temperature", json.dumps({"seq": 1, "celsius": 21.5}).encode())

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import Route
-from agent.routes import DATA_CLOSE, DATA_OPEN, build_messages, route_for, topic_matches
+from agent.config.settings import Route
+from agent.routing.prompts import DATA_CLOSE, DATA_OPEN, build_messages
+from agent.routing.topics import route_for, topic_matches
 
 
 @pytest.mark.parametrize(

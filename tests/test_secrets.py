@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Rig
-from tools.harness import AgentProcess, publish_readings, wait_until
+from tests.harness import AgentProcess, publish_readings, wait_until
 
 SECRET = "pa55-w0rd-7f3c91"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tools.harness import AgentProcess, CloudCollector, publish_readings, wait_until
+from tests.harness import AgentProcess, CloudCollector, publish_readings, wait_until
 
 
 class NotifyListener:
@@ -165,7 +165,7 @@ def test_sigterm_sends_stopping_and_exits_in_time_keeping_unsent_rows(
 
 def test_notify_socket_path_outside_systemd_is_ignored(tmp_path: Path) -> None:
     """Without NOTIFY_SOCKET the notifier is disabled and sending is a no-op, not an error."""
-    from agent.sdnotify import Notifier
+    from agent.service.sdnotify import Notifier
 
     notifier = Notifier(None)
     assert not notifier.enabled

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from agent.records import reading_id
-from agent.shedding import TopicLimiter
+from agent.base.records import reading_id
+from agent.routing.shedding import TopicLimiter
 from tests.conftest import Rig
-from tools.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 
 def test_a_topic_gets_its_burst_then_its_rate_and_other_topics_are_untouched() -> None:

@@ -8,9 +8,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.storeviews import read_counts, read_drops
+from agent.store.views import read_counts, read_drops
 from tests.conftest import Rig, flip_bytes
-from tools.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
+from tests.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
 
 
 def padded_readings(n: int, pad: int = 100) -> list[tuple[str, bytes]]:

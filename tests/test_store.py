@@ -6,10 +6,10 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from agent.records import DeadLetter, NewOutboxRow, Reading
-from agent.store import Store
-from agent.storeschema import connect
-from agent.storeviews import read_counts
+from agent.base.records import DeadLetter, NewOutboxRow, Reading
+from agent.store.schema import connect
+from agent.store.views import read_counts
+from agent.store.writer import Store
 
 
 def reading(i: int, priority: int = 0) -> Reading:

@@ -13,10 +13,10 @@ from typing import Any
 
 import sqlite_utils
 
-from agent import storesql
-from agent.records import DeadLetter, NewOutboxRow, Reading
-from agent.store import Store
-from agent.storeviews import queue_stats, read_counts, read_stats, snapshot_counts
+from agent.base.records import DeadLetter, NewOutboxRow, Reading
+from agent.store import transactions
+from agent.store.views import queue_stats, read_counts, read_stats, snapshot_counts
+from agent.store.writer import Store
 
 
 def make_store(path: Path, outbox: int, inbox: int, dead: int) -> None:
@@ -39,9 +39,9 @@ def make_store(path: Path, outbox: int, inbox: int, dead: int) -> None:
 
 
 def _results(conn: sqlite3.Connection, start: int, end: int) -> None:
-    with storesql.Transaction(conn):
+    with transactions.Transaction(conn):
         for i in range(start, end):
-            storesql._insert_outbox(conn, NewOutboxRow(
+            transactions._insert_outbox(conn, NewOutboxRow(
                 f"r{i}", "result", "edge/gw/results/t", b"y" * 200, 0, "t"))
 
 
@@ -104,11 +104,11 @@ def test_ttl_expiry_and_window_leases_do_not_scan_the_backlog(tmp_path: Path) ->
 
     def expire_none(conn: sqlite3.Connection) -> dict[str, int]:
         conn.isolation_level = None
-        return storesql.expire(conn, {"t": 1e9})
+        return transactions.expire(conn, {"t": 1e9})
 
     def window(conn: sqlite3.Connection) -> int:
         conn.isolation_level = None
-        return len(storesql.lease_window(conn, {"t": (4, 16)}, ()))
+        return len(transactions.lease_window(conn, {"t": (4, 16)}, ()))
 
     for query in (expire_none, window):
         few, _ = vm_steps(small, query)
@@ -122,8 +122,8 @@ def test_sqlite_errors_are_classified_by_result_code_not_by_their_text(tmp_path:
     (handled like a full store: wait and retry), a file that is not a database is StoreDamaged,
     and a missing table whose name contains "full" stays what it is (the old test of the
     message's text called it a full store)."""
-    from agent.errors import StoreDamaged, StoreFull, StoreUnavailable
-    from agent.store import _translate
+    from agent.base.errors import StoreDamaged, StoreFull, StoreUnavailable
+    from agent.store.writer import _translate
 
     def error_of(path: Path, *statements: str, other: str | None = None) -> sqlite3.Error:
         conn = sqlite3.connect(path, isolation_level=None, timeout=0)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import StoreSection
-from agent.errors import OutboxFull, StoreFull
-from agent.messages import Topics, drops_row
-from agent.records import NewOutboxRow, Reading
-from agent.store import Store
-from agent.storeviews import read_counts, read_drops
+from agent.base.errors import OutboxFull, StoreFull
+from agent.base.records import NewOutboxRow, Reading
+from agent.config.settings import StoreSection
+from agent.routing.outbound import Topics, drops_row
+from agent.store.views import read_counts, read_drops
+from agent.store.writer import Store
 from tests.conftest import flip_bytes
 
 TOPICS = Topics("edge", "gw")
@@ -277,15 +277,15 @@ def test_ttl_age_carries_across_a_reboot_and_ignores_the_downtime(
     clock it would depend on the downtime."""
     import time
 
-    from agent import storeschema
+    from agent.store import schema
 
     path = tmp_path / "s.db"
     t0 = time.monotonic()
 
     def boot(boot_id: str, uptime_s: float) -> None:
-        monkeypatch.setattr(storeschema, "boot_id", lambda: boot_id)
+        monkeypatch.setattr(schema, "boot_id", lambda: boot_id)
         start = time.monotonic()
-        monkeypatch.setattr(storeschema, "monotonic",
+        monkeypatch.setattr(schema, "monotonic",
                             lambda: uptime_s + time.monotonic() - start)
 
     boot("boot-a", 5000.0)

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from agent.config import StoreSection
-from agent.records import NewOutboxRow, Reading
-from agent.store import Store
+from agent.base.records import NewOutboxRow, Reading
+from agent.config.settings import StoreSection
+from agent.store.writer import Store
 
 IDS = st.integers(min_value=0, max_value=24)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import wait_until, write_agent_config
 from tests.otakit import keypair, package
-from tools.harness import wait_until, write_agent_config
 from tools.make_tiny_model import make_model
 
 REPO = Path(__file__).resolve().parent.parent

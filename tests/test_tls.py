@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.storeviews import read_counts
+from agent.store.views import read_counts
 from tests.conftest import Rig
-from tools.harness import (
+from tests.harness import (
     AgentProcess,
     CloudCollector,
     Mosquitto,

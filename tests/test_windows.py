@@ -16,19 +16,19 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, Settings, load
-from agent.inference import InferenceWorker, identify
-from agent.messages import Topics
-from agent.pipeline import Pipeline
-from agent.records import Generation, NewOutboxRow, Reading, reading_id
-from agent.routes import DATA_CLOSE, DATA_OPEN
-from agent.store import Store
-from agent.storeviews import read_counts, read_dead_letters
-from agent.windows import build_window_messages, window_id
+from agent.base.records import Generation, NewOutboxRow, Reading, reading_id
+from agent.config.settings import ConfigError, Settings, load
+from agent.flows.pipeline import Pipeline
+from agent.inference.supervisor import InferenceWorker, identify
+from agent.routing.outbound import Topics
+from agent.routing.prompts import DATA_CLOSE, DATA_OPEN
+from agent.routing.windows import build_window_messages, window_id
+from agent.store.views import read_counts, read_dead_letters
+from agent.store.writer import Store
 from tests.conftest import MINIMAL_CONFIG as GOOD
 from tests.conftest import Rig
+from tests.harness import CloudCollector, Mosquitto, publish_readings, wait_until
 from tools.cloud_ingest import CloudIngest, report
-from tools.harness import CloudCollector, Mosquitto, publish_readings, wait_until
 
 SCHEMA = {"type": "object", "required": ["level"],
           "properties": {"level": {"enum": ["normal", "critical"]}}}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ModelSection
-from agent.errors import ModelLoadError
-from agent.inference import InferenceWorker, identify
-from agent.records import Generation
+from agent.base.errors import ModelLoadError
+from agent.base.records import Generation
+from agent.config.settings import ModelSection
+from agent.inference.supervisor import InferenceWorker, identify
 
 MESSAGES = [{"role": "user", "content": "Classify: {\"celsius\": 80}"}]
 

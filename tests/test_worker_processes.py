@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from tests.conftest import Rig
-from tools.harness import wait_until
+from tests.harness import wait_until
 
 
 def alive(pid: int) -> bool:

@@ -1,1 +1,1 @@
-"""Operator and developer tools: model maker, harness for real brokers and agents, demo."""
+"""Operator and developer tools: the demo, benchmarks, the model maker, chaos runs, installing."""

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import Route
-from agent.records import Reading
-from agent.routes import build_messages
-from agent.store import Store
-from agent.storeviews import read_counts
-from tools.harness import (
+from agent.base.records import Reading
+from agent.config.settings import Route
+from agent.routing.prompts import build_messages
+from agent.store.views import read_counts
+from agent.store.writer import Store
+from tests.harness import (
     AgentProcess,
     CloudCollector,
     Mosquitto,
@@ -310,7 +310,8 @@ class TimedCollector(CloudCollector):
 def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
     """Readings every `interval_s` while a signed version 2 is installed: the worst publish-to-
     result latency of a reading during the update, against the median before it, and failures."""
-    from agent import modelpkg, signing
+    from agent.base import signing
+    from agent.ota import modelpkg
 
     public = signing.generate(rig.work / "release.pem")
     agent = rig.agent("swap")

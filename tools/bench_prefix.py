@@ -23,11 +23,11 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import ModelSection, Route
-from agent.executors import prefix_key
-from agent.inference import InferenceWorker, identify
-from agent.records import Generation
-from agent.routes import build_messages
+from agent.base.records import Generation
+from agent.config.settings import ModelSection, Route
+from agent.flows.executors import prefix_key
+from agent.inference.supervisor import InferenceWorker, identify
+from agent.routing.prompts import build_messages
 from tools.make_tiny_model import make_model
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,

@@ -33,9 +33,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.records import reading_id
+from agent.base.records import reading_id
+from tests.harness import AgentProcess, Mosquitto, write_agent_config
 from tools.cloud_ingest import CloudIngest, records
-from tools.harness import AgentProcess, Mosquitto, write_agent_config
 from tools.make_tiny_model import make_model
 
 DEVICE_ID = "gw-chaos"

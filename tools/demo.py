@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import modelpkg, signing
-from agent.storeviews import read_counts
-from tools.harness import AgentProcess, CloudCollector, Mosquitto, write_agent_config
+from agent.base import signing
+from agent.ota import modelpkg
+from agent.store.views import read_counts
+from tests.harness import AgentProcess, CloudCollector, Mosquitto, write_agent_config
 from tools.make_tiny_model import make_model
 
 SENSORS = ["press-1", "oven-2", "cooler-3"]

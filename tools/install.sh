@@ -77,7 +77,7 @@ elif [ -d /run/systemd/system ]; then
            -p PrivateDevices=yes -p MemoryDenyWriteExecute=yes -p ProcSubset=pid
            -p ProtectProc=invisible -p NoNewPrivileges=yes -p UMask=0077)
   if ! systemd-run --quiet --wait --pipe --collect "${sandbox[@]}" \
-      "$prefix/venv/bin/python" -c "import agent.cli, agent.worker, llama_cpp" </dev/null; then
+      "$prefix/venv/bin/python" -c "import agent.cli.main, agent.inference.worker, llama_cpp" </dev/null; then
     echo "install.sh: $prefix/venv does not start under the unit's sandbox (see above)" >&2
     exit 1
   fi

@@ -1,0 +1,227 @@
+"""`edge-agent model ...`: the operator's commands for model packages.
+
+keygen, sign, allow-rollback, verify and command work on files only (allow-rollback adds a
+signed rollback directive to a package, agent/ota/directive.py; command prints the JSON to publish
+on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
+runs because none of them changes what the agent is serving directly: `list` reads the state
+file (replaced atomically, so never half-written); `install` verifies the package, copies it
+into incoming/ under a hidden name, gives it to the agent's user (when run as root) and renames
+it into place, so the agent only ever sees a complete package it can remove; `rollback`
+durably writes ota/rollback.request, which the running agent (or the next start) acts on,
+reporting the outcome like any other update step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.base import durable, signing
+from agent.base.errors import EXIT_CONFIG, ConfigError
+from agent.config.settings import load
+from agent.ota import directive, modelpkg
+from agent.ota.state import ModelStore
+
+
+def add_parser(commands: Any) -> None:
+    model = commands.add_parser("model", help="model packages: keygen, sign, allow-rollback, "
+                                "verify, command, list, install, rollback")
+    sub = model.add_subparsers(dest="model_command", required=True)
+    keygen = sub.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
+    keygen.add_argument("key", type=Path)
+    sign = sub.add_parser("sign", help="make a signed package directory from a GGUF file")
+    sign.add_argument("gguf", type=Path)
+    sign.add_argument("--name", required=True)
+    sign.add_argument("--version", required=True, help="dotted numbers, e.g. 3 or 1.2.0")
+    sign.add_argument("--key", type=Path, required=True, help="private key from keygen")
+    sign.add_argument("--out", type=Path, required=True, help="the package directory to write")
+    sign.add_argument("--n-ctx", type=int, default=2048)
+    sign.add_argument("--canary", type=Path, default=None,
+                      help='JSON file: [{"route": ..., "payload": {...}, "max_latency_ms": N}]')
+    sign.add_argument("--min-agent-version", default=None)
+    allow = sub.add_parser("allow-rollback", help="sign a rollback directive into a package, "
+                           "letting its (older or failed) version past anti-rollback")
+    allow.add_argument("package", type=Path)
+    allow.add_argument("--key", type=Path, required=True, help="private key from keygen")
+    allow.add_argument("--device", action="append", default=[],
+                       help="a device id it is for (may repeat); '*' for every device")
+    allow.add_argument("--valid-for-h", type=float, default=24.0,
+                       help="hours until the directive expires (default 24)")
+    allow.add_argument("--reason", required=True, help="why, for the reports")
+    command = sub.add_parser("command", help="print the cloud command (JSON) that installs a "
+                             "package whose GGUF is served at URL")
+    command.add_argument("package", type=Path)
+    command.add_argument("--url", required=True)
+    verify = sub.add_parser("verify", help="check a package's signature, size and sha256")
+    verify.add_argument("package", type=Path)
+    verify.add_argument("--config", type=Path, help="trust the keys of this agent config")
+    verify.add_argument("--trusted-key", action="append", default=[],
+                        help="a trusted public key (base64); may repeat")
+    for name, text in (("list", "installed, active, previous and failed models"),
+                       ("install", "hand a package to the agent through incoming/"),
+                       ("rollback", "ask the agent to go back to the previous model")):
+        cmd = sub.add_parser(name, help=text)
+        if name == "install":
+            cmd.add_argument("package", type=Path)
+        cmd.add_argument("--config", type=Path, required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _COMMANDS[args.model_command](args)
+    except ConfigError as exc:
+        print(f"edge-agent: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (modelpkg.PackageRejected, signing.SignatureError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    public = signing.generate(args.key)
+    pub_path = args.key.with_name(args.key.name + ".pub")
+    pub_path.write_text(public + "\n")
+    print(f"private key {args.key} (keep it off the gateways); public key {pub_path}:")
+    print(public)
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    canary = json.loads(args.canary.read_text()) if args.canary else []
+    manifest = modelpkg.build(args.gguf, args.out, name=args.name, version=args.version,
+                              n_ctx=args.n_ctx, canary=canary, key=args.key,
+                              min_agent_version=args.min_agent_version)
+    print(f"{args.out}: {manifest.name} {manifest.version} sha256 {manifest.sha256} "
+          f"signed by {signing.key_id(signing.public_key_of(args.key))}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    trusted = list(args.trusted_key)
+    if args.config is not None:
+        trusted += load(args.config).ota.trusted_keys
+    package = modelpkg.verify_blocking(args.package, trusted)
+    print(f"{args.package}: ok ({package.manifest.name} {package.manifest.version}, "
+          f"key {package.key_id})")
+    allowed_by = directive.read(args.package, trusted)
+    if allowed_by is not None:
+        directive.check_binding(allowed_by, package.manifest)
+        left_h = (allowed_by.expires_at - time.time()) / 3600
+        print(f"{args.package}: rollback directive {allowed_by.id} for "
+              f"{', '.join(allowed_by.devices)}, "
+              + (f"valid {left_h:.1f} h more" if left_h > 0 else "EXPIRED")
+              + f" (key {allowed_by.key_id}): {allowed_by.reason}")
+    return 0
+
+
+def _allow_rollback(args: argparse.Namespace) -> int:
+    manifest, _ = modelpkg.read_signed(args.package, [signing.public_key_of(args.key)])
+    body, signature = directive.make(manifest, devices=args.device,
+                                     valid_for_s=args.valid_for_h * 3600, reason=args.reason,
+                                     key=args.key)
+    directive.write(args.package, body, signature)
+    print(f"{args.package}: rollback to {manifest.name} {manifest.version} allowed on "
+          f"{', '.join(body['devices'])} for {args.valid_for_h:g} h")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "manifest": json.loads((args.package / modelpkg.MANIFEST).read_bytes()),
+        "signature": (args.package / modelpkg.SIGNATURE).read_text().strip(),
+        "url": args.url,
+    }
+    if (args.package / directive.DIRECTIVE).exists():
+        body["rollback"] = {
+            "directive": json.loads((args.package / directive.DIRECTIVE).read_bytes()),
+            "signature": (args.package / directive.DIRECTIVE_SIGNATURE).read_text().strip()}
+    print(json.dumps(body, sort_keys=True))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    state = ModelStore(settings.ota_dir).read()
+    print(json.dumps(state.to_json(), indent=2, sort_keys=True))
+    return 0
+
+
+def _agent_owner(state_dir: Path) -> tuple[int, int] | None:
+    """The agent's user and group (the owner of its state directory, the unit's dynamic user
+    under systemd) when this command runs as root as someone else, else None: what root writes
+    for the agent must be the agent's, or it cannot remove it (issue 14, item 4)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = state_dir.stat()
+    except FileNotFoundError:
+        return None  # the agent never started; systemd hands the directory over at its start
+    if owner.st_uid == 0:
+        return None
+    return owner.st_uid, owner.st_gid
+
+
+def _hand_over(path: Path, owner: tuple[int, int] | None) -> None:
+    """Give `path` (and what is in it) to the agent's user."""
+    if owner is None:
+        return
+    os.chown(path, *owner)
+    if path.is_dir():
+        for child in path.iterdir():
+            _hand_over(child, owner)
+
+
+def _install(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    package = modelpkg.verify_blocking(args.package, settings.ota.trusted_keys)
+    manifest = package.manifest
+    owner = _agent_owner(settings.agent.state_dir)
+    incoming = settings.incoming_dir
+    if not incoming.is_dir():
+        incoming.mkdir(parents=True)
+        _hand_over(incoming, owner)
+    final = incoming / f"{manifest.name}-{manifest.version}"
+    hidden = incoming / f".install-{manifest.name}-{manifest.version}-{os.getpid()}"
+    shutil.rmtree(hidden, ignore_errors=True)  # our own leftover of an earlier try, if any
+    hidden.mkdir()
+    names = [manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE]
+    if directive.read(args.package, settings.ota.trusted_keys) is not None:
+        names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
+    for name in names:
+        durable.copy_file(args.package / name, hidden / name)
+    # Handed over before the rename: the agent only ever sees a package it can remove.
+    _hand_over(hidden, owner)
+    durable.fsync_dir(hidden)
+    os.replace(hidden, final)
+    durable.fsync_dir(incoming)
+    print(f"{final}: handed to the agent; follow its log or `edge-agent model list`")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    store = ModelStore(settings.ota_dir)
+    owner = _agent_owner(settings.agent.state_dir)
+    created = not store.models.is_dir()
+    store.ensure()
+    if created:
+        _hand_over(settings.ota_dir, owner)
+    durable.replace(store.rollback_request, b"rollback\n")
+    _hand_over(store.rollback_request, owner)
+    print(f"{store.rollback_request}: the agent rolls back to {store.read().previous} "
+          "(now, or at its next start)")
+    return 0
+
+
+_COMMANDS = {"keygen": _keygen, "sign": _sign, "allow-rollback": _allow_rollback,
+             "verify": _verify, "command": _command, "list": _list, "install": _install,
+             "rollback": _rollback}

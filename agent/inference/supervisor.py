@@ -1,0 +1,301 @@
+"""Supervision of the inference worker process (agent/inference/worker.py) from the daemon's event
+loop.
+
+Owns the child process: start, per-request deadline, kill and restart after a hang or crash with
+a backoff against crash loops, and shutdown. It never imports llama_cpp; the worker does.
+
+Each worker runs in a session (and process group) of its own, and every kill goes to the whole
+group: nothing the worker started (a forked backtrace helper, say) outlives it. A model that stops
+loading while the agent serves (the file damaged on disk, a load past its deadline) makes the
+worker unavailable: not answering, reported once as `model_unavailable`, the restart retried at the
+next request after a backoff, and `model_recovered` when it answers again. The pipeline keeps the
+readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import structlog
+
+from agent.base.digest import sha256_file
+from agent.base.errors import ModelLoadError, PermanentError, WorkerCrashed, WorkerTimeout
+from agent.base.liveness import Liveness
+from agent.base.records import Completion, Generation, ModelInfo
+from agent.base.retry import Backoff
+from agent.config.settings import ModelSection
+
+log = structlog.get_logger()
+
+# A response line holds a generation; well above any max_tokens the config allows.
+_LINE_LIMIT = 16 * 1024 * 1024
+# How long a dead (or SIGKILLed) worker may take to be reaped before we go on without it.
+_REAP_TIMEOUT_S = 5.0
+
+
+class InferenceFailed(PermanentError):
+    """The worker answered but could not run this request (for example a prompt too long)."""
+
+
+async def identify(model: ModelSection, name: str) -> ModelInfo:
+    """Name, version and sha256 of the configured model; hashing runs off the loop."""
+    if not model.path.is_file():
+        raise ModelLoadError(f"model file {model.path} does not exist")
+    sha256 = await asyncio.to_thread(sha256_file, model.path)
+    return ModelInfo(name=name, version=model.version, sha256=sha256, path=str(model.path))
+
+
+class InferenceWorker:
+    """One llama.cpp worker process serving one request at a time."""
+
+    def __init__(self, model: ModelSection, info: ModelInfo) -> None:
+        self.info = info
+        self._model = model
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._backoff = Backoff(0.5, 30.0)
+        self.restarts = 0
+        self.pid: int | None = None
+        self.liveness = Liveness("inference_worker")
+        # Readiness: the model loaded and its last request (or the load) succeeded.
+        self.answering = False
+        # Threads llama.cpp's context got: (per generated token, for the prompt).
+        self.threads: tuple[int, int] | None = None
+        # While serving: why the model does not load now (None while it does), and since when.
+        self.unavailable: str | None = None
+        self.load_failures = 0
+        self._unavailable_since = 0.0
+        # Set while the model does not load (agent/ota/updates.py falls back to an earlier model).
+        self.went_unavailable = asyncio.Event()
+
+    def command(self) -> list[str]:
+        """The worker's command line."""
+        args = [sys.executable, "-m", "agent.inference.worker", "--model", self.info.path,
+                "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed),
+                "--parent-pid", str(os.getpid())]
+        if self._model.n_threads:
+            args += ["--n-threads", str(self._model.n_threads)]
+        if self._model.threads_batch:
+            args += ["--n-threads-batch", str(self._model.threads_batch)]
+        if self._model.memory_limit_mb:
+            args += ["--memory-limit-mb", str(self._model.memory_limit_mb)]
+        return args
+
+    async def start(self) -> None:
+        """Start the worker and wait until the model is loaded; ModelLoadError if it is refused."""
+        self.liveness.busy()
+        # A session of its own: the group can be killed whole, and a Ctrl-C meant for the
+        # agent does not reach the worker (the agent stops it itself).
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT, start_new_session=True,
+        )
+        self._proc = proc
+        try:
+            hello = await asyncio.wait_for(self._read(proc), self._model.load_timeout_s)
+        except (TimeoutError, WorkerCrashed) as exc:
+            self.liveness.idle("model failed to load")
+            await self._kill()
+            raise ModelLoadError(f"worker did not load {self.info.path}: {exc!r}") from exc
+        if hello.get("event") != "ready":
+            self.liveness.idle("model failed to load")
+            await self._kill()
+            raise ModelLoadError(f"llama.cpp refused {self.info.path}: {hello.get('error')}")
+        self.pid = proc.pid
+        self.answering = True
+        self.threads = (int(hello.get("threads", 0)), int(hello.get("threads_batch", 0)))
+        self.liveness.idle("no request")
+        log.info("worker_ready", pid=proc.pid, model=self.info.name,
+                 load_ms=round(float(hello.get("load_ms", 0)), 1),
+                 threads=self.threads[0], threads_batch=self.threads[1])
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[InferenceWorker]:
+        """A single worker serves every reading itself (agent/inference/switch.py switches between
+        several)."""
+        yield self
+
+    async def complete(self, messages: list[dict[str, str]], generation: Generation
+                       ) -> Completion:
+        """Run one chat completion under the per-request deadline.
+
+        For `generation.prefix_key` (a route's prompt) the worker keeps the model state and
+        restores it instead of evaluating the prefix again.
+
+        A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed.
+        Either way the next call starts a fresh worker after a backoff.
+        """
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                await self._restart()
+            proc = self._proc
+            assert proc is not None
+            request_id = next(self._ids)
+            request = {"id": request_id, "messages": messages,
+                       "max_tokens": generation.max_tokens,
+                       "temperature": generation.temperature, "seed": generation.seed,
+                       "schema": generation.schema, "prefix_key": generation.prefix_key}
+            self.liveness.busy()
+            try:
+                # The deadline covers the write too: a hung worker stops reading its stdin, and
+                # a request larger than the pipe buffer would wait in drain() for ever.
+                reply = await asyncio.wait_for(self._exchange(proc, request),
+                                               self._model.request_timeout_s)
+            except TimeoutError as exc:
+                self.answering = False
+                await self._kill()
+                raise WorkerTimeout(
+                    f"no answer within {self._model.request_timeout_s}s; worker killed"
+                ) from exc
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                self.answering = False
+                await self._kill()
+                raise WorkerCrashed(f"worker pipe closed: {exc}") from exc
+            except WorkerCrashed:
+                self.answering = False
+                await self._kill()
+                raise
+            except asyncio.CancelledError:
+                # Its answer would be read as the next request's: the next call starts afresh.
+                self._abandon()
+                raise
+            finally:
+                self.liveness.idle("no request")
+            if reply.get("id") != request_id:
+                await self._kill()
+                raise WorkerCrashed(
+                    f"worker answered request {reply.get('id')}, not {request_id}")
+            self._backoff.reset()
+            self.answering = True
+            if self.unavailable is not None:
+                log.info("model_recovered", path=self.info.path, failures=self.load_failures,
+                         after_s=round(time.monotonic() - self._unavailable_since, 1))
+                self.unavailable = None
+                self.went_unavailable.clear()
+        if not reply.get("ok"):
+            raise InferenceFailed(str(reply.get("error")))
+        return Completion(
+            text=str(reply["text"]),
+            prompt_tokens=int(reply["prompt_tokens"]),
+            completion_tokens=int(reply["completion_tokens"]),
+            finish_reason=str(reply["finish_reason"]),
+            latency_ms=float(reply["latency_ms"]),
+            reused_tokens=int(reply.get("reused_tokens", 0)),
+        )
+
+    async def _exchange(self, proc: asyncio.subprocess.Process, request: dict[str, Any]
+                        ) -> dict[str, Any]:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        await proc.stdin.drain()
+        return await self._read(proc)
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if not line:
+            code = await _reap(proc)
+            raise WorkerCrashed(f"worker exited with {_describe_exit(code)}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def _restart(self) -> None:
+        await self._kill()
+        delay = self._backoff.next_delay() if self.restarts else 0.0
+        self.restarts += 1
+        log.warning("worker_restarting", restarts=self.restarts, delay_s=round(delay, 2))
+        self.liveness.idle("restart backoff")
+        await asyncio.sleep(delay)
+        try:
+            await self.start()
+        except ModelLoadError as exc:
+            self._unavailable(exc)
+            raise
+
+    def _unavailable(self, exc: ModelLoadError) -> None:
+        """The model does not load while serving: reported once, retried at the next request
+        (after the backoff) until it answers."""
+        self.load_failures += 1
+        self.answering = False
+        if self.unavailable is None:
+            self._unavailable_since = time.monotonic()
+            log.error("model_unavailable", path=self.info.path, version=self.info.version,
+                      reason=str(exc), retry="at the next reading, after a backoff")
+        self.unavailable = str(exc)
+        self.went_unavailable.set()
+
+    async def _kill(self) -> None:
+        """SIGKILL the worker's whole process group and reap the worker."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
+        _kill_group(proc)
+        await _reap(proc)
+
+    def _abandon(self) -> None:
+        """Kill the worker's group without waiting (from a cancelled request); the child
+        watcher reaps it and the next request starts a new worker."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_group(proc)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`; either way
+        nothing of its process group is left."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None and proc.stdin is not None:
+            proc.stdin.close()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout_s)
+        await self._kill()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL every process of the worker's group (its pid is the group id: start_new_session).
+    The kernel keeps a pid in use while a group of that id has members, so this reaches only
+    our worker's group, or nothing once that group is empty (ESRCH)."""
+    with suppress(ProcessLookupError, PermissionError):  # the group is already empty
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> int | None:
+    """The worker's exit status, waited for at most _REAP_TIMEOUT_S. A Process.wait() begun
+    before the exit returns only once every process holding the worker's pipes has closed them
+    (Python 3.11's base_subprocess), so one that escaped the worker's group (a forked helper
+    in a session of its own, say) would hold the agent's request, and its stop, for ever."""
+    try:
+        code: int | None = await asyncio.wait_for(proc.wait(), _REAP_TIMEOUT_S)
+    except TimeoutError:
+        code = proc.returncode
+        log.error("worker_reap_timeout", pid=proc.pid, exited=code is not None,
+                  timeout_s=_REAP_TIMEOUT_S,
+                  hint="another process holds the worker's pipes, or it cannot die (D state)")
+    if code is not None:
+        # Our ends of its pipes, which nothing will use again, even if another process still
+        # holds theirs. asyncio has no public close for a Process; this is its transport.
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+    return code
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "its pipe closed, exit not confirmed"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+

@@ -1,0 +1,197 @@
+"""The inference worker: a child process owning llama.cpp; the only module importing llama_cpp.
+
+It runs as `python -m agent.inference.worker --model PATH ...` under agent/inference/supervisor.py,
+which supervises it. It lives in its own process because a corrupt GGUF can crash the process, a
+`Llama` must not be shared between threads, `verbose=False` silences the whole process's stdio
+during a load, and memory is reliably returned only when a process exits.
+
+Protocol: one JSON object per line. After loading it writes {"event": "ready", ...} or
+{"event": "error", "error": ...}; then for each request line it writes exactly one response line.
+The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
+C library prints cannot corrupt the protocol.
+
+When llama.cpp aborts (GGML_ASSERT), ggml's handler would fork and attach gdb to print a backtrace:
+a debugger attaching from inside a service, `(gdb)` lines in the agent's JSON log, and a forked
+child that can outlive the worker. GGML_NO_BACKTRACE turns that off; the abort message still goes
+to stderr and the supervisor sees SIGABRT.
+
+The worker runs in a session of its own (agent/inference/supervisor.py kills its whole process
+group), so a signal to the agent's group does not reach it; instead it asks the kernel to SIGKILL
+it when the agent dies (PR_SET_PDEATHSIG), so an agent killed uncleanly leaves no worker behind,
+not even a hung or stopped one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, TextIO
+
+from llama_cpp import Llama, LlamaState
+from llama_cpp.llama_cpp import llama_n_threads, llama_n_threads_batch
+from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+from agent.inference.grammar import forbid_raw_control_chars
+
+
+def _protocol_stream() -> TextIO:
+    private = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(private, "w", buffering=1, encoding="utf-8")
+
+
+def _send(stream: TextIO, message: dict[str, Any]) -> None:
+    stream.write(json.dumps(message, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+# Prefix states kept per worker (one per route prompt); a state of a ~1,000-token prefix on the
+# bench model is about 16 MB.
+PREFIX_STATES = 8
+
+
+class Engine:
+    """A loaded model and the grammars built for it, one request at a time."""
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+        self._grammars: dict[str, LlamaGrammar] = {}
+        # Prefix cache (issue 6): for each request's `prefix_key` (a route's fixed prompt), the
+        # model state after its first request. llama-cpp-python already reuses the KV cache for
+        # the prefix shared with the previous request; restoring this state extends that to a
+        # request whose previous one belonged to another route. The states live in this
+        # process, so a new model (a new worker) starts with none.
+        self._prefix_states: OrderedDict[str, LlamaState] = OrderedDict()
+        self._last_key: str | None = None
+
+    def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            # Not LlamaGrammar.from_json_schema: its string rule admits raw control characters,
+            # which strict json.loads rejects (see agent/inference/grammar.py).
+            gbnf = forbid_raw_control_chars(json_schema_to_gbnf(key))
+            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+            self._grammars[key] = grammar
+        return grammar
+
+    def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        schema = request.get("schema")
+        started = time.perf_counter()
+        key = request.get("prefix_key")
+        if key is not None and key != self._last_key and key in self._prefix_states:
+            self._llm.load_state(self._prefix_states[key])
+            self._prefix_states.move_to_end(key)
+        before = list(self._llm.input_ids)
+        response: Any = self._llm.create_chat_completion(
+            messages=request["messages"],
+            max_tokens=int(request["max_tokens"]),
+            temperature=float(request.get("temperature", 0.0)),
+            seed=int(request.get("seed", 0)),
+            grammar=self._grammar(schema) if schema else None,
+        )
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        self._last_key = key
+        if key is not None and key not in self._prefix_states:
+            self._prefix_states[key] = self._llm.save_state()
+            while len(self._prefix_states) > PREFIX_STATES:
+                self._prefix_states.popitem(last=False)
+        return {
+            "ok": True,
+            "text": choice["message"].get("content") or "",
+            "finish_reason": choice.get("finish_reason") or "",
+            "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+            "completion_tokens": int(usage.get("completion_tokens", 0)),
+            "latency_ms": (time.perf_counter() - started) * 1000,
+            "reused_tokens": _common_prefix(before, list(self._llm.input_ids)),
+        }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens the request found already evaluated (an upper bound: llama.cpp re-evaluates the
+    last one when the whole prompt matched)."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits (prctl(2)); exit at once if
+    the agent is already gone (it died between fork and here)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"the agent (pid {parent_pid}) is gone")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.inference.worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--n-threads-batch", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-limit-mb", type=int, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with(args.parent_pid)
+    # Read by ggml_print_backtrace() when it aborts (ggml/src/ggml.c): no fork, no gdb.
+    os.environ["GGML_NO_BACKTRACE"] = "1"
+    out = _protocol_stream()
+    started = time.perf_counter()
+    if args.memory_limit_mb:
+        # RLIMIT_AS bounds the whole address space (mmapped model included): an allocation over
+        # it fails inside llama.cpp instead of the kernel's OOM killer choosing a victim.
+        limit = args.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        llm = Llama(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            n_threads_batch=args.n_threads_batch,
+            seed=args.seed,
+            verbose=False,
+        )
+    except Exception as exc:  # llama.cpp reports a bad file as ValueError or RuntimeError
+        error = f"{type(exc).__name__}: {exc}"
+        if args.memory_limit_mb:
+            error += f" (address space limited to {args.memory_limit_mb} MiB)"
+        _send(out, {"event": "error", "error": error})
+        return 1
+    # The thread counts llama.cpp's context actually got, for the supervisor's log.
+    _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
+                "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
+                "threads_batch": llama_n_threads_batch(llm.ctx)})
+    engine = Engine(llm)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            response = engine.complete(request)
+        except Exception as exc:  # one bad request must not take the worker down
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        response["id"] = request.get("id")
+        _send(out, response)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

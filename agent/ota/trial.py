@@ -1,0 +1,98 @@
+"""How a candidate model is judged: the canary before it takes traffic, and the probation
+verdict after. The canary talks to the candidate's worker; the verdict is pure logic over
+agent/inference/switch.py's figures. Decides nothing about state or switching; agent/ota/updates.py
+does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.base.errors import AgentError
+from agent.base.records import Generation
+from agent.base.validation import check_output
+from agent.config.settings import OtaSection, Route
+from agent.inference.switch import Figures, Served
+from agent.ota.modelpkg import Canary
+from agent.routing.prompts import build_messages
+
+CANARY_TOPIC = "canary/{route}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    passed: bool
+    reason: str
+    figures: dict[str, Any]
+
+
+def canaries_for(routes: Sequence[Route], declared: Sequence[Canary]) -> list[Canary]:
+    """The manifest's canaries for routes this agent has; if none apply, one per route."""
+    names = {route.name for route in routes}
+    usable = [c for c in declared if c.route in names]
+    return usable or [Canary(route.name, {"canary": True}, None) for route in routes]
+
+
+async def run_canary(
+    served: Served, routes: Sequence[Route], canaries: Sequence[Canary], ota: OtaSection,
+    seed: int,
+) -> Verdict:
+    """Every canary answer must be schema-valid and within its latency budget."""
+    by_name = {route.name: route for route in routes}
+    answers: list[dict[str, Any]] = []
+    for canary in canaries:
+        route = by_name[canary.route]
+        budget = min(ota.canary_latency_budget_ms, canary.max_latency_ms or float("inf"))
+        messages = build_messages(route, CANARY_TOPIC.format(route=route.name),
+                                  json.dumps(canary.payload))
+        started = time.monotonic()
+        try:
+            completion = await served.complete(
+                messages, Generation(route.max_tokens, 0.0, seed, route.output_schema))
+        except AgentError as exc:
+            return Verdict(False, f"canary on route {route.name} failed: {exc}",
+                           {"answers": answers})
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
+        answers.append({"route": route.name, "latency_ms": latency_ms,
+                        "budget_ms": budget})
+        if route.output_schema is not None:
+            _, problem = check_output(completion.text, route.output_schema)
+            if problem is not None:
+                return Verdict(False, f"canary on route {route.name}: {problem}",
+                               {"answers": answers, "raw": completion.text[:200]})
+        if latency_ms > budget:
+            return Verdict(False, f"canary on route {route.name} took {latency_ms} ms, "
+                           f"over the {budget} ms budget", {"answers": answers})
+    return Verdict(True, "canary passed", {"answers": answers})
+
+
+def probation_verdict(
+    candidate: Figures, baseline: Figures | None, ota: OtaSection, fallback_p95_ms: float
+) -> Verdict:
+    """Fail on error rate, schema failures, or p95 latency over the previous model's times
+    `probation_latency_factor` (over `fallback_p95_ms` when the previous model has no figures).
+    """
+    figures: dict[str, Any] = {"candidate": candidate.to_json(),
+               "previous": None if baseline is None else baseline.to_json()}
+    if candidate.error_rate > ota.probation_max_error_rate:
+        return Verdict(False, f"error rate {candidate.error_rate:.2f} over "
+                       f"{ota.probation_max_error_rate}", figures)
+    if candidate.schema_failure_rate > ota.probation_max_schema_failure_rate:
+        return Verdict(False, f"schema failure rate {candidate.schema_failure_rate:.2f} over "
+                       f"{ota.probation_max_schema_failure_rate}", figures)
+    if baseline is not None and baseline.p95_ms is not None:
+        limit = baseline.p95_ms * ota.probation_latency_factor
+        figures["p95_limit_ms"] = round(limit, 1)
+        source = "the previous model's p95"
+    else:
+        limit = fallback_p95_ms
+        figures["p95_limit_ms"] = limit
+        source = "the canary latency budget"
+    if candidate.p95_ms is not None and candidate.p95_ms > limit:
+        return Verdict(False, f"p95 latency {candidate.p95_ms:.1f} ms over {limit:.1f} ms "
+                       f"({source})", figures)
+    return Verdict(True, "probation passed", figures)

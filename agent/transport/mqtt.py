@@ -1,0 +1,385 @@
+"""MQTT transport: the only module that imports aiomqtt and paho.
+
+aiomqtt 2.5 has no public manual-ack switch. Ingest must PUBACK a reading only after it is
+committed, so this module reaches paho's `manual_ack_set`/`ack` through aiomqtt's wrapped client
+(`Client._client`). aiomqtt is pinned to 2.5.x in pyproject.toml for that reason, and
+tests/test_mqtt_ack.py proves an unacked message is redelivered on the next connection.
+
+The uplink publishes a whole window of rows without awaiting each one (`publish_nowait`):
+aiomqtt's `publish` costs an Event, a `wait_for` task and a pending-call scan per message,
+which capped the drain at under half of paho's own rate. Those PUBLISHes go to paho directly
+and their PUBACKs are routed, by message id, from paho's `on_publish` to a callback, ahead of
+aiomqtt's own handler, which still serves its awaited publishes.
+
+The CONNACK is watched through paho's callbacks as well (`_Handshake`): aiomqtt 2.5 keeps
+neither its session-present flag, which ingest needs to notice a local broker that lost its
+persistent session, nor a connection closed before CONNACK, which it waits out for the whole
+connect timeout and then reports as "Operation timed out". Here such a close fails the connect
+at once, and every failure before CONNACK is a LinkDown saying what the broker probably refused.
+
+A fresh `aiomqtt.Client` is made for every connection: re-entering one resends stale packets.
+Library errors leave this module as `LinkDown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.base.errors import ConfigError, TransientError
+from agent.base.records import Delivery
+from agent.config.settings import BrokerSection
+
+QOS_AT_LEAST_ONCE = 1
+SUBACK_FAILURE = 0x80
+
+T = TypeVar("T")
+
+
+class LinkDown(TransientError):
+    """The broker connection failed, was refused or broke; reconnect with backoff."""
+
+
+class Link:
+    """One live connection to a broker."""
+
+    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool, keepalive_s: int,
+                 session_present: bool = False) -> None:
+        self._client = client
+        # The CONNACK's session-present flag: False after clean_session=0 means the broker
+        # kept no session for this client id (a first connect, or a session it lost).
+        self.session_present = session_present
+        self._keepalive_s = keepalive_s
+        self._manual_ack = manual_ack
+        self._messages = client.messages
+        # PUBACK callbacks of `publish_nowait`, by message id. paho calls on_publish on the
+        # event loop (aiomqtt drives its socket from there); other ids go on to aiomqtt.
+        self._pubacks: dict[int, Callable[[], None]] = {}
+        paho_client = client._client
+        aiomqtt_on_publish: Callable[..., None] | None = paho_client.on_publish
+
+        def on_publish(c: paho.Client, userdata: Any, mid: int, reason: Any,
+                       properties: Any) -> None:
+            callback = self._pubacks.pop(mid, None)
+            if callback is not None:
+                callback()
+            elif aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(c, userdata, mid, reason, properties)
+
+        paho_client.on_publish = on_publish
+
+    async def subscribe(self, topic_filters: Sequence[str]) -> None:
+        """Subscribe to every filter at QoS 1; raise LinkDown if the broker refuses one."""
+        try:
+            granted = await self._client.subscribe(
+                [(f, QOS_AT_LEAST_ONCE) for f in topic_filters]
+            )
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"subscribe failed: {exc}") from exc
+        codes: list[int | ReasonCode] = list(granted)
+        refused = [f for f, code in zip(topic_filters, codes, strict=False) if _refused(code)]
+        if refused:
+            raise LinkDown(f"broker refused subscriptions: {', '.join(refused)}")
+
+    async def unsubscribe(self, topic_filters: Sequence[str]) -> None:
+        try:
+            await self._client.unsubscribe(list(topic_filters))
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"unsubscribe failed: {exc}") from exc
+
+    async def next_batch(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        """Wait for one message, then gather what else arrives within `wait_s`, up to a limit.
+
+        Waits are never cancelled mid-get (a cancelled get can swallow a message that was already
+        taken off aiomqtt's queue): after the first message the batch takes only what is queued.
+        """
+        try:
+            first = await anext(self._messages)
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"connection lost: {exc}") from exc
+        batch = [_incoming(first)]
+        if len(self._messages) == 0 and wait_s > 0:
+            await asyncio.sleep(wait_s)
+        # aiomqtt's iterator spawns a task per message; messages already queued are taken
+        # directly from its queue (aiomqtt 2.5's `Client._queue`), which is several times faster.
+        queue = self._client._queue
+        while len(batch) < max_messages and not queue.empty():
+            batch.append(_incoming(queue.get_nowait()))
+        return batch
+
+    async def guard(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, but raise LinkDown as soon as the connection drops (paho's keepalive
+        gave up on a half-open link, or the peer reset it). Without this an idle publisher
+        would notice a dead link only at its next publish."""
+        # aiomqtt resolves `_disconnected` from paho's on_disconnect; it has no public
+        # equivalent in 2.5 (pinned, see the module docstring).
+        disconnected: asyncio.Future[None] = self._client._disconnected
+        work_task = asyncio.create_task(work, name="link-guarded-work")
+        lost_task: asyncio.Future[None] = asyncio.ensure_future(asyncio.shield(disconnected))
+        silence_task = asyncio.create_task(self._watch_silence(), name="link-silence-watch")
+        watched: list[asyncio.Future[Any]] = [work_task, lost_task, silence_task]
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if work_task.done():
+                return work_task.result()
+            if silence_task.done():
+                silence_task.result()  # raises LinkDown
+            raise LinkDown("connection lost")
+        finally:
+            lost_task.cancel()
+            silence_task.cancel()
+            if not work_task.done():
+                work_task.cancel()
+                # The work's own error after the cancel does not matter: the link is down.
+                await asyncio.gather(work_task, return_exceptions=True)
+
+    async def _watch_silence(self) -> None:
+        """Raise LinkDown when a PINGREQ has waited half a keepalive for its PINGRESP.
+
+        paho pings after one keepalive without traffic but gives up only one keepalive after an
+        unanswered ping, checked on aiomqtt's 1 s tick: up to 2 x keepalive + 1 s on a half-open
+        link (measured 8.8 s at keepalive 5 s). paho pings at most keepalive + 1 s after the
+        last exchange, so giving the PINGRESP half a keepalive detects a half-open link within
+        1.5 x keepalive + 1 s, the bound MQTT 3.1.1 section 3.1.2.10 sets for the server side.
+        `_ping_t` is paho's own record of the unanswered PINGREQ (0 when none is pending).
+        """
+        paho_client = self._client._client
+        patience_s = 0.5 * self._keepalive_s
+        while True:
+            pinged = float(paho_client._ping_t)
+            if pinged > 0 and time.monotonic() - pinged > patience_s:
+                raise LinkDown(f"half-open link: no PINGRESP within {patience_s:.1f} s "
+                               f"(keepalive {self._keepalive_s} s)")
+            await asyncio.sleep(0.25)
+
+    def ack(self, message: Delivery) -> None:
+        """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
+        if self._manual_ack and message.qos > 0:
+            self._client._client.ack(message.mid, message.qos)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, timeout_s: float, retain: bool = False
+    ) -> None:
+        """Publish with QoS 1 and return only once the broker's PUBACK has arrived."""
+        try:
+            await self._client.publish(
+                topic, payload, qos=QOS_AT_LEAST_ONCE, retain=retain, timeout=timeout_s
+            )
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(f"publish to {topic} failed: {exc}") from exc
+
+
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool,
+                       on_puback: Callable[[], None]) -> None:
+        """Hand a QoS 1 PUBLISH to paho and return at once; `on_puback` runs on the event loop
+        when the broker's PUBACK arrives, or never if the link breaks first (`guard` raises
+        then). The caller bounds how many are outstanding and how long it waits for them.
+        Packets go on the wire in call order."""
+        info = self._client._client.publish(topic, payload, qos=QOS_AT_LEAST_ONCE,
+                                            retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise LinkDown(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if info.is_published():  # the PUBACK came in already
+            on_puback()
+        else:
+            self._pubacks[info.mid] = on_puback
+
+
+def _incoming(message: aiomqtt.Message) -> Delivery:
+    payload = message.payload
+    if isinstance(payload, str):
+        payload = payload.encode()
+    elif not isinstance(payload, bytes | bytearray):
+        payload = b"" if payload is None else str(payload).encode()
+    return Delivery(message.topic.value, bytes(payload), message.mid, message.qos,
+                           retain=bool(message.retain))
+
+
+def _refused(granted: int | ReasonCode) -> bool:
+    # paho 2 with the VERSION2 callback API reports ReasonCode objects even for MQTT 3.1.1.
+    if isinstance(granted, ReasonCode):
+        return bool(granted.is_failure)
+    return granted >= SUBACK_FAILURE
+
+
+class _ClosedBeforeConnack(aiomqtt.MqttError):
+    """The broker closed the connection after CONNECT without a CONNACK."""
+
+    def __init__(self, socket_error: str | None) -> None:
+        super().__init__("connection closed before CONNACK")
+        self.socket_error = socket_error
+
+
+class _Handshake:
+    """What paho saw between opening the socket and the CONNACK, which aiomqtt 2.5 drops.
+
+    Its callbacks wrap aiomqtt's own on `Client._client` (pinned, see the module docstring)
+    and must be installed before CONNECT. They run on the event loop, except `on_socket_open`,
+    which paho calls from aiomqtt's connect thread once TCP (and TLS) are up.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.socket_opened = False
+        self.connack = False
+        self.session_present = False
+        self.socket_error: str | None = None  # paho's last error line before CONNACK
+        loop = asyncio.get_running_loop()
+        paho_client = client._client
+        aiomqtt_on_socket_open: Callable[..., None] | None = paho_client.on_socket_open
+        aiomqtt_on_connect: Callable[..., None] | None = paho_client.on_connect
+        aiomqtt_on_disconnect: Callable[..., None] | None = paho_client.on_disconnect
+        # The future aiomqtt's connect awaits; aiomqtt replaces it after a failed connect.
+        connecting: asyncio.Future[None] = client._connected
+
+        def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
+            self.socket_opened = True
+            if aiomqtt_on_socket_open is not None:
+                aiomqtt_on_socket_open(c, userdata, sock)
+
+        def on_log(c: paho.Client, userdata: Any, level: int, buf: str) -> None:
+            if level == paho.MQTT_LOG_ERR:
+                self.socket_error = buf  # e.g. "failed to receive on socket: [SSL: ...]"
+
+        def on_connect(c: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any = None) -> None:
+            self.connack = True
+            self.session_present = bool(flags.session_present)
+            # paho formats a line for on_log per packet: not on the publish path.
+            paho_client.on_log = None
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(c, userdata, flags, reason, properties)
+
+        def on_disconnect(c: paho.Client, userdata: Any, flags: Any, reason: Any,
+                          properties: Any = None) -> None:
+            # aiomqtt ignores a disconnect before CONNACK and waits out its timeout instead.
+            if not self.connack and not connecting.done():
+                loop.call_soon_threadsafe(self._fail, connecting)
+            if aiomqtt_on_disconnect is not None:
+                aiomqtt_on_disconnect(c, userdata, flags, reason, properties)
+
+        paho_client.on_socket_open = on_socket_open
+        paho_client.on_log = on_log
+        paho_client.on_connect = on_connect
+        paho_client.on_disconnect = on_disconnect
+
+    def _fail(self, connecting: asyncio.Future[None]) -> None:
+        if not connecting.done():
+            connecting.set_exception(_ClosedBeforeConnack(self.socket_error))
+
+
+def _refusal(broker: BrokerSection, name: str, exc: aiomqtt.MqttError,
+             handshake: _Handshake) -> str:
+    """Why a connection failed, naming what the broker probably refused where it is likely."""
+    where = f"{broker.host}:{broker.port}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLError):
+        return f"{where}: TLS handshake refused: {cause}"
+    no_connack: str | None = None
+    if isinstance(exc, _ClosedBeforeConnack):
+        said = f" ({exc.socket_error})" if exc.socket_error else ""
+        no_connack = f"the broker closed the connection before CONNACK{said}"
+    elif handshake.socket_opened and not handshake.connack and isinstance(cause, TimeoutError):
+        # aiomqtt's wait for the CONNACK, not a TCP connect (or a DISCONNECT) that timed out.
+        no_connack = f"no CONNACK within {broker.connect_timeout_s:g}s"
+    if no_connack is not None:
+        if broker.tls and broker.cert_file is not None:
+            # TLS 1.3 lets the client finish its handshake before the broker checks the client
+            # certificate (RFC 8446 4.4.2); a refusal then shows only as a missing CONNACK.
+            return (f"{where}: TLS session opened but {no_connack}: the broker probably "
+                    f"refused the client certificate {broker.cert_file} (check it against "
+                    "the broker's CA)")
+        if broker.tls:
+            return (f"{where}: TLS session opened but {no_connack}: the broker probably "
+                    f"requires a client certificate ({name}.cert_file is not set)")
+        return (f"{where}: {no_connack}: the broker may not speak MQTT 3.1.1 (an MQTT "
+                "5-only broker), or is not an MQTT broker")
+    if broker.tls and isinstance(cause, OSError):
+        # e.g. a plaintext listener resets the connection on our ClientHello.
+        return f"{where}: TLS connection failed: {type(cause).__name__}: {cause}"
+    return f"{where}: {exc}"
+
+
+@asynccontextmanager
+async def connect(
+    broker: BrokerSection,
+    *,
+    client_id: str,
+    persistent_session: bool,
+    manual_ack: bool = False,
+    max_inflight: int | None = None,
+    will: tuple[str, bytes] | None = None,
+    name: str = "broker",
+) -> AsyncIterator[Link]:
+    """Connect with a fresh client; MQTT 3.1.1 clean_session=0 when `persistent_session`.
+
+    `will` (topic, payload) is a retained QoS 1 last will. With `broker.tls` the link is TLS or
+    nothing: a refused handshake is a LinkDown naming the certificate problem, never a retry
+    in plaintext.
+    """
+    kwargs: dict[str, Any] = {}
+    if will is not None:
+        kwargs["will"] = aiomqtt.Will(will[0], will[1], qos=QOS_AT_LEAST_ONCE, retain=True)
+    if broker.tls:
+        try:
+            kwargs["tls_context"] = tls_context(broker, name)
+        except ConfigError as exc:
+            raise LinkDown(str(exc)) from exc
+    if broker.username is not None:
+        kwargs["username"] = broker.username
+        if broker.password is not None:
+            kwargs["password"] = broker.password.get_secret_value()
+    client = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        clean_session=not persistent_session,
+        keepalive=broker.keepalive_s,
+        timeout=broker.connect_timeout_s,
+        max_inflight_messages=max_inflight,
+        **kwargs,
+    )
+    # aiomqtt logs a warning for every call while more than this many are pending; a full
+    # publish window is normal here, not a warning.
+    client.pending_calls_threshold = max(client.pending_calls_threshold, (max_inflight or 0) * 2)
+    if manual_ack:
+        # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
+        client._client.manual_ack_set(True)
+    handshake = _Handshake(client)
+    try:
+        async with client:
+            yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
+                       session_present=handshake.session_present)
+    except aiomqtt.MqttError as exc:
+        if not handshake.connack:
+            # aiomqtt leaves the socket of a connect that timed out waiting for its CONNACK
+            # open, and watched by the loop: one descriptor leaked per retry against a broker
+            # that never answers. paho's own close also unregisters it from the loop.
+            client._client._sock_close()
+        raise LinkDown(_refusal(broker, name, exc, handshake)) from exc
+
+
+def tls_context(broker: BrokerSection, name: str) -> ssl.SSLContext:
+    """A client context that verifies the broker (CA file or the system store, host name
+    checked) and presents the client certificate for mutual TLS; ConfigError names the file."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(broker.ca_file) if broker.ca_file is not None else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if broker.cert_file is not None:
+            context.load_cert_chain(
+                broker.cert_file, broker.key_file if broker.key_file is not None else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(f"{k}={getattr(broker, k)}" for k in ("ca_file", "cert_file", "key_file")
+                          if getattr(broker, k) is not None)
+        raise ConfigError(f"{name}: cannot load the TLS files ({files}): {exc}") from exc
+    return context
