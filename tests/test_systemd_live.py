@@ -272,7 +272,7 @@ def test_a_sigstopped_worker_makes_the_watchdog_restart_the_agent(live: Live) ->
     systemd's watchdog kills the agent and restarts it; the new agent is ready again."""
     before = live.show("MainPID", "NRestarts")
     # Anchored: an unanchored pattern would match the shell running pgrep too.
-    pattern = "^/opt/edge-agent/venv/bin/python -m agent[.]worker"
+    pattern = "^/opt/edge-agent/venv/bin/python -m agent[.]inference[.]worker"
     [worker] = live.sh(f"pgrep -f '{pattern}'").stdout.split()
     stopped_at = time.monotonic()
     live.sh(f"kill -STOP {worker} && mosquitto_pub -p 1883 -q 1 -t sensors/s2/temperature "
