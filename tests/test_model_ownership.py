@@ -85,8 +85,9 @@ def test_a_package_the_agent_cannot_remove_is_logged_and_set_aside(shared_dir: P
     stuck.mkdir()
     (stuck / "model.gguf").write_bytes(b"GGUF")  # root's, in a root-owned directory
     proc = as_agent(sys.executable, "-c",
-                    "import sys; from pathlib import Path; from agent import logs, ota; "
-                    "logs.configure(); ota.discard(Path(sys.argv[1]))", str(stuck))
+                    "import sys; from pathlib import Path; from agent.service import logs; "
+                    "from agent.ota.updates import discard; "
+                    "logs.configure(); discard(Path(sys.argv[1]))", str(stuck))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [event] = [json.loads(line) for line in proc.stdout.splitlines()]
     assert event["event"] == "model_package_not_removed"
