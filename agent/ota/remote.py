@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from agent.base.errors import StoreFull
 from agent.base.retry import Backoff, OutageEvents, OutageLog
 from agent.config.settings import Settings
 from agent.ota import directive, download, modelpkg
+from agent.ota.removal import remove_tree
 from agent.ota.updates import Ota
 from agent.routing.outbound import Topics
 from agent.transport import mqtt
@@ -194,7 +194,7 @@ class ModelCommands:
         """Write the record under a temp name, fsync, rename: all of it or none of it."""
         self._incoming.mkdir(parents=True, exist_ok=True)
         temp = self._incoming / f".record-{ident}"
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_tree(temp, "model command record of an earlier try")
         temp.mkdir()
         durable.write_file(temp / modelpkg.MANIFEST,
                json.dumps(command.manifest_body, indent=2, sort_keys=True).encode())
@@ -229,7 +229,7 @@ class ModelCommands:
             manifest, _ = modelpkg.read_signed(pending, ota.trusted_keys)
         except (OSError, ValueError, KeyError, modelpkg.PackageRejected) as exc:
             await self._ota.report("download_failed", command=ident, reason=f"bad record: {exc}")
-            await asyncio.to_thread(shutil.rmtree, pending, True)
+            await asyncio.to_thread(remove_tree, pending, "unreadable model command record")
             return False
         await self._ota.report("download_started", command=ident, version=manifest.version,
                                url=url, size=manifest.size)
@@ -241,7 +241,8 @@ class ModelCommands:
         except (download.DownloadRefused, download.DownloadCut, OSError) as exc:
             await self._ota.report("download_failed", command=ident, version=manifest.version,
                                    reason=str(exc))
-            await asyncio.to_thread(shutil.rmtree, pending, True)
+            await asyncio.to_thread(remove_tree, pending, "model command record of a failed "
+                                    "download")
             return False
         package = self._incoming / f"cmd-{ident}"
         await asyncio.to_thread(self._hand_over, pending, package)
@@ -256,6 +257,6 @@ class ModelCommands:
 
     def _hand_over(self, pending: Path, package: Path) -> None:
         durable.fsync_dir(pending)
-        shutil.rmtree(package, ignore_errors=True)
+        remove_tree(package, "downloaded package of an earlier try")
         os.replace(pending, package)
         durable.fsync_dir(self._incoming)
