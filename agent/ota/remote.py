@@ -167,7 +167,7 @@ class ModelCommands:
         """Check a command and record it for download; True if recorded (or already was)."""
         ident = command_id(payload)
         pending = self._incoming / f"{PENDING_PREFIX}{ident}"
-        if pending.is_dir():
+        if await asyncio.to_thread(pending.is_dir):
             log.info("model_command_duplicate", id=ident)
             return True
         try:
@@ -215,18 +215,21 @@ class ModelCommands:
         while True:
             await self._pending.wait()
             self._pending.clear()
-            if not self._incoming.is_dir():
-                continue
-            for entry in sorted(self._incoming.glob(f"{PENDING_PREFIX}*")):
+            for entry in await asyncio.to_thread(self._pending_records):
                 await self.complete(entry)
+
+    def _pending_records(self) -> list[Path]:
+        """The records waiting for their download, oldest name first. Blocking."""
+        if not self._incoming.is_dir():
+            return []
+        return sorted(self._incoming.glob(f"{PENDING_PREFIX}*"))
 
     async def complete(self, pending: Path) -> bool:
         """Download the GGUF of one record and hand the package over; True if handed over."""
         ident = pending.name.removeprefix(PENDING_PREFIX)
         ota = self._settings.ota
         try:
-            url = json.loads((pending / RECORD).read_bytes())["url"]
-            manifest, _ = modelpkg.read_signed(pending, ota.trusted_keys)
+            url, manifest = await asyncio.to_thread(read_record, pending, ota.trusted_keys)
         except (OSError, ValueError, KeyError, modelpkg.PackageRejected) as exc:
             await self._ota.report("download_failed", command=ident, reason=f"bad record: {exc}")
             await asyncio.to_thread(remove_tree, pending, "unreadable model command record")
@@ -260,3 +263,10 @@ class ModelCommands:
         remove_tree(package, "downloaded package of an earlier try")
         os.replace(pending, package)
         durable.fsync_dir(self._incoming)
+
+
+def read_record(pending: Path, trusted: list[str]) -> tuple[str, modelpkg.Manifest]:
+    """The URL and the signature-checked manifest of a command record. Blocking."""
+    url = json.loads((pending / RECORD).read_bytes())["url"]
+    manifest, _ = modelpkg.read_signed(pending, trusted)
+    return url, manifest

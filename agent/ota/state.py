@@ -119,6 +119,13 @@ class ModelStore:
                           json.dumps(state.to_json(), indent=2, sort_keys=True).encode())
             return state
 
+    def take_rollback_request(self) -> bool:
+        """Consume the request `edge-agent model rollback` left, if there is one."""
+        if not self.rollback_request.exists():
+            return False
+        self.rollback_request.unlink(missing_ok=True)
+        return True
+
     def model_dir(self, version: str) -> Path:
         return self.models / version
 
