@@ -290,7 +290,7 @@ class Agent:
             log.warning("config_reload_unsupported", reason="started without a config file")
             return
         try:
-            new = load(self._config_path)
+            new = await asyncio.to_thread(load, self._config_path)
         except ConfigError as exc:
             log.error("config_reload_refused", error=str(exc), keeping="the running config")
             return

@@ -85,8 +85,9 @@ def test_a_package_the_agent_cannot_remove_is_logged_and_set_aside(shared_dir: P
     stuck.mkdir()
     (stuck / "model.gguf").write_bytes(b"GGUF")  # root's, in a root-owned directory
     proc = as_agent(sys.executable, "-c",
-                    "import sys; from pathlib import Path; from agent import logs, ota; "
-                    "logs.configure(); ota.discard(Path(sys.argv[1]))", str(stuck))
+                    "import sys; from pathlib import Path; from agent.service import logs; "
+                    "from agent.ota.updates import discard; "
+                    "logs.configure(); discard(Path(sys.argv[1]))", str(stuck))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [event] = [json.loads(line) for line in proc.stdout.splitlines()]
     assert event["event"] == "model_package_not_removed"
@@ -97,3 +98,48 @@ def test_a_package_the_agent_cannot_remove_is_logged_and_set_aside(shared_dir: P
     [aside] = incoming.iterdir()
     assert aside.name.startswith(".unremovable-tiny-2-")
     assert str(aside) == event["left_at"]
+
+
+def test_a_leftover_the_agent_cannot_fully_remove_is_logged_and_never_reported_removed(
+    shared_dir: Path
+) -> None:
+    """Start-up's leftover cleanup, run as the agent's user, removes what it can (a root-owned
+    file in the agent's directory), logs ota_directory_not_removed naming each entry that
+    stayed and why, does not raise, and lists as removed only the leftover that is gone."""
+    probe = as_agent(sys.executable, "-c", "import agent.ota")
+    if probe.returncode != 0:
+        pytest.skip(f"uid {AGENT_UID} cannot import the agent from {REPO}: "
+                    f"{probe.stderr.strip().splitlines()[-1:]}")
+    ota = shared_dir / "ota"
+    models = ota / "models"
+    models.mkdir(parents=True)
+    staging = models / ".staging-3-123"
+    stuck = staging / "root-owned"
+    stuck.mkdir(parents=True)
+    (stuck / "model.gguf").write_bytes(b"GGUF")  # root's, in a root-owned directory
+    (staging / "manifest.json").write_bytes(b"{}")  # root's, in the agent's directory
+    unknown = models / "7"
+    unknown.mkdir()
+    (unknown / "model.gguf").write_bytes(b"GGUF")
+    for path in (ota, models, staging, unknown, unknown / "model.gguf"):
+        os.chown(path, AGENT_UID, AGENT_UID)
+    proc = as_agent(sys.executable, "-c",
+                    "import json, sys; from pathlib import Path; from agent.service import logs; "
+                    "from agent.ota.state import ModelStore, OtaState; logs.configure(); "
+                    "removed = ModelStore(Path(sys.argv[1])).remove_leftovers(OtaState()); "
+                    "print(json.dumps({'removed': removed}))", str(ota))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    event, result = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert event["event"] == "ota_directory_not_removed"
+    assert event["level"] == "error"
+    assert event["path"] == str(staging)
+    assert event["what"] == "leftover of an interrupted install"
+    assert event["agent_uid"] == AGENT_UID
+    assert event["errors"] == [f"{stuck / 'model.gguf'}: Permission denied",
+                               f"{stuck}: Directory not empty",
+                               f"{staging}: Directory not empty"]
+    assert event["failures"] == 3
+    assert result == {"removed": ["7"]}
+    assert not unknown.exists()
+    assert not (staging / "manifest.json").exists()
+    assert (stuck / "model.gguf").read_bytes() == b"GGUF"

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from agent.base.errors import StoreFull
 from agent.ota import modelpkg
+from agent.ota.removal import remove_tree
 from agent.ota.state import ModelStore, OtaState
 from agent.ota.updates import Ota
 from tests.otakit import keypair, package
@@ -48,6 +49,25 @@ def test_staging_opens_one_trial_and_refuses_a_second(kit: dict[str, Any],
         models.stage(verified(kit, "pkg3"))
     assert models.read().trial == state.trial
     assert not (models.models / "3").exists()
+
+
+def test_removing_a_directory_already_gone_is_no_failure_and_a_failure_is_logged(
+    tmp_path: Path
+) -> None:
+    """remove_tree never raises: a directory that is not there is simply done (nothing
+    logged); one it cannot remove (here a plain file where a directory was expected) is
+    logged as ota_directory_not_removed, and stays."""
+    stray = tmp_path / ".staging-2-1"
+    stray.write_bytes(b"not a directory")
+    with capture_logs() as logs:
+        assert remove_tree(tmp_path / "absent", "test leftover") is True
+        assert logs == []
+        assert remove_tree(stray, "test leftover") is False
+    [event] = logs
+    assert event["event"] == "ota_directory_not_removed"
+    assert (event["path"], event["what"], event["failures"]) == (str(stray), "test leftover", 1)
+    assert event["errors"] == [f"{stray}: Not a directory"]
+    assert stray.read_bytes() == b"not a directory"
 
 
 def test_a_trial_staged_after_a_stop_began_is_recorded_as_stopped(kit: dict[str, Any],

@@ -48,7 +48,7 @@ class InferenceFailed(PermanentError):
 
 async def identify(model: ModelSection, name: str) -> ModelInfo:
     """Name, version and sha256 of the configured model; hashing runs off the loop."""
-    if not model.path.is_file():
+    if not await asyncio.to_thread(model.path.is_file):
         raise ModelLoadError(f"model file {model.path} does not exist")
     sha256 = await asyncio.to_thread(sha256_file, model.path)
     return ModelInfo(name=name, version=model.version, sha256=sha256, path=str(model.path))

@@ -4,7 +4,7 @@ A package is a directory holding the GGUF file, `manifest.json` and `manifest.si
 ed25519 signature of the manifest's canonical bytes: JSON with sorted keys, no spaces, UTF-8).
 Verification runs in this order and stops at the first failure, so llama.cpp never parses a
 file that is not exactly the one a trusted key signed: signature -> declared size -> sha256
-(hashed in a thread, off the event loop).
+(all in a thread, off the event loop).
 
 Versions are dotted numbers ("3", "1.2", "2024.11.5"): compared number by number, a missing
 number counts as 0, so "1.2" == "1.2.0" < "1.10". Owns no state; agent/ota/state.py does.
@@ -179,14 +179,12 @@ def check_file(path: Path, manifest: Manifest) -> None:
 
 
 async def verify(directory: Path, trusted: list[str]) -> Verified:
-    """Signature, then size and sha256 (in a thread). PackageRejected says which failed."""
-    manifest, key = read_signed(directory, trusted)
-    await asyncio.to_thread(check_file, directory / manifest.file, manifest)
-    return Verified(directory, manifest, key)
+    """Signature, then size and sha256, in one thread. PackageRejected says which failed."""
+    return await asyncio.to_thread(verify_blocking, directory, trusted)
 
 
 def verify_blocking(directory: Path, trusted: list[str]) -> Verified:
-    """The same checks for the command line, which has no event loop."""
+    """The same checks for the command line (no event loop) and for `verify`'s thread."""
     manifest, key = read_signed(directory, trusted)
     check_file(directory / manifest.file, manifest)
     return Verified(directory, manifest, key)

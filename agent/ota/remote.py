@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from agent.base.errors import StoreFull
 from agent.base.retry import Backoff, OutageEvents, OutageLog
 from agent.config.settings import Settings
 from agent.ota import directive, download, modelpkg
+from agent.ota.removal import remove_tree
 from agent.ota.updates import Ota
 from agent.routing.outbound import Topics
 from agent.transport import mqtt
@@ -167,7 +167,7 @@ class ModelCommands:
         """Check a command and record it for download; True if recorded (or already was)."""
         ident = command_id(payload)
         pending = self._incoming / f"{PENDING_PREFIX}{ident}"
-        if pending.is_dir():
+        if await asyncio.to_thread(pending.is_dir):
             log.info("model_command_duplicate", id=ident)
             return True
         try:
@@ -194,7 +194,7 @@ class ModelCommands:
         """Write the record under a temp name, fsync, rename: all of it or none of it."""
         self._incoming.mkdir(parents=True, exist_ok=True)
         temp = self._incoming / f".record-{ident}"
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_tree(temp, "model command record of an earlier try")
         temp.mkdir()
         durable.write_file(temp / modelpkg.MANIFEST,
                json.dumps(command.manifest_body, indent=2, sort_keys=True).encode())
@@ -215,21 +215,24 @@ class ModelCommands:
         while True:
             await self._pending.wait()
             self._pending.clear()
-            if not self._incoming.is_dir():
-                continue
-            for entry in sorted(self._incoming.glob(f"{PENDING_PREFIX}*")):
+            for entry in await asyncio.to_thread(self._pending_records):
                 await self.complete(entry)
+
+    def _pending_records(self) -> list[Path]:
+        """The records waiting for their download, oldest name first. Blocking."""
+        if not self._incoming.is_dir():
+            return []
+        return sorted(self._incoming.glob(f"{PENDING_PREFIX}*"))
 
     async def complete(self, pending: Path) -> bool:
         """Download the GGUF of one record and hand the package over; True if handed over."""
         ident = pending.name.removeprefix(PENDING_PREFIX)
         ota = self._settings.ota
         try:
-            url = json.loads((pending / RECORD).read_bytes())["url"]
-            manifest, _ = modelpkg.read_signed(pending, ota.trusted_keys)
+            url, manifest = await asyncio.to_thread(read_record, pending, ota.trusted_keys)
         except (OSError, ValueError, KeyError, modelpkg.PackageRejected) as exc:
             await self._ota.report("download_failed", command=ident, reason=f"bad record: {exc}")
-            await asyncio.to_thread(shutil.rmtree, pending, True)
+            await asyncio.to_thread(remove_tree, pending, "unreadable model command record")
             return False
         await self._ota.report("download_started", command=ident, version=manifest.version,
                                url=url, size=manifest.size)
@@ -241,7 +244,8 @@ class ModelCommands:
         except (download.DownloadRefused, download.DownloadCut, OSError) as exc:
             await self._ota.report("download_failed", command=ident, version=manifest.version,
                                    reason=str(exc))
-            await asyncio.to_thread(shutil.rmtree, pending, True)
+            await asyncio.to_thread(remove_tree, pending, "model command record of a failed "
+                                    "download")
             return False
         package = self._incoming / f"cmd-{ident}"
         await asyncio.to_thread(self._hand_over, pending, package)
@@ -256,6 +260,13 @@ class ModelCommands:
 
     def _hand_over(self, pending: Path, package: Path) -> None:
         durable.fsync_dir(pending)
-        shutil.rmtree(package, ignore_errors=True)
+        remove_tree(package, "downloaded package of an earlier try")
         os.replace(pending, package)
         durable.fsync_dir(self._incoming)
+
+
+def read_record(pending: Path, trusted: list[str]) -> tuple[str, modelpkg.Manifest]:
+    """The URL and the signature-checked manifest of a command record. Blocking."""
+    url = json.loads((pending / RECORD).read_bytes())["url"]
+    manifest, _ = modelpkg.read_signed(pending, trusted)
+    return url, manifest

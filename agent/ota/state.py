@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from typing import Any
 
 from agent.base import durable
 from agent.ota import modelpkg
+from agent.ota.removal import remove_tree
 
 BASE = "base"
 STATE = "state.json"
@@ -119,6 +119,13 @@ class ModelStore:
                           json.dumps(state.to_json(), indent=2, sort_keys=True).encode())
             return state
 
+    def take_rollback_request(self) -> bool:
+        """Consume the request `edge-agent model rollback` left, if there is one."""
+        if not self.rollback_request.exists():
+            return False
+        self.rollback_request.unlink(missing_ok=True)
+        return True
+
     def model_dir(self, version: str) -> Path:
         return self.models / version
 
@@ -137,12 +144,12 @@ class ModelStore:
             # A leftover of a crash before the state write, or a damaged copy: replaced. An
             # intact copy (a directive bringing `previous` back) is kept, never deleted first.
             staging = self.models / f".staging-{manifest.version}-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging, "staging copy of an earlier try")
             staging.mkdir(parents=True)
             for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
                 durable.copy_file(package.directory / name, staging / name)
             durable.fsync_dir(staging)
-            shutil.rmtree(final, ignore_errors=True)
+            remove_tree(final, "model copy that is not the signed package")
             os.replace(staging, final)
             durable.fsync_dir(self.models)
         # The copy must still be the signed bytes (a disk error, or a writer racing us).
@@ -174,18 +181,18 @@ class ModelStore:
         try:
             return self.stage(package, directive)
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory, "package consumed from incoming/")
 
     def remove_leftovers(self, state: OtaState) -> list[str]:
-        """Delete staging directories and model directories the state does not know."""
+        """Delete staging directories and model directories the state does not know; returns
+        the names removed (one that stays is logged by remove_tree)."""
         removed: list[str] = []
         if not self.models.is_dir():
             return removed
         for entry in self.models.iterdir():
-            if entry.name.startswith(".staging-") or (
-                entry.is_dir() and entry.name not in state.installed
-            ):
-                shutil.rmtree(entry, ignore_errors=True)
+            leftover = entry.name.startswith(".staging-") or (
+                entry.is_dir() and entry.name not in state.installed)
+            if leftover and remove_tree(entry, "leftover of an interrupted install"):
                 removed.append(entry.name)
         return removed
 
@@ -194,7 +201,7 @@ class ModelStore:
         keep = {state.active, state.previous, state.trial.version if state.trial else None}
         for version in list(state.installed):
             if version in state.failed and version not in keep:
-                shutil.rmtree(self.model_dir(version), ignore_errors=True)
+                remove_tree(self.model_dir(version), "failed model no state names")
 
 
 def _intact(directory: Path, package: modelpkg.Verified) -> bool:

@@ -13,7 +13,7 @@ load, or from the start of probation). A graceful stop marks the open trial. An 
 failed version passes anti-rollback only with a signed rollback directive (agent/ota/directive.py).
 Every step is reported through the outbox on <prefix>/<device_id>/events/model, and the
 retained .../status/model names the active model. Owns the OTA flow; never touches llama.cpp,
-MQTT or SQLite directly.
+MQTT or SQLite directly, and touches files only in threads (tests/test_blocking.py checks).
 """
 
 from __future__ import annotations
@@ -106,13 +106,16 @@ class Ota:
                     await first_of(self.wake, stop, serving.went_unavailable)
         finally:
             if stop.is_set():  # a graceful stop, even one that had to cancel us
-                self._leave_trial_open()
+                # Set before the await: a staging thread still running records `stopped`
+                # itself. A second cancel during the await cannot stop the marking thread,
+                # and asyncio.run waits for the default executor before it returns.
+                self._models.stopping.set()
+                await asyncio.to_thread(self._leave_trial_open)
 
     def _leave_trial_open(self) -> None:
-        """Mark an open trial as stopped, not crashed (blocking; a small file at shutdown).
-        Writes nothing without a trial; a write that fails leaves the stop counted as a crash
-        (the safe side) rather than failing the shutdown drain."""
-        self._models.stopping.set()  # a staging thread still running records `stopped` itself
+        """Mark an open trial as stopped, not crashed (blocking: the state file's lock and
+        fsync; run in a thread). Writes nothing without a trial; a write that fails leaves the
+        stop counted as a crash (the safe side) rather than failing the shutdown drain."""
         if self._models.read().trial is None:
             return
 
@@ -129,18 +132,14 @@ class Ota:
 
     async def scan(self, stop: asyncio.Event) -> None:
         """Act on a rollback request, then on each complete package in incoming/."""
-        if self._models.rollback_request.exists():
-            self._models.rollback_request.unlink(missing_ok=True)
+        if await asyncio.to_thread(self._models.take_rollback_request):
             await self._operator_rollback()
-        incoming = self._settings.incoming_dir
-        if not incoming.is_dir():
-            return
-        for entry in sorted(incoming.iterdir()):
+        for entry in await asyncio.to_thread(entries, self._settings.incoming_dir):
             if stop.is_set():
                 return
             # Names starting with "." are being written (`model install` renames
             # a finished package into place); plain files are not packages.
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith(".") or not await asyncio.to_thread(entry.is_dir):
                 continue
             try:
                 await self.install(entry, stop)
@@ -167,7 +166,8 @@ class Ota:
         await self.report("received", package=directory.name)
         try:
             package = await modelpkg.verify(directory, self._ota.trusted_keys)
-            allowed_by = directive.read(directory, self._ota.trusted_keys)
+            allowed_by = await asyncio.to_thread(directive.read, directory,
+                                                 self._ota.trusted_keys)
             await asyncio.to_thread(self.check_newer, package.manifest, allowed_by)
         except modelpkg.PackageRejected as exc:
             await self.report("rejected", package=directory.name, reason=str(exc))
@@ -322,8 +322,7 @@ class Ota:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or stop.is_set():
                 break
-            if self._models.rollback_request.exists():
-                self._models.rollback_request.unlink(missing_ok=True)
+            if await asyncio.to_thread(self._models.take_rollback_request):
                 operator = True
                 break
             served.window.changed.clear()
@@ -453,6 +452,13 @@ async def wait_any(timeout_s: float, *events: asyncio.Event) -> None:
         await asyncio.wait([either], timeout=timeout_s)
     finally:
         either.cancel()
+
+
+def entries(directory: Path) -> list[Path]:
+    """The entries of `directory`, sorted by name; none if it does not exist. Blocking."""
+    if not directory.is_dir():
+        return []
+    return sorted(directory.iterdir())
 
 
 def discard(directory: Path) -> None:

@@ -10,6 +10,7 @@ is not read half-written. It never reads a package itself.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,15 +46,13 @@ class Watcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         changed = asyncio.Event()
-        observer = Observer()
         relay = _Relay(asyncio.get_running_loop(), changed)
-        for directory in (self._incoming, *self._others):
-            directory.mkdir(parents=True, exist_ok=True)
-            # Only incoming/ recursively: files are written inside its package directories.
-            observer.schedule(relay, str(directory), recursive=directory == self._incoming)
-        observer.start()
-        log.info("ota_watching", incoming=str(self._incoming))
+        # Only incoming/ recursively: files are written inside its package directories.
+        observing = _Observing(relay, [(self._incoming, True),
+                                       *((other, False) for other in self._others)])
         try:
+            await asyncio.to_thread(observing.start)
+            log.info("ota_watching", incoming=str(self._incoming))
             while not stop.is_set():
                 await first_of(changed, stop)
                 # Debounce: wait until a whole interval passes with no further change.
@@ -63,5 +62,36 @@ class Watcher:
                 if not stop.is_set():
                     self._wake.set()
         finally:
-            observer.stop()
-            await asyncio.to_thread(observer.join, 5.0)
+            await asyncio.to_thread(observing.stop, 5.0)
+
+
+class _Observing:
+    """watchdog's Observer, started and stopped in threads: `Observer.start` creates the
+    directories' inotify watches in the calling thread (a walk of incoming/), which must not
+    run on the loop. The lock orders a stop that a cancel sends while the start still runs:
+    the stop waits for it, or the start, coming second, does nothing."""
+
+    def __init__(self, relay: _Relay, directories: list[tuple[Path, bool]]) -> None:
+        self._relay = relay
+        self._directories = directories
+        self._observer = Observer()
+        self._lock = threading.Lock()
+        self._started = self._stopped = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            for directory, recursive in self._directories:
+                directory.mkdir(parents=True, exist_ok=True)
+                self._observer.schedule(self._relay, str(directory), recursive=recursive)
+            self._observer.start()
+            self._started = True
+
+    def stop(self, timeout_s: float) -> None:
+        with self._lock:
+            self._stopped = True
+            if not self._started:
+                return
+            self._observer.stop()
+        self._observer.join(timeout_s)
