@@ -223,12 +223,16 @@ class Agent:
         systemd's STATUS= line from that snapshot."""
         loops = ["ingest", "pipeline", "uplink", "inference_worker"]
         outage = OutageLog(SAMPLE_EVENTS)
+        dropped: dict[str, int] = {}
         while True:
             worker = switch.serving.worker  # changes when a model update is committed
             model = f"{worker.info.name} v{worker.info.version}"
             self.metrics.active_model(worker.info)
             try:
                 self._stats = await store.stats()
+                counts = await store.depths()
+                dropped = {"outbox_full": counts["dropped"] - counts["dropped_ttl"],
+                           "ttl": counts["dropped_ttl"]}
                 outage.recovered()
             except Exception as exc:  # not the data path: the next tick tries again
                 outage.failed(exc)
@@ -238,7 +242,7 @@ class Agent:
                     links={"local": (ingest.subscribed.is_set(), ingest.connects),
                            "cloud": (uplink.connected, uplink.connects)},
                     worker_restarts=worker.restarts, model_load_failures=worker.load_failures,
-                    stalled=self.service.stalled, loops=loops,
+                    dropped=dropped, stalled=self.service.stalled, loops=loops,
                     ready=self._not_ready(store, switch) is None)
             self.service.status(summary_line(
                 model, self._stats, local_up=ingest.subscribed.is_set(),

@@ -71,19 +71,3 @@ def test_missing_file_exits_78(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 78
     assert "nope.toml" in proc.stderr
-
-
-def test_readme_documents_every_configuration_key() -> None:
-    """The README's configuration reference names every key of every section."""
-    from agent.config.settings import Settings
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for section, field in Settings.model_fields.items():
-        model = field.annotation
-        if section == "routes":
-            from agent.config.settings import Route as model
-        header = f"`[[{section}]]` key" if section == "routes" else f"`[{section}]` key"
-        table = readme[readme.index(header):]
-        table = table[: table.index("\n\n")]
-        for key in model.model_fields:  # type: ignore[union-attr]
-            assert f"| `{key}` |" in table, f"README lacks {section}.{key}"

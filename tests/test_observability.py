@@ -17,8 +17,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.service.metrics import Endpoint, Metrics, scrape
+from agent.store.views import read_drops
 from tests.conftest import Rig
-from tests.harness import CloudCollector, publish_readings, wait_until
+from tests.harness import TEST_ROUTES, CloudCollector, publish_readings, wait_until
 
 
 def get(url: str) -> tuple[int, str]:
@@ -145,3 +146,37 @@ def test_readyz_reports_the_reason_it_is_not_ready() -> None:
     ready, alive = asyncio.run(scenario())
     assert ready == (503, "not ready: model not answering\n")
     assert alive == (200, "alive\n")
+
+
+def test_dropped_records_are_counted_by_reason_in_the_metrics(rig: Rig) -> None:
+    """With the cloud down, a result of a route with a 1 s TTL expires, and 5 results for an
+    outbox bound of 3 rows push out the 2 oldest: /metrics counts 1 `ttl` and 2 `outbox_full`
+    drops, the same as the store's drops table."""
+    rig.local.start()
+    rig.cloud.start()
+    rig.cloud.stop()
+    routes = TEST_ROUTES + """
+[[routes]]
+name = "pressure"
+topics = ["sensors/+/pressure"]
+instruction = "Classify."
+max_tokens = 8
+ttl_s = 1.0
+"""
+    agent = rig.agent(rig.config(extra="[store]\nmax_outbox_rows = 3\n", routes=routes))
+    port = agent.wait_for_event("metrics_serving")["port"]
+    agent.wait_for_event("agent_ready")
+
+    def dropped() -> dict[str, float]:
+        series = scrape(f"http://127.0.0.1:{port}/metrics")
+        return {labels["reason"]: value
+                for labels, value in series["edge_agent_dropped_records_total"]}
+
+    assert dropped() == {"outbox_full": 0.0, "ttl": 0.0}
+    publish_readings(rig.local.port, [("sensors/p/pressure", b'{"seq": 0}')])
+    wait_until(lambda: dropped()["ttl"] == 1, 60, "the expired result counted")
+    publish_readings(rig.local.port, [
+        (f"sensors/s{i}/temperature", json.dumps({"seq": i}).encode()) for i in range(5)])
+    wait_until(lambda: dropped()["outbox_full"] == 2, 90, "2 drops at the bound counted")
+    assert dropped() == {"outbox_full": 2.0, "ttl": 1.0}
+    assert read_drops(rig.store) == {"pressure/ttl": 1, "temperature": 2}

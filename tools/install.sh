@@ -53,6 +53,7 @@ echo "install.sh: the package into $prefix/venv (from $python)"
 # shellcheck disable=SC2086  # EDGE_AGENT_PIP_OPTS is a list of options
 "$prefix/venv/bin/python" -m pip install -q ${EDGE_AGENT_PIP_OPTS:-} "$repo"
 install -D -m 0644 "$repo/README.md" "$prefix/README.md"
+install -d "$prefix/docs" && install -m 0644 "$repo"/docs/*.md "$prefix/docs/"  # the README's links
 
 if [ -e "$etc/agent.toml" ]; then
   echo "install.sh: keeping the existing $etc/agent.toml"
@@ -64,7 +65,7 @@ install -d -m 0700 "$root/etc/credstore"
 install -D -m 0644 "$repo/systemd/edge-agent.service" "$unit_dir/edge-agent.service"
 
 if ! "$prefix/venv/bin/edge-agent" check-config "$etc/agent.toml"; then
-  echo "install.sh: fix $etc/agent.toml (and place the model: README, 'The first model'), then:" \
+  echo "install.sh: fix $etc/agent.toml (and place the model: docs/operations.md, 'The first model'), then:" \
        "edge-agent check-config $etc/agent.toml" >&2
 fi
 

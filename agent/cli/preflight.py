@@ -44,7 +44,7 @@ def _check_model(settings: Settings) -> None:
         pass  # an unreadable OTA state: the [model] file is what start-up falls back to
     raise ConfigError(
         f"model.path: the model file {path} does not exist (place the first model there; "
-        "see the README's 'The first model')")
+        "see docs/operations.md, 'The first model')")
 
 
 def advice(settings: Settings) -> list[str]:

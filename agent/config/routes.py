@@ -67,13 +67,14 @@ class Route(Section):
         default="local",
         description="Where the route's readings run: local (never leaves the device), cloud, "
         "local-first (offload when the local backlog exceeds latency_budget_ms) or "
-        "cloud-first (local when the cloud fails or its breaker is open).",
+        "cloud-first (local when the cloud fails or its breaker is open). See "
+        "docs/co-inference.md.",
     )
     latency_budget_ms: int | None = Field(
         default=None,
         ge=1,
-        description="For local-first: offload to the cloud when the estimated wait in the local "
-        "backlog (inbox depth x recent mean local latency) exceeds this.",
+        description="For local-first (required there): offload to the cloud when the estimated "
+        "wait in the local backlog (inbox depth x recent mean local latency) exceeds this.",
     )
     ttl_s: float | None = Field(
         default=None,
@@ -107,17 +108,20 @@ class Route(Section):
     window_max_readings: int = Field(
         default=1, ge=1, le=256,
         description="Readings of this route put into one prompt and answered by one result; "
-        "1 answers each reading on its own (one result per reading, id = the reading's id).",
+        "1 answers each reading on its own (one result per reading, id = the reading's id). "
+        "See docs/windows.md.",
     )
     window_max_wait_ms: int = Field(
         default=0, ge=0, le=600_000,
         description="How long a window that is not yet full waits for more readings of its "
-        "route before it is inferred as it is; 0 infers whatever the inbox holds at once.",
+        "route before it is inferred as it is; 0 infers whatever the inbox holds at once. Needs "
+        "window_max_readings or window_cap_readings above 1.",
     )
     window_cap_readings: int | None = Field(
         default=None, ge=1, le=256,
         description="Coalescing: while the route's inbox backlog exceeds window_max_readings, a "
-        "window grows up to this many readings; unset means window_max_readings (no growth).",
+        "window grows up to this many readings; unset means window_max_readings (no growth). "
+        "At least window_max_readings.",
     )
 
     @model_validator(mode="after")

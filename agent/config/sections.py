@@ -58,7 +58,10 @@ class BrokerSection(Section):
     )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive interval.")
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for CONNACK.")
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect backoff.")
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect backoff; each "
+                                   "further retry doubles the ceiling, up to reconnect_max_s, "
+                                   "and waits a random time below it (full jitter), at least "
+                                   "half of this.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the reconnect backoff.")
     tls: bool = Field(
         default=False,
@@ -190,7 +193,7 @@ class ModelSection(Section):
         ge=1,
         description="Threads llama.cpp uses to evaluate the prompt (batch processing); unset: "
         "n_threads, so n_threads bounds the worker's cores (llama.cpp alone would use every "
-        "core for the prompt); both unset: llama.cpp chooses.",
+        "core for the prompt); both unset: llama.cpp chooses (every core).",
     )
     seed: int = Field(default=0, ge=0, description="Sampling seed, for reproducible outputs.")
     load_timeout_s: float = Field(
@@ -241,7 +244,9 @@ class CloudModelSection(Section):
         "<base_url>/chat/completions); unset means no cloud model: every route must be local.",
     )
     model: str = Field(
-        default="", description="Model name sent with each request and recorded in results."
+        default="",
+        description="Model name sent with each request and recorded in results (the name the "
+        "endpoint answers with wins).",
     )
     api_key: SecretStr | None = Field(
         default=None,
@@ -261,7 +266,7 @@ class CloudModelSection(Section):
     response_format: Literal["json_schema", "json_object"] = Field(
         default="json_schema",
         description="How the route's schema is sent: json_schema (OpenAI, vLLM, Ollama) or "
-        "json_object with a schema key (llama-cpp-python's server).",
+        "json_object with a schema key (llama-cpp-python's server, which refuses json_schema).",
     )
     failure_threshold: int = Field(
         default=3, ge=1, le=1000,

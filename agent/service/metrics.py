@@ -33,6 +33,9 @@ from agent.base.records import Completion, ModelInfo, QueueStats
 log = structlog.get_logger()
 
 PREFIX = "edge_agent"
+# Why an outbox record was dropped: the store counts TTL expiry under `<route>/ttl` and drops at
+# the outbox bound under the route (agent/store/transactions.py, expire and _drop_over_bound).
+DROP_REASONS = ("outbox_full", "ttl")
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_HEADER_LINES = 100
 
@@ -43,58 +46,61 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_rows = Gauge(f"{PREFIX}_queue_rows", "Rows waiting in a store table.",
+        self.queue_rows = Gauge("edge_agent_queue_rows", "Rows waiting in a store table.",
                                 ["queue"], registry=r)
-        self.queue_bytes = Gauge(f"{PREFIX}_queue_payload_bytes",
+        self.queue_bytes = Gauge("edge_agent_queue_payload_bytes",
                                  "Payload bytes waiting in a store table.", ["queue"], registry=r)
         self.oldest_undelivered = Gauge(
-            f"{PREFIX}_oldest_undelivered_seconds",
+            "edge_agent_oldest_undelivered_seconds",
             "Age of the oldest outbox row not yet acknowledged by the cloud broker (0 if none).",
             registry=r)
-        self.dead_letters = Gauge(f"{PREFIX}_dead_letters", "Rows in the dead-letter table.",
+        self.dead_letters = Gauge("edge_agent_dead_letters", "Rows in the dead-letter table.",
                                   registry=r)
-        self.delivered = Gauge(f"{PREFIX}_delivered_records",
+        self.delivered = Gauge("edge_agent_delivered_records",
                                "Records the cloud broker acknowledged, over the store's life.",
                                registry=r)
-        self.results = Counter(f"{PREFIX}_results", "Readings finished by the pipeline.",
+        self.results = Counter("edge_agent_results_total", "Readings finished by the pipeline.",
                                ["route", "executor", "outcome"], registry=r)
         self.latency = Histogram(
-            f"{PREFIX}_inference_latency_seconds", "Time of one inference request.", ["route"],
+            "edge_agent_inference_latency_seconds", "Time of one inference request.", ["route"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.tokens_per_s = Histogram(
-            f"{PREFIX}_inference_tokens_per_second", "Completion tokens per second.", ["route"],
+            "edge_agent_inference_tokens_per_second", "Completion tokens per second.", ["route"],
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
         self.dropped = Counter(
-            f"{PREFIX}_dropped_records",
-            "Records dropped by the outbox bound policy (the store has no bound yet: stays 0).",
+            "edge_agent_dropped_records_total",
+            "Outbox records dropped, over the store's life: at its bound under "
+            "[store] when_full = drop_oldest (reason outbox_full) or past their route's ttl_s "
+            "(reason ttl). The store's drops table counts them per route.",
             ["reason"], registry=r)
-        self.link_up = Gauge(f"{PREFIX}_link_up", "1 while connected to the broker.",
+        self.link_up = Gauge("edge_agent_link_up", "1 while connected to the broker.",
                              ["broker"], registry=r)
-        self.reconnects = Counter(f"{PREFIX}_reconnects",
+        self.reconnects = Counter("edge_agent_reconnects_total",
                                   "Connections to a broker after the first one.", ["broker"],
                                   registry=r)
-        self.model = Gauge(f"{PREFIX}_model_info", "The active model (value 1).",
+        self.model = Gauge("edge_agent_model_info", "The active model (value 1).",
                            ["name", "version", "sha256"], registry=r)
-        self.worker_restarts = Counter(f"{PREFIX}_worker_restarts",
+        self.worker_restarts = Counter("edge_agent_worker_restarts_total",
                                        "Inference worker restarts after a hang or crash.",
                                        registry=r)
         self.model_load_failures = Counter(
-            f"{PREFIX}_model_load_failures",
+            "edge_agent_model_load_failures_total",
             "Worker restarts whose model did not load (readings wait in the inbox meanwhile).",
             registry=r)
-        self.stalled = Gauge(f"{PREFIX}_loop_stalled",
+        self.stalled = Gauge("edge_agent_loop_stalled",
                              "1 while a critical loop is stalled (watchdog withheld).", ["loop"],
                              registry=r)
-        self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200.", registry=r)
+        self.ready = Gauge("edge_agent_ready", "1 while /readyz answers 200.", registry=r)
         self.route_waiting = Gauge(
-            f"{PREFIX}_route_waiting",
+            "edge_agent_route_waiting",
             "1 while a route's readings wait in the inbox for its executor (the model does not "
             "load, the cloud is down).", ["route"], registry=r)
         self.sessions_lost = Counter(
-            f"{PREFIX}_session_lost",
+            "edge_agent_session_lost_total",
             "Connects to the local broker that found the agent's persistent session gone "
             "(readings published meanwhile were lost by the broker).", registry=r)
-        self.dropped.labels(reason="outbox_full")
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
         self._seen: dict[str, int] = {}
 
     # -- from the loop ---------------------------------------------------------------------
@@ -130,11 +136,13 @@ class Metrics:
         links: dict[str, tuple[bool, int]],
         worker_restarts: int,
         model_load_failures: int = 0,
+        dropped: dict[str, int] | None = None,
         stalled: list[str],
         loops: list[str],
         ready: bool,
     ) -> None:
-        """Copy a periodic snapshot into the gauges; counters advance by what changed since."""
+        """Copy a periodic snapshot into the gauges; counters advance by what changed since.
+        `dropped` is the store's count of dropped records by reason, over its life."""
         self.queue_rows.labels(queue="inbox").set(stats.inbox)
         self.queue_rows.labels(queue="outbox").set(stats.outbox)
         self.queue_bytes.labels(queue="inbox").set(stats.inbox_bytes)
@@ -148,6 +156,8 @@ class Metrics:
                           max(0, connects - 1))
         self._advance(self.worker_restarts, "worker_restarts", worker_restarts)
         self._advance(self.model_load_failures, "model_load_failures", model_load_failures)
+        for reason, total in (dropped or {}).items():
+            self._advance(self.dropped.labels(reason=reason), f"dropped_{reason}", total)
         for loop in loops:
             self.stalled.labels(loop=loop).set(1 if loop in stalled else 0)
         self.ready.set(1 if ready else 0)

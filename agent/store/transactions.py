@@ -422,7 +422,14 @@ def mark_delivered(conn: sqlite3.Connection, seqs: list[int]) -> None:
 
 
 def depths(conn: sqlite3.Connection) -> dict[str, int]:
-    return snapshot_counts(sqlite_utils.Database(conn))
+    """Row counts for the logs and the metrics: the queues, deliveries, and `dropped` in total
+    with `dropped_ttl`, those of it expired past a route's TTL (`<route>/ttl`, see `expire`);
+    the rest were dropped at the outbox bound (`_drop_over_bound`)."""
+    counts = snapshot_counts(sqlite_utils.Database(conn))
+    ttl = conn.execute(
+        "SELECT coalesce(sum(dropped), 0) FROM drops WHERE route LIKE '%/ttl'").fetchone()
+    counts["dropped_ttl"] = int(ttl[0])
+    return counts
 
 
 def stats(conn: sqlite3.Connection) -> QueueStats:
