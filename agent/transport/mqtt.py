@@ -344,6 +344,41 @@ class _Handshake:
             connecting.set_exception(_ClosedBeforeConnack(self.socket_error))
 
 
+def _register_writes_while_open(client: aiomqtt.Client) -> None:
+    """Have the event loop watch paho's socket for writing only while paho still has it open.
+
+    aiomqtt 2.5 asks the loop to `add_writer` with `call_soon_threadsafe`, and paho first asks
+    from aiomqtt's connect thread, for the CONNECT. When a broker closes the connection right
+    after the TLS handshake (TLS 1.3: a refused client certificate), the loop's reader can see
+    the close, and paho close the socket, before that `add_writer` runs: asyncio then logs a
+    plain-text "Exception in callback ... add_writer" with EBADF (41 and 46 of 200 refused
+    connects in a loop), or, had the descriptor number been reused meanwhile, watches someone
+    else's descriptor. Here the check that the socket is still paho's and the `add_writer` are
+    one loop callback. aiomqtt's handler for unregistering stays: it runs before paho's close.
+    """
+    loop = asyncio.get_running_loop()
+    paho_client = _paho(client)
+
+    def write() -> None:
+        try:
+            paho_client.loop_write()
+        except Exception as exc:
+            # As aiomqtt's own writer does: paho raising means the connection is broken.
+            lost = _lost(client)
+            if not lost.done():
+                lost.set_exception(exc)
+
+    def register(sock: Any) -> None:
+        current = paho_client.socket()  # None once paho closed it
+        if current is not None and current is sock:
+            loop.add_writer(current.fileno(), write)
+
+    def on_socket_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+        loop.call_soon_threadsafe(register, sock)
+
+    paho_client.on_socket_register_write = on_socket_register_write
+
+
 def _recording_queue_type(
     made: list[asyncio.Queue[aiomqtt.Message]],
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -438,6 +473,7 @@ async def connect(
     if manual_ack:
         # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
         _paho(client).manual_ack_set(True)
+    _register_writes_while_open(client)
     handshake = _Handshake(client)
     try:
         async with client:
