@@ -1,9 +1,12 @@
 """MQTT transport: the only module that imports aiomqtt and paho.
 
 aiomqtt 2.5 has no public manual-ack switch. Ingest must PUBACK a reading only after it is
-committed, so this module reaches paho's `manual_ack_set`/`ack` through aiomqtt's wrapped client
-(`Client._client`). aiomqtt is pinned to 2.5.x in pyproject.toml for that reason, and
-tests/test_mqtt_ack.py proves an unacked message is redelivered on the next connection.
+committed, so this module calls paho's public `manual_ack_set`/`ack` on the paho client that
+aiomqtt wraps and keeps private. aiomqtt is pinned to 2.5.x in pyproject.toml for that reason,
+and tests/test_mqtt_ack.py proves an unacked message is redelivered on the next connection.
+Every read of an aiomqtt or paho private attribute is in the section below the imports, one
+function per attribute with the upstream issue that explains it; tests/test_mqtt_private.py
+fails on one anywhere else.
 
 The uplink publishes a whole window of rows without awaiting each one (`publish_nowait`):
 aiomqtt's `publish` costs an Event, a `wait_for` task and a pending-call scan per message,
@@ -44,6 +47,77 @@ SUBACK_FAILURE = 0x80
 T = TypeVar("T")
 
 
+# --- aiomqtt's and paho's private attributes: read here and nowhere else --------------------------
+# One function per attribute. Each says why there is no public way, citing the upstream issue;
+# tests/test_mqtt_private.py fails on a private attribute of another object anywhere else in
+# agent/, and checks that each one still exists in the installed aiomqtt and paho.
+
+
+def _paho(client: aiomqtt.Client) -> paho.Client:
+    """The paho client aiomqtt wraps (`aiomqtt.Client._client`).
+
+    aiomqtt keeps it private on purpose, since through it a caller can replace the callbacks
+    aiomqtt relies on; its maintainers wrap paho features one by one instead
+    (https://github.com/empicano/aiomqtt/issues/191). Not wrapped in 2.5, so reached through it:
+    manual acks, paho's public `manual_ack_set`/`ack` (https://github.com/empicano/aiomqtt/issues/345,
+    with https://github.com/empicano/aiomqtt/pull/346 still open); a publish that returns paho's
+    MQTTMessageInfo instead of awaiting each PUBACK; the CONNACK's flags and a close before it;
+    and socket and PUBACK callbacks chained ahead of aiomqtt's own.
+    """
+    return client._client
+
+
+def _lost(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """The future aiomqtt resolves, or fails, when the connection ends (`Client._disconnected`).
+
+    aiomqtt 2.5 reports a lost connection only to a pending `messages` iteration or to the next
+    call, so a link that is idle or only publishes learns of it late
+    (https://github.com/empicano/aiomqtt/issues/326: an idle client noticed a keepalive
+    disconnect only at its next publish); https://github.com/empicano/aiomqtt/issues/6 awaits
+    this same future for want of a public one. Read it when needed: aiomqtt replaces it on connect.
+    """
+    return client._disconnected
+
+
+def _connack_wait(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """The future aiomqtt's connect awaits for the CONNACK (`Client._connected`).
+
+    aiomqtt's on_disconnect ignores a close before CONNACK, so its connect waits out the whole
+    timeout and then says only "Operation timed out" (the symptom in
+    https://github.com/empicano/aiomqtt/issues/284, a broker refusing a new client certificate).
+    Failing this future is the only way to end that wait at once. aiomqtt replaces it after a
+    failed connect, so read it before connecting.
+    """
+    return client._connected
+
+
+def _pingreq_sent_at(paho_client: paho.Client) -> float:
+    """paho's monotonic time of the PINGREQ still waiting for its PINGRESP, 0 when none is
+    (`paho.Client._ping_t`).
+
+    paho 2.x has no public ping state and no PINGRESP timeout: it gives a PINGRESP a whole
+    keepalive, checked on aiomqtt's 1 s tick. Users report dead links noticed many minutes late
+    or not at all (https://github.com/eclipse-paho/paho.mqtt.python/issues/594,
+    https://github.com/eclipse-paho/paho.mqtt.python/issues/605); no issue asks for this state.
+    """
+    return float(paho_client._ping_t)
+
+
+def _close_socket(paho_client: paho.Client) -> None:
+    """Close paho's socket and take it off the event loop, as paho does itself on a lost link
+    (`paho.Client._sock_close`).
+
+    The public `disconnect()` would queue a DISCONNECT to a broker that never answered the
+    CONNECT and leave the close to a later write; `reinitialise()` closes the socket as a side
+    effect but raises on paho 2.0 and 2.1, which pyproject.toml allows
+    (https://github.com/eclipse-paho/paho.mqtt.python/issues/824).
+    """
+    paho_client._sock_close()
+
+
+# --- end of the private attributes ---------------------------------------------------------------
+
+
 class LinkDown(TransientError):
     """The broker connection failed, was refused or broke; reconnect with backoff."""
 
@@ -51,9 +125,12 @@ class LinkDown(TransientError):
 class Link:
     """One live connection to a broker."""
 
-    def __init__(self, client: aiomqtt.Client, *, manual_ack: bool, keepalive_s: int,
-                 session_present: bool = False) -> None:
+    def __init__(self, client: aiomqtt.Client, received: asyncio.Queue[aiomqtt.Message], *,
+                 manual_ack: bool, keepalive_s: int, session_present: bool = False) -> None:
         self._client = client
+        self._paho = _paho(client)
+        # aiomqtt's queue of received messages (see `_recording_queue_type`).
+        self._received = received
         # The CONNACK's session-present flag: False after clean_session=0 means the broker
         # kept no session for this client id (a first connect, or a session it lost).
         self.session_present = session_present
@@ -63,8 +140,7 @@ class Link:
         # PUBACK callbacks of `publish_nowait`, by message id. paho calls on_publish on the
         # event loop (aiomqtt drives its socket from there); other ids go on to aiomqtt.
         self._pubacks: dict[int, Callable[[], None]] = {}
-        paho_client = client._client
-        aiomqtt_on_publish: Callable[..., None] | None = paho_client.on_publish
+        aiomqtt_on_publish: Callable[..., None] | None = self._paho.on_publish
 
         def on_publish(c: paho.Client, userdata: Any, mid: int, reason: Any,
                        properties: Any) -> None:
@@ -74,7 +150,7 @@ class Link:
             elif aiomqtt_on_publish is not None:
                 aiomqtt_on_publish(c, userdata, mid, reason, properties)
 
-        paho_client.on_publish = on_publish
+        self._paho.on_publish = on_publish
 
     async def subscribe(self, topic_filters: Sequence[str]) -> None:
         """Subscribe to every filter at QoS 1; raise LinkDown if the broker refuses one."""
@@ -109,19 +185,16 @@ class Link:
         if len(self._messages) == 0 and wait_s > 0:
             await asyncio.sleep(wait_s)
         # aiomqtt's iterator spawns a task per message; messages already queued are taken
-        # directly from its queue (aiomqtt 2.5's `Client._queue`), which is several times faster.
-        queue = self._client._queue
-        while len(batch) < max_messages and not queue.empty():
-            batch.append(_incoming(queue.get_nowait()))
+        # directly from its queue, which is several times faster.
+        while len(batch) < max_messages and not self._received.empty():
+            batch.append(_incoming(self._received.get_nowait()))
         return batch
 
     async def guard(self, work: Coroutine[Any, Any, T]) -> T:
         """Run `work`, but raise LinkDown as soon as the connection drops (paho's keepalive
         gave up on a half-open link, or the peer reset it). Without this an idle publisher
         would notice a dead link only at its next publish."""
-        # aiomqtt resolves `_disconnected` from paho's on_disconnect; it has no public
-        # equivalent in 2.5 (pinned, see the module docstring).
-        disconnected: asyncio.Future[None] = self._client._disconnected
+        disconnected = _lost(self._client)
         work_task = asyncio.create_task(work, name="link-guarded-work")
         lost_task: asyncio.Future[None] = asyncio.ensure_future(asyncio.shield(disconnected))
         silence_task = asyncio.create_task(self._watch_silence(), name="link-silence-watch")
@@ -149,12 +222,10 @@ class Link:
         link (measured 8.8 s at keepalive 5 s). paho pings at most keepalive + 1 s after the
         last exchange, so giving the PINGRESP half a keepalive detects a half-open link within
         1.5 x keepalive + 1 s, the bound MQTT 3.1.1 section 3.1.2.10 sets for the server side.
-        `_ping_t` is paho's own record of the unanswered PINGREQ (0 when none is pending).
         """
-        paho_client = self._client._client
         patience_s = 0.5 * self._keepalive_s
         while True:
-            pinged = float(paho_client._ping_t)
+            pinged = _pingreq_sent_at(self._paho)
             if pinged > 0 and time.monotonic() - pinged > patience_s:
                 raise LinkDown(f"half-open link: no PINGRESP within {patience_s:.1f} s "
                                f"(keepalive {self._keepalive_s} s)")
@@ -163,7 +234,7 @@ class Link:
     def ack(self, message: Delivery) -> None:
         """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
         if self._manual_ack and message.qos > 0:
-            self._client._client.ack(message.mid, message.qos)
+            self._paho.ack(message.mid, message.qos)
 
     async def publish(
         self, topic: str, payload: bytes, *, timeout_s: float, retain: bool = False
@@ -183,8 +254,7 @@ class Link:
         when the broker's PUBACK arrives, or never if the link breaks first (`guard` raises
         then). The caller bounds how many are outstanding and how long it waits for them.
         Packets go on the wire in call order."""
-        info = self._client._client.publish(topic, payload, qos=QOS_AT_LEAST_ONCE,
-                                            retain=retain)
+        info = self._paho.publish(topic, payload, qos=QOS_AT_LEAST_ONCE, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise LinkDown(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if info.is_published():  # the PUBACK came in already
@@ -221,9 +291,9 @@ class _ClosedBeforeConnack(aiomqtt.MqttError):
 class _Handshake:
     """What paho saw between opening the socket and the CONNACK, which aiomqtt 2.5 drops.
 
-    Its callbacks wrap aiomqtt's own on `Client._client` (pinned, see the module docstring)
-    and must be installed before CONNECT. They run on the event loop, except `on_socket_open`,
-    which paho calls from aiomqtt's connect thread once TCP (and TLS) are up.
+    Its callbacks wrap aiomqtt's own on the paho client and must be installed before CONNECT.
+    They run on the event loop, except `on_socket_open`, which paho calls from aiomqtt's connect
+    thread once TCP (and TLS) are up.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
@@ -232,12 +302,11 @@ class _Handshake:
         self.session_present = False
         self.socket_error: str | None = None  # paho's last error line before CONNACK
         loop = asyncio.get_running_loop()
-        paho_client = client._client
+        paho_client = _paho(client)
         aiomqtt_on_socket_open: Callable[..., None] | None = paho_client.on_socket_open
         aiomqtt_on_connect: Callable[..., None] | None = paho_client.on_connect
         aiomqtt_on_disconnect: Callable[..., None] | None = paho_client.on_disconnect
-        # The future aiomqtt's connect awaits; aiomqtt replaces it after a failed connect.
-        connecting: asyncio.Future[None] = client._connected
+        connecting = _connack_wait(client)
 
         def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
             self.socket_opened = True
@@ -273,6 +342,55 @@ class _Handshake:
     def _fail(self, connecting: asyncio.Future[None]) -> None:
         if not connecting.done():
             connecting.set_exception(_ClosedBeforeConnack(self.socket_error))
+
+
+def _register_writes_while_open(client: aiomqtt.Client) -> None:
+    """Have the event loop watch paho's socket for writing only while paho still has it open.
+
+    aiomqtt 2.5 asks the loop to `add_writer` with `call_soon_threadsafe`, and paho first asks
+    from aiomqtt's connect thread, for the CONNECT. When a broker closes the connection right
+    after the TLS handshake (TLS 1.3: a refused client certificate), the loop's reader can see
+    the close, and paho close the socket, before that `add_writer` runs: asyncio then logs a
+    plain-text "Exception in callback ... add_writer" with EBADF (41 and 46 of 200 refused
+    connects in a loop), or, had the descriptor number been reused meanwhile, watches someone
+    else's descriptor. Here the check that the socket is still paho's and the `add_writer` are
+    one loop callback. aiomqtt's handler for unregistering stays: it runs before paho's close.
+    """
+    loop = asyncio.get_running_loop()
+    paho_client = _paho(client)
+
+    def write() -> None:
+        try:
+            paho_client.loop_write()
+        except Exception as exc:
+            # As aiomqtt's own writer does: paho raising means the connection is broken.
+            lost = _lost(client)
+            if not lost.done():
+                lost.set_exception(exc)
+
+    def register(sock: Any) -> None:
+        current = paho_client.socket()  # None once paho closed it
+        if current is not None and current is sock:
+            loop.add_writer(current.fileno(), write)
+
+    def on_socket_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+        loop.call_soon_threadsafe(register, sock)
+
+    paho_client.on_socket_register_write = on_socket_register_write
+
+
+def _recording_queue_type(
+    made: list[asyncio.Queue[aiomqtt.Message]],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for aiomqtt's public `queue_type` that appends the queue aiomqtt makes
+    with it to `made`, so that Link can take already received messages from it directly."""
+
+    class Recorded(asyncio.Queue[aiomqtt.Message]):
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__(maxsize)
+            made.append(self)
+
+    return Recorded
 
 
 def _refusal(broker: BrokerSection, name: str, exc: aiomqtt.MqttError,
@@ -336,6 +454,7 @@ async def connect(
         kwargs["username"] = broker.username
         if broker.password is not None:
             kwargs["password"] = broker.password.get_secret_value()
+    queues: list[asyncio.Queue[aiomqtt.Message]] = []
     client = aiomqtt.Client(
         broker.host,
         broker.port,
@@ -344,25 +463,28 @@ async def connect(
         keepalive=broker.keepalive_s,
         timeout=broker.connect_timeout_s,
         max_inflight_messages=max_inflight,
+        queue_type=_recording_queue_type(queues),
         **kwargs,
     )
+    [received] = queues  # aiomqtt makes its one queue in its constructor
     # aiomqtt logs a warning for every call while more than this many are pending; a full
     # publish window is normal here, not a warning.
     client.pending_calls_threshold = max(client.pending_calls_threshold, (max_inflight or 0) * 2)
     if manual_ack:
         # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
-        client._client.manual_ack_set(True)
+        _paho(client).manual_ack_set(True)
+    _register_writes_while_open(client)
     handshake = _Handshake(client)
     try:
         async with client:
-            yield Link(client, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
+            yield Link(client, received, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
                        session_present=handshake.session_present)
     except aiomqtt.MqttError as exc:
         if not handshake.connack:
             # aiomqtt leaves the socket of a connect that timed out waiting for its CONNACK
             # open, and watched by the loop: one descriptor leaked per retry against a broker
             # that never answers. paho's own close also unregisters it from the loop.
-            client._client._sock_close()
+            _close_socket(_paho(client))
         raise LinkDown(_refusal(broker, name, exc, handshake)) from exc
 
 
