@@ -41,6 +41,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.base import signing
+from agent.base.errors import StoreUnreadable
 from agent.ota import modelpkg
 from agent.store.views import read_counts
 from tests.harness import AgentProcess, CloudCollector, Mosquitto, write_agent_config
@@ -283,7 +284,7 @@ class Demo:
         try:
             counts = read_counts(self.store)
             store = ", ".join(f"{k}={v}" for k, v in counts.items())
-        except sqlite3.Error as exc:
+        except StoreUnreadable as exc:
             store = f"unreadable ({exc})"
         return (f"{received} of {self.sensors.sent} readings have results at the cloud; "
                 f"store: {store}; {self.waits.last_events(3)}")

@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS last_reading (
 # Kept by triggers so that the bound check and the status sampler cost O(1) whatever the
 # backlog (a count(*) over 200k rows held the writer thread 68 ms); recounted at every open.
 SIZED_TABLES = ("inbox", "outbox", "dead_letter")
+
+# Every table of a store open_schema has opened: the writer thread's own reads need not look.
+TABLES = frozenset({"inbox", "outbox", "dead_letter", "counters", "drops", "clock", "sizes",
+                    "last_reading"})
+
 SIZE_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_added AFTER INSERT ON {table} BEGIN
     UPDATE sizes SET rows = rows + 1, bytes = bytes + length(NEW.payload)

@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from agent.base.errors import OutboxFull, StoreFull
 from agent.base.records import DeadLetter, NewOutboxRow, OutboxRow, QueueStats, Reading
 from agent.config.settings import StoreSection
@@ -425,7 +423,7 @@ def depths(conn: sqlite3.Connection) -> dict[str, int]:
     """Row counts for the logs and the metrics: the queues, deliveries, and `dropped` in total
     with `dropped_ttl`, those of it expired past a route's TTL (`<route>/ttl`, see `expire`);
     the rest were dropped at the outbox bound (`_drop_over_bound`)."""
-    counts = snapshot_counts(sqlite_utils.Database(conn))
+    counts = snapshot_counts(conn)
     ttl = conn.execute(
         "SELECT coalesce(sum(dropped), 0) FROM drops WHERE route LIKE '%/ttl'").fetchone()
     counts["dropped_ttl"] = int(ttl[0])

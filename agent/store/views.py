@@ -1,16 +1,25 @@
 """Read-only views of the store for the operator's commands (`edge-agent status`, `queue`).
 
 Owns the `read_*` functions, each on a separate read-only connection (`mode=ro`) opened and
-closed per call, so they are safe while the agent runs; and the counting queries they share
-with the writer thread (`snapshot_counts`, `queue_stats`), which only read, through whichever
-connection they are given. Nothing here may write or open a read-write connection:
-agent/store/writer.py's writer thread is the only writer.
+closed per call, so they are safe while the agent runs, and each translating any SQLite error
+into StoreUnreadable; and the counting queries they share with the writer thread
+(`snapshot_counts`, `queue_stats`), which only read, through whichever connection they are
+given. Nothing here may write or open a read-write connection: agent/store/writer.py's writer
+thread is the only writer.
+
+A store the writer thread opened has every table of agent/store/schema.py (its `TABLES`), so
+the writer's reads (the 2-s status sampler, the offload policy's depth) never look at the
+schema. A read-only view may meet a file an older agent made and the current one has not
+opened yet: it asks sqlite-utils which tables the file has, once per connection, and counts
+what the file does not keep.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator, Set
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +27,42 @@ import sqlite_utils
 
 from agent.base.errors import StoreUnreadable
 from agent.base.records import QueueStats
+from agent.store.schema import SIZED_TABLES, TABLES
 
 
-def snapshot_counts(db: sqlite_utils.Database) -> dict[str, int]:
-    conn = db.conn
-    counts = {name: rows for name, (rows, _) in _table_sizes(conn).items()}
+def snapshot_counts(conn: sqlite3.Connection, tables: Set[str] = TABLES) -> dict[str, int]:
+    """Rows waiting per table, the delivered count and (where the store counts them) drops.
+    `tables`: the tables the store has (all of them, for the writer's connection)."""
+    counts = {name: rows for name, (rows, _) in _table_sizes(conn, tables).items()}
     counts["delivered"] = _delivered(conn)
-    if db["drops"].exists():
-        dropped = db.execute("SELECT coalesce(sum(dropped), 0) FROM drops").fetchone()
+    if "drops" in tables:
+        dropped = conn.execute("SELECT coalesce(sum(dropped), 0) FROM drops").fetchone()
         counts["dropped"] = int(dropped[0])
     return counts
 
 
-def _table_sizes(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+def queue_stats(conn: sqlite3.Connection, now: float, tables: Set[str] = TABLES) -> QueueStats:
+    """Depths, bytes and the oldest undelivered row's age: O(1) in the backlog (the sizes the
+    triggers keep, and the outbox's first row by seq), so the sampler never holds the writer."""
+    sizes = _table_sizes(conn, tables)
+    oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+    return QueueStats(
+        inbox=sizes["inbox"][0], inbox_bytes=sizes["inbox"][1], outbox=sizes["outbox"][0],
+        outbox_bytes=sizes["outbox"][1], dead_letter=sizes["dead_letter"][0],
+        delivered=_delivered(conn),
+        oldest_undelivered_s=None if oldest is None else max(0.0, now - float(oldest[0])),
+    )
+
+
+def _table_sizes(conn: sqlite3.Connection, tables: Set[str]) -> dict[str, tuple[int, int]]:
     """Rows and payload bytes of the inbox, the outbox and the dead letters, from the `sizes`
-    table the triggers keep (O(1)); counted only for a table a store made before it had one
-    (an older file read by the operator's commands before the agent upgraded it)."""
+    table the triggers keep (O(1)); counted only for a table an older store kept no size of
+    (read by the operator's commands before the agent upgraded it)."""
     kept: dict[str, tuple[int, int]] = {}
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sizes'").fetchone():
+    if "sizes" in tables:
         kept = {str(name): (int(rows), int(size)) for name, rows, size
                 in conn.execute("SELECT name, rows, bytes FROM sizes")}
-    for table in ("inbox", "outbox", "dead_letter"):
+    for table in SIZED_TABLES:
         if table not in kept:
             rows, size = conn.execute(
                 f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {table}").fetchone()
@@ -51,78 +75,66 @@ def _delivered(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def read_drops(path: Path) -> dict[str, int]:
-    """Rows dropped at the outbox bound, per route, read-only."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+@contextmanager
+def _read_only(path: Path) -> Iterator[sqlite_utils.Database]:
+    """A read-only connection to the store at `path`, closed on the way out; any SQLite error
+    inside becomes StoreUnreadable, with SQLite's name for it."""
+    if not path.is_file():
+        raise StoreUnreadable(f"no store at {path}")
     try:
-        return {str(r): int(n) for r, n in conn.execute("SELECT route, dropped FROM drops")}
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        yield sqlite_utils.Database(conn)
+    except sqlite3.Error as exc:
+        raise _unreadable(path, exc) from exc
     finally:
         conn.close()
+
+
+def _unreadable(path: Path, exc: sqlite3.Error) -> StoreUnreadable:
+    return StoreUnreadable(f"{path}: {getattr(exc, 'sqlite_errorname', type(exc).__name__)}: "
+                           f"{exc}")
+
+
+def read_drops(path: Path) -> dict[str, int]:
+    """Rows dropped at the outbox bound, per route, read-only (none for a store that predates
+    the count)."""
+    with _read_only(path) as db:
+        return {str(row["route"]): int(row["dropped"])
+                for row in db.table("drops").rows_where(select="route, dropped")}
 
 
 def read_counts(path: Path) -> dict[str, int]:
     """Row counts read through a separate read-only connection: safe while the agent runs."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return snapshot_counts(sqlite_utils.Database(conn))
-    finally:
-        conn.close()
-
-
-def read_dead_letters(path: Path, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest dead letters with their reasons, read-only."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        db = sqlite_utils.Database(conn)
-        return list(db["dead_letter"].rows_where(order_by="seq desc", limit=limit))
-    finally:
-        conn.close()
-
-
-def queue_stats(conn: sqlite3.Connection, now: float) -> QueueStats:
-    """Depths, bytes and the oldest undelivered row's age: O(1) in the backlog (the sizes the
-    triggers keep, and the outbox's first row by seq), so the sampler never holds the writer."""
-    sizes = _table_sizes(conn)
-    oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
-    return QueueStats(
-        inbox=sizes["inbox"][0], inbox_bytes=sizes["inbox"][1], outbox=sizes["outbox"][0],
-        outbox_bytes=sizes["outbox"][1], dead_letter=sizes["dead_letter"][0],
-        delivered=_delivered(conn),
-        oldest_undelivered_s=None if oldest is None else max(0.0, now - float(oldest[0])),
-    )
-
-
-def _read_only(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise StoreUnreadable(f"no store at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    with _read_only(path) as db:
+        return snapshot_counts(db.conn, frozenset(db.table_names()))
 
 
 def read_stats(path: Path) -> QueueStats:
     """QueueStats through a separate read-only connection: safe while the agent runs."""
-    conn = _read_only(path)
-    try:
-        return queue_stats(conn, time.time())
-    except sqlite3.Error as exc:
-        raise StoreUnreadable(f"{path}: {exc}") from exc
-    finally:
-        conn.close()
+    with _read_only(path) as db:
+        return queue_stats(db.conn, time.time(), frozenset(db.table_names()))
+
+
+def read_dead_letters(path: Path, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest dead letters with their reasons, read-only."""
+    with _read_only(path) as db:
+        return list(db.table("dead_letter").rows_where(order_by="seq desc", limit=limit))
+
+
+# The columns `edge-agent queue` shows of each table's oldest rows (never the payloads).
+_OLDEST_COLUMNS = {
+    "inbox": "seq, id, topic, route, priority, received_at AS at, attempts, leased, "
+             "length(payload) AS payload_bytes",
+    "outbox": "seq, id, kind, topic, priority, created_at AS at, "
+              "length(payload) AS payload_bytes",
+}
 
 
 def read_oldest(path: Path, table: str, limit: int = 10) -> list[dict[str, Any]]:
     """The oldest rows of `inbox` or `outbox` (without payloads), read-only."""
-    columns = {
-        "inbox": "seq, id, topic, route, priority, received_at AS at, attempts, leased, "
-                 "length(payload) AS payload_bytes",
-        "outbox": "seq, id, kind, topic, priority, created_at AS at, "
-                  "length(payload) AS payload_bytes",
-    }[table]
-    conn = _read_only(path)
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = conn.execute(f"SELECT {columns} FROM {table} ORDER BY seq LIMIT ?", (limit,))
-        return [dict(row) for row in rows]
-    except sqlite3.Error as exc:
-        raise StoreUnreadable(f"{path}: {exc}") from exc
-    finally:
-        conn.close()
+    columns = _OLDEST_COLUMNS[table]
+    with _read_only(path) as db:
+        return list(db.table(table).rows_where(select=columns, order_by="seq", limit=limit))
