@@ -1,11 +1,19 @@
 """The store's file: its connection, schema and upgrades, transactions, and the carried clock.
 
-Owns how the database is opened (WAL, synchronous=FULL), what it holds (the schema and the
-triggers that keep `sizes`), how an older file is upgraded at open, `Transaction` (BEGIN
-IMMEDIATE ... COMMIT, or ROLLBACK), and the monotonic clock of outbox ages carried across
+Owns how the database is opened (WAL, synchronous=FULL), what it holds (the tables, their
+indexes and the triggers that keep `sizes`), how an older file is upgraded at open, `Transaction`
+(BEGIN IMMEDIATE ... COMMIT, or ROLLBACK), and the monotonic clock of outbox ages carried across
 reboots. Everything here runs on agent/store/writer.py's writer thread, on the connection that
 thread created; nothing here may be called from the event loop or hand a connection to another
 thread.
+
+sqlite-utils (4.x: its schema calls join the caller's transaction as savepoints, where 3.x
+committed it) makes and upgrades the schema: `create(..., if_not_exists=True)` for the tables it
+can state exactly, `add_column` for the columns added since a store was made, `create_index`,
+and its introspection (`triggers_dict`, `columns_dict`) to tell what an older file lacks. What
+it cannot state stays SQL here, each with its reason: AUTOINCREMENT, CHECK, a UNIQUE over two
+columns (HAND_WRITTEN_TABLES), and the size triggers (it has no API for a trigger of one's own;
+its `enable_counts` keeps row counts only, where the outbox bound needs bytes too).
 """
 
 from __future__ import annotations
@@ -15,8 +23,15 @@ import time
 from pathlib import Path
 
 import sqlite_utils
+from sqlite_utils.db import DescIndex
 
-SCHEMA = """
+# The tables whose seq must never be reused, and the clock's single row: sqlite-utils' create()
+# has no AUTOINCREMENT (simonw/sqlite-utils#664), no CHECK (#358) and no UNIQUE over two
+# columns (#558). AUTOINCREMENT carries weight in the outbox: without it a row that expires or
+# is dropped while in flight gives its seq to the next row, which the uplink's after_seq cursor
+# then skips and the late PUBACK of the first deletes undelivered.
+HAND_WRITTEN_TABLES = {
+    "inbox": """
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -27,8 +42,10 @@ CREATE TABLE IF NOT EXISTS inbox (
     received_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     leased INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS inbox_next ON inbox (leased, priority DESC, seq);
+);""",
+    # `route` and `created_mono` came after the first stores: OUTBOX_ADDED_COLUMNS adds them to
+    # those, with the same type, NOT NULL and default as here.
+    "outbox": """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
@@ -37,8 +54,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     priority INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    route TEXT NOT NULL DEFAULT '',
+    created_mono REAL NOT NULL DEFAULT 0,
     UNIQUE (kind, id)
-);
+);""",
+    "dead_letter": """
 CREATE TABLE IF NOT EXISTS dead_letter (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -47,43 +67,31 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     reason TEXT NOT NULL,
     received_at REAL NOT NULL,
     created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS drops (
-    route TEXT PRIMARY KEY,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    reported INTEGER NOT NULL DEFAULT 0
-);
+);""",
+    "clock": """
 CREATE TABLE IF NOT EXISTS clock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     boot_id TEXT NOT NULL,
     last_mono REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sizes (
-    name TEXT PRIMARY KEY,
-    rows INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-);
--- The id of the last reading (or dead letter) taken on each topic: a retained message the
--- local broker sends again on a resubscribe is its topic's last value, so when its id is
--- this one it was answered already (ingest skips it). One row per topic.
-CREATE TABLE IF NOT EXISTS last_reading (
-    topic TEXT PRIMARY KEY,
-    id TEXT NOT NULL
-);
-"""
+);""",
+}
 
-# Kept by triggers so that the bound check and the status sampler cost O(1) whatever the
-# backlog (a count(*) over 200k rows held the writer thread 68 ms); recounted at every open.
-SIZED_TABLES = ("inbox", "outbox", "dead_letter")
+# Columns added to the outbox since the first stores: (name, type, default), all NOT NULL.
+OUTBOX_ADDED_COLUMNS: tuple[tuple[str, type, object], ...] = (
+    ("route", str, ""),           # drops counted per route
+    ("created_mono", float, 0),   # per-route TTLs in monotonic time
+)
 
-# Every table of a store open_schema has opened: the writer thread's own reads need not look.
+# Every table of a store this module has opened: the writer thread's own reads need not look.
 TABLES = frozenset({"inbox", "outbox", "dead_letter", "counters", "drops", "clock", "sizes",
                     "last_reading"})
 
+# Kept by triggers so that the bound check and the status sampler cost O(1) whatever the
+# backlog (a count(*) over 200k rows held the writer thread 68 ms). Counted only when a table's
+# triggers are new (a store made before them) or its row is missing: once the triggers exist,
+# they change the row in the same transaction as the table, so a count at every start would
+# only cost O(backlog), the dead letters' most of all (they are never deleted).
+SIZED_TABLES = ("inbox", "outbox", "dead_letter")
 SIZE_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_added AFTER INSERT ON {table} BEGIN
     UPDATE sizes SET rows = rows + 1, bytes = bytes + length(NEW.payload)
@@ -150,25 +158,65 @@ class Transaction:
 
 
 def open_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA + "".join(SIZE_TRIGGERS.format(table=t) for t in SIZED_TABLES))
+    """Make the schema, or bring an older store's up to it, in one transaction; then carry the
+    outbox ages across a reboot and free the leases of the process before."""
+    db = sqlite_utils.Database(conn)
     with Transaction(conn):
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
-        if "route" not in columns:  # a store made before drops were counted per route
-            conn.execute("ALTER TABLE outbox ADD COLUMN route TEXT NOT NULL DEFAULT ''")
-        conn.execute("CREATE INDEX IF NOT EXISTS outbox_victims ON outbox (priority, seq)")
-        for table in SIZED_TABLES:
-            conn.execute(
-                f"INSERT OR REPLACE INTO sizes (name, rows, bytes) "
-                f"SELECT '{table}', count(*), coalesce(sum(length(payload)), 0) FROM {table}"
-            )
-        if "created_mono" not in columns:  # a store made before per-route TTLs
-            conn.execute("ALTER TABLE outbox ADD COLUMN created_mono REAL NOT NULL DEFAULT 0")
-        # TTL expiry runs every second while the uplink works: a range on this index, not a
-        # scan of the whole backlog.
-        conn.execute("CREATE INDEX IF NOT EXISTS outbox_age ON outbox (route, created_mono)")
+        had_triggers = db.triggers_dict.keys()
+        _create_tables(db)
+        _keep_sizes(db, [table for table in SIZED_TABLES
+                         if not {f"{table}_added", f"{table}_removed"} <= had_triggers])
+        outbox = db.table("outbox")
+        columns = outbox.columns_dict
+        for name, kind, default in OUTBOX_ADDED_COLUMNS:
+            if name not in columns:
+                outbox.add_column(name, kind, not_null_default=default)
+        # The bound's victims (lowest priority, oldest) and TTL expiry, which runs every second
+        # while the uplink works: ranges on these indexes, not scans of the whole backlog.
+        outbox.create_index(["priority", "seq"], index_name="outbox_victims",
+                            if_not_exists=True)
+        outbox.create_index(["route", "created_mono"], index_name="outbox_age",
+                            if_not_exists=True)
         _carry_ages_across_boots(conn)
         # Leases belong to the process that took them; after a restart every reading is free.
         conn.execute("UPDATE inbox SET leased = 0 WHERE leased = 1")
+
+
+def _create_tables(db: sqlite_utils.Database) -> None:
+    """Every table that does not exist yet, in the order they were always made (so that a new
+    file's pages are laid out as before: the corrupt-store tests flip bytes at a fixed page)."""
+    db.executescript(HAND_WRITTEN_TABLES["inbox"])
+    db.table("inbox").create_index(["leased", DescIndex("priority"), "seq"],
+                                   index_name="inbox_next", if_not_exists=True)
+    db.executescript(HAND_WRITTEN_TABLES["outbox"])
+    db.executescript(HAND_WRITTEN_TABLES["dead_letter"])
+    db.table("counters").create({"name": str, "value": int}, pk="name", not_null={"value"},
+                                if_not_exists=True)
+    db.table("drops").create({"route": str, "dropped": int, "reported": int}, pk="route",
+                             not_null={"dropped", "reported"},
+                             defaults={"dropped": 0, "reported": 0}, if_not_exists=True)
+    db.executescript(HAND_WRITTEN_TABLES["clock"])
+    db.table("sizes").create({"name": str, "rows": int, "bytes": int}, pk="name",
+                             not_null={"rows", "bytes"}, if_not_exists=True)
+    # The id of the last reading (or dead letter) taken on each topic: a retained message the
+    # local broker sends again on a resubscribe is its topic's last value, so when its id is
+    # this one it was answered already (ingest skips it). One row per topic.
+    db.table("last_reading").create({"topic": str, "id": str}, pk="topic", not_null={"id"},
+                                    if_not_exists=True)
+
+
+def _keep_sizes(db: sqlite_utils.Database, untracked: list[str]) -> None:
+    """Give the tables in `untracked` their size triggers and count them; count any other
+    table whose `sizes` row is missing. In open_schema's transaction: no row can come or go
+    between a count and the triggers that keep it from then on."""
+    counted = {str(row["name"]) for row in db.table("sizes").rows_where(select="name")}
+    for table in SIZED_TABLES:
+        if table in untracked:
+            db.executescript(SIZE_TRIGGERS.format(table=table))
+        elif table in counted:
+            continue
+        db.execute(f"INSERT OR REPLACE INTO sizes (name, rows, bytes) SELECT '{table}', "
+                   f"count(*), coalesce(sum(length(payload)), 0) FROM {table}")
 
 
 def monotonic() -> float:
