@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlite_utils
+from sqlite_utils.plugins import pm
 
 from agent.base.errors import StoreUnreadable
 from agent.base.records import NewOutboxRow, Reading
@@ -327,3 +329,32 @@ def test_a_read_only_view_of_a_file_that_is_not_a_store_raises_store_unreadable(
         read(junk)
     with pytest.raises(StoreUnreadable, match="no store at"):
         read(tmp_path / "missing.db")
+
+
+class RecordingPlugin:
+    """A sqlite-utils plugin that notes every connection it is given."""
+
+    def __init__(self) -> None:
+        self.connections: list[sqlite3.Connection] = []
+
+    @sqlite_utils.hookimpl
+    def prepare_connection(self, conn: sqlite3.Connection) -> None:
+        self.connections.append(conn)
+
+
+def test_no_sqlite_utils_plugin_runs_on_the_store_s_connections(tmp_path: Path) -> None:
+    """A sqlite-utils plugin installed beside the agent is not given the writer's connection
+    nor a read-only view's (it is given a plain sqlite_utils.Database's: the control)."""
+    plugin = RecordingPlugin()
+    pm.register(plugin, name="recording")
+    try:
+        new_store(tmp_path / "s.db")
+        views.read_counts(tmp_path / "s.db")
+        views.read_dead_letters(tmp_path / "s.db")
+        assert plugin.connections == []
+        control = sqlite3.connect(":memory:")
+        sqlite_utils.Database(control)
+        assert plugin.connections == [control]
+        control.close()
+    finally:
+        pm.unregister(name="recording")

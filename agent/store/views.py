@@ -27,7 +27,7 @@ import sqlite_utils
 
 from agent.base.errors import StoreUnreadable
 from agent.base.records import QueueStats
-from agent.store.schema import SIZED_TABLES, TABLES
+from agent.store.schema import SIZED_TABLES, TABLES, database
 
 
 def snapshot_counts(conn: sqlite3.Connection, tables: Set[str] = TABLES) -> dict[str, int]:
@@ -86,7 +86,7 @@ def _read_only(path: Path) -> Iterator[sqlite_utils.Database]:
     except sqlite3.Error as exc:
         raise _unreadable(path, exc) from exc
     try:
-        yield sqlite_utils.Database(conn)
+        yield database(conn)
     except sqlite3.Error as exc:
         raise _unreadable(path, exc) from exc
     finally:
