@@ -18,7 +18,7 @@ from sqlite_utils.plugins import pm
 from agent.base.errors import StoreUnreadable
 from agent.base.records import NewOutboxRow, Reading
 from agent.store import views
-from agent.store.schema import connect, open_schema
+from agent.store.schema import Transaction, connect, open_schema
 from agent.store.writer import Store
 
 # The CREATE statements of agent/storeschema.py at 136610b (the last commit before the schema
@@ -293,6 +293,33 @@ def test_the_status_sample_and_the_depths_never_read_the_schema(tmp_path: Path) 
     statements = asyncio.run(scenario())
     assert statements, "the trace saw nothing"
     assert not [s for s in statements if "sqlite_master" in s.lower()], statements
+
+
+def test_a_transaction_takes_the_write_lock_at_begin_and_cannot_nest(tmp_path: Path) -> None:
+    """Transaction is BEGIN IMMEDIATE: another connection cannot begin a write while one is
+    open, before it has run a statement; a Transaction inside another is an error that rolls the
+    outer one back, never a savepoint that would end without a commit."""
+    path = tmp_path / "s.db"
+    conn = connect(path)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        open_schema(conn)
+        with Transaction(conn), pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+
+        def nested() -> None:
+            with Transaction(conn):
+                conn.execute("INSERT INTO counters (name, value) VALUES ('x', 1)")
+                with Transaction(conn):
+                    conn.execute("UPDATE counters SET value = 2 WHERE name = 'x'")
+
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            nested()
+        assert not conn.in_transaction
+        assert conn.execute("SELECT count(*) FROM counters WHERE name = 'x'").fetchone()[0] == 0
+    finally:
+        other.close()
+        conn.close()
 
 
 def test_an_outbox_seq_is_never_given_twice(tmp_path: Path) -> None:
