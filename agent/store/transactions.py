@@ -399,6 +399,8 @@ def enqueue(conn: sqlite3.Connection, row: NewOutboxRow) -> None:
 
 
 def pending_outbox(conn: sqlite3.Connection, limit: int, after_seq: int) -> list[OutboxRow]:
+    """Up to `limit` undelivered rows after `after_seq`, in seq order (the order they were
+    committed in; priority decides only which rows the bound drops, not the sending order)."""
     rows = conn.execute(
         "SELECT seq, id, topic, payload, kind FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
         (after_seq, limit),

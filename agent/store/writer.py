@@ -331,7 +331,8 @@ class Store:
         self.outbox_changed.set()
 
     async def pending_outbox(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
-        """Undelivered rows in delivery order (priority first, then oldest)."""
+        """Up to `limit` undelivered rows after `after_seq`, in seq order (oldest first, whatever
+        their priority)."""
         return await self._call(transactions.pending_outbox, limit, after_seq, use="read")
 
     async def mark_delivered(self, seqs: Sequence[int]) -> None:
