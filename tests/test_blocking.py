@@ -324,9 +324,7 @@ def agent_sources() -> dict[str, str]:
 
 # Calls on the loop in code another branch of issue 13 owns, listed there for its owner: an
 # entry goes once the call moves to a thread (the test fails on an entry no longer found).
-WAITING = {
-    "agent.store.writer Store.open: Path.mkdir",  # the store's directory, once at start
-}
+WAITING: set[str] = set()
 
 
 def test_no_async_function_in_agent_calls_blocking_file_io_on_the_loop() -> None:

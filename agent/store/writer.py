@@ -10,7 +10,7 @@ raised on the thread is translated here, once, before it reaches the awaiting co
 
 The store is five modules, the only agent modules that import sqlite3 or sqlite-utils: this
 one (the thread and the async facade), agent/store/schema.py (connection, schema, the carried
-clock), agent/transactions.py (the transactions the thread runs), agent/store/quarantine.py (a
+clock), agent/store/transactions.py (the transactions the thread runs), agent/store/quarantine.py (a
 corrupt file moved aside at open) and agent/store/views.py (read-only connections for the
 operator's commands). This module holds no SQL of its own, and the functions of the others that
 open or use a read-write connection run only on this module's writer thread.
@@ -98,7 +98,7 @@ class Store:
     async def open(cls, path: Path, bounds: StoreSection | None = None) -> Store:
         """Open (or create) the store. A database that fails `quick_check` is moved aside to
         `<dir>/quarantine/<time>/` with its -wal and -shm, and a fresh one is started."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         store = cls(path, asyncio.get_running_loop(), bounds)
         store._thread.start()
         try:
