@@ -135,3 +135,40 @@ def test_a_batch_larger_than_the_context_holds_is_answered_in_parts(tiny_model: 
     assert answers(got) == answers(expected)
     sizes = [r.get("batch_size", 1) for r in got]
     assert 1 < max(sizes) < 6, sizes
+
+
+def test_requests_waiting_for_the_worker_go_as_one_batch_and_a_lone_one_alone(
+    tiny_model: Path,
+) -> None:
+    """Eight concurrent callers: the first finds the worker idle and goes alone, the seven
+    that waited meanwhile go together; every caller gets the answer a non-batching worker
+    gives. A request at an idle worker afterwards goes alone."""
+    import asyncio
+
+    from agent.base.records import Completion, Generation
+    from agent.config.settings import ModelSection
+    from agent.inference.supervisor import InferenceWorker, identify
+
+    requests = [request(2 * i) for i in range(8)]
+
+    async def run(max_batch: int) -> tuple[list[Completion], int, int]:
+        section = ModelSection(path=tiny_model, n_ctx=1024, n_threads=1)
+        worker = InferenceWorker(section, await identify(section, "tiny"), max_batch=max_batch)
+        await worker.start()
+        try:
+            out = await asyncio.gather(*(worker.complete(r["messages"], Generation(
+                r["max_tokens"], r["temperature"], r["seed"], r["schema"], r["prefix_key"]))
+                for r in requests))
+            together = worker.batched_requests
+            await worker.complete(requests[0]["messages"], Generation(24, 0.0, 0, SCHEMA))
+            return list(out), together, worker.batched_requests
+        finally:
+            await worker.close()
+
+    alone, none, _ = asyncio.run(run(1))
+    batched, together, after = asyncio.run(run(8))
+    assert none == 0
+    assert together == 7
+    assert after == together
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in batched] == [
+        (c.text, c.finish_reason, c.completion_tokens) for c in alone]
