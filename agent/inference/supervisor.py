@@ -48,8 +48,9 @@ log = structlog.get_logger()
 _LINE_LIMIT = 16 * 1024 * 1024
 # How long a dead (or SIGKILLed) worker may take to be reaped before we go on without it.
 _REAP_TIMEOUT_S = 5.0
-# Requests decoded together at most. Measured on the bench model (tools/bench.py, backlog row):
-# the gain flattens past 8 while each sequence's KV cells cost context.
+# Requests decoded together at most: llama-server's order of parallel slots. Each sequence's
+# prompt and answer take KV cells of the one context, so the worker decodes fewer at once when
+# they do not fit (agent/inference/worker.py), never more.
 MAX_BATCH = 8
 
 
