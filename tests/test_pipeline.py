@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from agent.base.errors import ModelLoadError
 from agent.base.records import Completion, Generation, ModelInfo, Reading
 from agent.config.settings import Settings
+from agent.flows import pipeline as pipeline_module
 from agent.flows.pipeline import Pipeline
-from agent.inference.supervisor import InferenceWorker, identify
+from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
 from agent.routing.outbound import Topics
 from agent.routing.prompts import build_messages
 from agent.store.views import read_counts, read_dead_letters
@@ -275,16 +278,21 @@ def test_a_route_whose_wait_is_over_gives_an_idle_pipeline_nothing_to_wake_for(
 
 
 def test_a_backlog_of_a_local_route_is_decoded_in_batches_and_a_lone_reading_alone(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ten readings waiting: the pipeline takes several at once and the worker decodes them
     together (issue 16); each gets its own result, as the same reading does alone. Then one
-    reading waiting alone is leased and answered alone."""
+    reading waiting alone is leased and answered alone. (Batching is off by default: turned on
+    here as DEFAULT_MAX_BATCH = MAX_BATCH would.)"""
+    monkeypatch.setattr(pipeline_module, "BACKLOG_READINGS", MAX_BATCH)
 
     async def scenario() -> tuple[dict[str, str], dict[str, str], int, int]:
         cfg = settings(tmp_path, tiny_model, max_tokens=24)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_ctx": 1024})})
-        store, worker, pipeline = await rig(cfg)
+        store = await Store.open(cfg.store_path)
+        worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"), MAX_BATCH)
+        await worker.start()
+        pipeline = Pipeline(cfg, store, worker, Topics("edge", "gw"))
         stop = asyncio.Event()
         readings = [Reading(f"r{i}", "s/1", json.dumps({"celsius": 10 * i}).encode(),
                             1.0 + i, "t", 0) for i in range(10)]

@@ -147,7 +147,7 @@ def test_requests_waiting_for_the_worker_go_as_one_batch_and_a_lone_one_alone(
 
     from agent.base.records import Completion, Generation
     from agent.config.settings import ModelSection
-    from agent.inference.supervisor import InferenceWorker, identify
+    from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
 
     requests = [request(2 * i) for i in range(8)]
 
@@ -166,7 +166,7 @@ def test_requests_waiting_for_the_worker_go_as_one_batch_and_a_lone_one_alone(
             await worker.close()
 
     alone, none, _ = asyncio.run(run(1))
-    batched, together, after = asyncio.run(run(8))
+    batched, together, after = asyncio.run(run(MAX_BATCH))
     assert none == 0
     assert together == 7
     assert after == together

@@ -29,7 +29,7 @@ from agent.base.validation import check_output
 from agent.base.waits import first_of, wait_or_timeout, wait_or_timeout_any
 from agent.config.settings import Route, Settings
 from agent.flows.executors import Executors, LocalModel
-from agent.inference.supervisor import MAX_BATCH
+from agent.inference.supervisor import DEFAULT_MAX_BATCH
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.prompts import build_messages, prompt_version
 from agent.routing.windows import (
@@ -59,8 +59,8 @@ RETRY_TEMPERATURE = 0.8
 PARK_MAX_S = 30.0
 PARK_MIN_S = 0.2
 # Readings of a local route processed at once while it has a backlog: as many as the worker
-# decodes in one batch.
-BACKLOG_READINGS = MAX_BATCH
+# decodes in one batch (1 while batching is off: one reading at a time, as before).
+BACKLOG_READINGS = DEFAULT_MAX_BATCH
 
 
 @dataclass(slots=True)
@@ -182,6 +182,8 @@ class Pipeline:
     def _backlog_sizes(self) -> dict[str, tuple[int, int]]:
         """(1, readings in flight at most) of each local route: one reading unless its route
         has more waiting (lease_window's coalescing)."""
+        if BACKLOG_READINGS <= 1:
+            return {}
         return {route.name: (1, BACKLOG_READINGS) for route in self._routes.values()
                 if route.executor == "local" and not route.windowed}
 
