@@ -8,16 +8,20 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import pytest
 
 from agent.base.errors import ModelLoadError
 from agent.base.records import Completion, Generation, ModelInfo, Reading
 from agent.config.settings import Settings
+from agent.flows import pipeline as pipeline_module
 from agent.flows.pipeline import Pipeline
-from agent.inference.supervisor import InferenceWorker, identify
+from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
 from agent.routing.outbound import Topics
+from agent.routing.prompts import build_messages
 from agent.store.views import read_counts, read_dead_letters
 from agent.store.writer import Store
 from tests.conftest import inbox_attempts
@@ -271,3 +275,68 @@ def test_a_route_whose_wait_is_over_gives_an_idle_pipeline_nothing_to_wake_for(
     pipeline._parked["t"].until = time.monotonic() - 1
     assert pipeline._next_unpark() is None
     assert pipeline.waiting_routes == {"t": "the model does not load"}
+
+
+def test_a_backlog_of_a_local_route_is_decoded_in_batches_and_a_lone_reading_alone(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten readings waiting: the pipeline takes several at once and the worker decodes them
+    together (issue 16); each gets its own result, as the same reading does alone. Then one
+    reading waiting alone is leased and answered alone. (Batching is off by default: turned on
+    here as DEFAULT_MAX_BATCH = MAX_BATCH would.)"""
+    monkeypatch.setattr(pipeline_module, "BACKLOG_READINGS", MAX_BATCH)
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str], int, int]:
+        cfg = settings(tmp_path, tiny_model, max_tokens=24)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_ctx": 1024})})
+        store = await Store.open(cfg.store_path)
+        worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"), MAX_BATCH)
+        await worker.start()
+        pipeline = Pipeline(cfg, store, worker, Topics("edge", "gw"))
+        stop = asyncio.Event()
+        readings = [Reading(f"r{i}", "s/1", json.dumps({"celsius": 10 * i}).encode(),
+                            1.0 + i, "t", 0) for i in range(10)]
+        try:
+            await store.ingest(readings, [])
+            task = asyncio.create_task(pipeline.run(stop), name="pipeline")
+            await wait_until_async(lambda: pipeline.completed >= 10)
+            batched = worker.batched_requests
+            await store.ingest([Reading("lone", "s/1", b'{"celsius": 10}', 20.0, "t", 0)], [])
+            await wait_until_async(lambda: pipeline.completed >= 11)
+            stop.set()
+            await task
+            rows = await store.pending_outbox(20)
+            outputs = {json.loads(r.payload)["id"]: json.dumps(
+                json.loads(r.payload)["output"]) for r in rows}
+            # The same readings one at a time, on a worker that never batches.
+            alone = InferenceWorker(cfg.model, worker.info, max_batch=1)
+            await alone.start()
+            try:
+                solo_pipeline = Pipeline(cfg, store, alone, Topics("edge", "gw"))
+                solo = {}
+                for reading in readings:
+                    answer = await solo_pipeline._infer(
+                        solo_pipeline._routes["t"],
+                        build_messages(solo_pipeline._routes["t"], reading.topic,
+                                       reading.payload.decode()), reading.id)
+                    solo[reading.id] = json.dumps(answer.output)
+            finally:
+                await alone.close()
+            return outputs, solo, batched, worker.batched_requests
+        finally:
+            stop.set()
+            await worker.close()
+            await store.close()
+
+    outputs, solo, batched, after = asyncio.run(scenario())
+    assert batched >= 2
+    assert after == batched  # the lone reading went alone
+    assert set(outputs) == {f"r{i}" for i in range(10)} | {"lone"}
+    assert {k: outputs[k] for k in solo} == solo
+
+
+async def wait_until_async(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)

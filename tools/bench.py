@@ -12,6 +12,9 @@ shared machines:
   backlog    with a large backlog waiting in the outbox, the status sampler's read and the
              latency of a commit queued behind it on the writer thread: the sampler's queries
              as they were before issue 12 (full scans) against the ones it runs now.
+  catch-up  a backlog of readings drained by the inference worker: several decoded in one batch
+             (issue 16) against the same worker one at a time and raw llama-cpp-python one at
+             a time; and the latency at one reading per second, batching worker against not.
 Hot swap and prefix cache figures arrive with the issues that build those features.
 
 Usage: tools/bench.py [--quick] [--json FILE]. --quick uses small sizes: a smoke test of the
@@ -69,6 +72,8 @@ ROUTE = Route(name="temperature", topics=["sensors/+/temperature"], max_tokens=M
 @dataclass(frozen=True)
 class Sizes:
     inference: int
+    catch_up: int
+    paced: int
     ingest: int
     uplink: int
     model_preset: str
@@ -76,10 +81,10 @@ class Sizes:
     backlog: int
 
 
-FULL = Sizes(inference=60, ingest=20_000, uplink=50_000, model_preset="bench", prefix_readings=8,
-             backlog=200_000)
-QUICK = Sizes(inference=5, ingest=500, uplink=1_000, model_preset="tiny", prefix_readings=2,
-              backlog=2_000)
+FULL = Sizes(inference=60, catch_up=200, paced=30, ingest=20_000, uplink=50_000,
+             model_preset="bench", prefix_readings=8, backlog=200_000)
+QUICK = Sizes(inference=5, catch_up=16, paced=3, ingest=500, uplink=1_000, model_preset="tiny",
+              prefix_readings=2, backlog=2_000)
 
 
 def reading(i: int) -> tuple[str, bytes]:
@@ -405,6 +410,70 @@ def prefix_cache(model: Path, readings: int) -> dict[str, Any]:
             "speedup": without / with_cache}
 
 
+# -- catching up on a backlog --------------------------------------------------------------
+
+
+def _backlog_requests(n: int) -> list[tuple[list[dict[str, str]], Any]]:
+    from agent.base.records import Generation
+    from agent.flows.executors import prefix_key
+
+    return [(build_messages(ROUTE, *_decoded(reading(i))),
+             Generation(MAX_TOKENS, 0.0, 0, SCHEMA, prefix_key(ROUTE))) for i in range(n)]
+
+
+def _decoded(message: tuple[str, bytes]) -> tuple[str, str]:
+    return message[0], message[1].decode()
+
+
+def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
+    """Results/s draining `n` readings through the inference worker (agent/inference/
+    supervisor.py) with every reading waiting at once: batched (the default), and with
+    batching off (one at a time, as before issue 16); then the latency of `paced` readings
+    sent one per second to each. The raw figure is raw_inference's on the same readings."""
+    from agent.config.settings import ModelSection
+    from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
+
+    requests = _backlog_requests(n)
+
+    async def drain(max_batch: int) -> tuple[dict[str, float], list[str]]:
+        section = ModelSection(path=model, n_ctx=1024, n_threads=THREADS)
+        worker = InferenceWorker(section, await identify(section, "bench"), max_batch)
+        await worker.start()
+        try:
+            started = time.perf_counter()
+            if max_batch > 1:
+                done = await asyncio.gather(*(worker.complete(m, g) for m, g in requests))
+            else:
+                done = [await worker.complete(m, g) for m, g in requests]
+            elapsed = time.perf_counter() - started
+            texts = [c.text for c in done]
+            latency = []
+            for m, g in requests[:paced]:
+                sent = time.perf_counter()
+                await worker.complete(m, g)
+                latency.append((time.perf_counter() - sent) * 1000)
+                await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - sent)))
+            ordered = sorted(latency)
+            return {"results_per_s": n / elapsed, "batched": float(worker.batched_requests),
+                    "p50_ms": statistics.median(latency),
+                    "p95_ms": ordered[max(0, -(-95 * len(ordered) // 100) - 1)]}, texts
+        finally:
+            await worker.close()
+
+    batched, batched_texts = asyncio.run(drain(MAX_BATCH))
+    alone, alone_texts = asyncio.run(drain(1))
+    same = sum(a == b for a, b in zip(batched_texts, alone_texts, strict=True))
+    raw = raw_inference(model, n)
+    return {"readings": float(n), "max_batch": float(MAX_BATCH),
+            "batched_per_s": batched["results_per_s"], "alone_per_s": alone["results_per_s"],
+            "raw_per_s": raw["results_per_s"],
+            "ratio_to_raw": batched["results_per_s"] / raw["results_per_s"],
+            "ratio_to_alone": batched["results_per_s"] / alone["results_per_s"],
+            "requests_in_batches": batched["batched"], "same_answers": float(same),
+            "paced_p50_ms": batched["p50_ms"], "paced_p95_ms": batched["p95_ms"],
+            "paced_alone_p50_ms": alone["p50_ms"], "paced_alone_p95_ms": alone["p95_ms"]}
+
+
 # -- footprint ------------------------------------------------------------------------------
 
 
@@ -505,6 +574,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
                                                                                 sizes.inference))
         agent_inf = _timed("inference, through the agent", lambda: agent_inference(
             rig, sizes.inference))
+        catch = _timed("catching up on a backlog", lambda: catch_up(model, sizes.catch_up,
+                                                                   sizes.paced))
         raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
         agent_in = _timed("ingest, agent", lambda: agent_ingest(rig, sizes.ingest))
         raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
@@ -527,6 +598,7 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         "inference": {"agent": agent_inf, "raw": raw_inf,
                       "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"],
                       "target": 0.90},
+        "catch_up": catch,
         "ingest": {"agent_per_s": agent_in, "raw_per_s": raw_in,
                    "ratio": agent_in / raw_in, "target": 0.5, "target_abs_per_s": 5000},
         "uplink": {"agent_per_s": agent_up, "raw_per_s": raw_up,
@@ -553,7 +625,18 @@ def table(results: dict[str, Any]) -> str:
     lines = ["| measure | edge-agent | raw | ratio | target |", "|---|---:|---:|---:|---|"]
     lines += [f"| {name} | {a:,.1f} | {r:,.1f} | {ratio:.2f} | {target} |"
               for name, a, r, ratio, target in rows]
+    catch = results["catch_up"]
     lines += [
+        f"| backlog of {catch['readings']:.0f}: results/s, batched (up to "
+        f"{catch['max_batch']:.0f}) | {catch['batched_per_s']:,.2f} | "
+        f"{catch['raw_per_s']:,.2f} | {catch['ratio_to_raw']:.2f} | >= 1.5 |",
+        f"| backlog of {catch['readings']:.0f}: results/s, worker one at a time | "
+        f"{catch['alone_per_s']:,.2f} | {catch['raw_per_s']:,.2f} | "
+        f"{catch['alone_per_s'] / catch['raw_per_s']:.2f} | batched/alone "
+        f"{catch['ratio_to_alone']:.2f}, same answers {catch['same_answers']:.0f} |",
+        f"| latency at 1 reading/s, p50 / p95 | {catch['paced_p50_ms']:,.0f} / "
+        f"{catch['paced_p95_ms']:,.0f} ms | {catch['paced_alone_p50_ms']:,.0f} / "
+        f"{catch['paced_alone_p95_ms']:,.0f} ms (no batching) | | not worse |",
         f"| agent RSS without worker | {foot['agent_rss_mib']:.1f} MiB | | | |",
         f"| worker RSS less model file | {foot['worker_rss_less_model_mib']:.1f} MiB | | | |",
         f"| start to READY | {foot['start_to_ready_s']:.2f} s | | | |",

@@ -29,6 +29,7 @@ from agent.base.validation import check_output
 from agent.base.waits import first_of, wait_or_timeout, wait_or_timeout_any
 from agent.config.settings import Route, Settings
 from agent.flows.executors import Executors, LocalModel
+from agent.inference.supervisor import DEFAULT_MAX_BATCH
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.prompts import build_messages, prompt_version
 from agent.routing.windows import (
@@ -57,6 +58,9 @@ RETRY_TEMPERATURE = 0.8
 # cool-down is 30 s by default: a route tries again soon after the breaker lets a probe through).
 PARK_MAX_S = 30.0
 PARK_MIN_S = 0.2
+# Readings of a local route processed at once while it has a backlog: as many as the worker
+# decodes in one batch (1 while batching is off: one reading at a time, as before).
+BACKLOG_READINGS = DEFAULT_MAX_BATCH
 
 
 @dataclass(slots=True)
@@ -151,10 +155,16 @@ class Pipeline:
         self.liveness.busy()
         parked = self._parked_now()
         windows = self._window_sizes()
-        if windows:
-            window = await self._store.lease_window(windows, exclude=parked)
+        backlog = self._backlog_sizes()
+        if windows or backlog:
+            window = await self._store.lease_window({**backlog, **windows}, exclude=parked)
             if window and window[0].route in windows:
                 await self.process_window(window, stop)
+                return
+            if len(window) > 1:
+                # A backlog of a local route: its readings in flight together, which the
+                # worker's supervisor decodes in one batch (issue 16); each is its own unit.
+                await asyncio.gather(*(self.process(reading) for reading in window))
                 return
             reading = window[0] if window else None
         else:
@@ -168,6 +178,14 @@ class Pipeline:
             await first_of(self._store.inbox_changed, stop)
         else:
             await wait_or_timeout_any((self._store.inbox_changed, stop), wake)
+
+    def _backlog_sizes(self) -> dict[str, tuple[int, int]]:
+        """(1, readings in flight at most) of each local route: one reading unless its route
+        has more waiting (lease_window's coalescing)."""
+        if BACKLOG_READINGS <= 1:
+            return {}
+        return {route.name: (1, BACKLOG_READINGS) for route in self._routes.values()
+                if route.executor == "local" and not route.windowed}
 
     def _window_sizes(self) -> dict[str, tuple[int, int]]:
         """(window_max_readings, window cap) of each windowed route."""

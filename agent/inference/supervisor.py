@@ -10,6 +10,13 @@ loading while the agent serves (the file damaged on disk, a load past its deadli
 worker unavailable: not answering, reported once as `model_unavailable`, the restart retried at the
 next request after a backoff, and `model_recovered` when it answers again. The pipeline keeps the
 readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
+
+Requests that arrive while the worker is busy wait together and go to it as one batch line, up to
+`max_batch` (issue 16: a backlog is decoded several readings at once, agent/inference/batch.py;
+off by default, see DEFAULT_MAX_BATCH);
+a request that finds the worker idle goes alone at once, so latency at low load does not grow.
+The batch forms here, from concurrent callers, rather than in the pipeline: each reading keeps
+its own retries, schema checks and commit, and callers need not know about batching.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -40,6 +49,23 @@ log = structlog.get_logger()
 _LINE_LIMIT = 16 * 1024 * 1024
 # How long a dead (or SIGKILLed) worker may take to be reaped before we go on without it.
 _REAP_TIMEOUT_S = 5.0
+# Requests decoded together at most: llama-server's order of parallel slots. Each sequence's
+# prompt and answer take KV cells of the one context, so the worker decodes fewer at once when
+# they do not fit (agent/inference/worker.py), never more.
+MAX_BATCH = 8
+# Batching is off by default (one request per line, the context as before): on the shared 2-core
+# machine of issue 16 it did not yet beat one at a time on the bench model, and the batching
+# context (n_seq_max > 1, unified KV) may slow a lone request. Set to MAX_BATCH once
+# tools/bench.py's catch-up rows show the gain on a quiet machine.
+DEFAULT_MAX_BATCH = 1
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A request waiting for the worker, and where its reply (or failure) goes."""
+
+    request: dict[str, Any]
+    reply: asyncio.Future[dict[str, Any]]
 
 
 class InferenceFailed(PermanentError):
@@ -57,11 +83,17 @@ async def identify(model: ModelSection, name: str) -> ModelInfo:
 class InferenceWorker:
     """One llama.cpp worker process serving one request at a time."""
 
-    def __init__(self, model: ModelSection, info: ModelInfo) -> None:
+    def __init__(self, model: ModelSection, info: ModelInfo,
+                 max_batch: int = DEFAULT_MAX_BATCH
+                 ) -> None:
         self.info = info
         self._model = model
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
+        self.max_batch = max_batch
+        self._waiting: deque[_Waiting] = deque()
+        # Requests sent in batches of more than one, for the bench and the tests.
+        self.batched_requests = 0
         self._ids = itertools.count(1)
         self._backoff = Backoff(0.5, 30.0)
         self.restarts = 0
@@ -89,6 +121,8 @@ class InferenceWorker:
             args += ["--n-threads-batch", str(self._model.threads_batch)]
         if self._model.memory_limit_mb:
             args += ["--memory-limit-mb", str(self._model.memory_limit_mb)]
+        if self.max_batch > 1:
+            args += ["--max-batch", str(self.max_batch)]
         return args
 
     async def start(self) -> None:
@@ -130,58 +164,30 @@ class InferenceWorker:
         """Run one chat completion under the per-request deadline.
 
         For `generation.prefix_key` (a route's prompt) the worker keeps the model state and
-        restores it instead of evaluating the prefix again.
+        restores it instead of evaluating the prefix again. Requests waiting together for the
+        worker are sent as one batch, with the deadline of one request per request in it.
 
-        A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed.
-        Either way the next call starts a fresh worker after a backoff.
+        A missed deadline kills the worker (WorkerTimeout); a dead worker raises WorkerCrashed;
+        either fails every request of the batch. The next call starts a fresh worker after a
+        backoff.
         """
-        async with self._lock:
-            if self._proc is None or self._proc.returncode is not None:
-                await self._restart()
-            proc = self._proc
-            assert proc is not None
-            request_id = next(self._ids)
-            request = {"id": request_id, "messages": messages,
-                       "max_tokens": generation.max_tokens,
-                       "temperature": generation.temperature, "seed": generation.seed,
-                       "schema": generation.schema, "prefix_key": generation.prefix_key}
-            self.liveness.busy()
-            try:
-                # The deadline covers the write too: a hung worker stops reading its stdin, and
-                # a request larger than the pipe buffer would wait in drain() for ever.
-                reply = await asyncio.wait_for(self._exchange(proc, request),
-                                               self._model.request_timeout_s)
-            except TimeoutError as exc:
-                self.answering = False
-                await self._kill()
-                raise WorkerTimeout(
-                    f"no answer within {self._model.request_timeout_s}s; worker killed"
-                ) from exc
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                self.answering = False
-                await self._kill()
-                raise WorkerCrashed(f"worker pipe closed: {exc}") from exc
-            except WorkerCrashed:
-                self.answering = False
-                await self._kill()
-                raise
-            except asyncio.CancelledError:
-                # Its answer would be read as the next request's: the next call starts afresh.
-                self._abandon()
-                raise
-            finally:
-                self.liveness.idle("no request")
-            if reply.get("id") != request_id:
-                await self._kill()
-                raise WorkerCrashed(
-                    f"worker answered request {reply.get('id')}, not {request_id}")
-            self._backoff.reset()
-            self.answering = True
-            if self.unavailable is not None:
-                log.info("model_recovered", path=self.info.path, failures=self.load_failures,
-                         after_s=round(time.monotonic() - self._unavailable_since, 1))
-                self.unavailable = None
-                self.went_unavailable.clear()
+        request = {"messages": messages, "max_tokens": generation.max_tokens,
+                   "temperature": generation.temperature, "seed": generation.seed,
+                   "schema": generation.schema, "prefix_key": generation.prefix_key}
+        waiting = _Waiting(request, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        try:
+            async with self._lock:
+                # Whoever holds the lock sends everything waiting, oldest first; an earlier
+                # holder may have sent this request already.
+                while not waiting.reply.done():
+                    batch = [self._waiting.popleft()
+                             for _ in range(min(self.max_batch, len(self._waiting)))]
+                    await self._serve(batch)
+        finally:
+            if waiting in self._waiting:  # cancelled before it was sent
+                self._waiting.remove(waiting)
+        reply = waiting.reply.result()
         if not reply.get("ok"):
             raise InferenceFailed(str(reply.get("error")))
         return Completion(
@@ -192,6 +198,80 @@ class InferenceWorker:
             latency_ms=float(reply["latency_ms"]),
             reused_tokens=int(reply.get("reused_tokens", 0)),
         )
+
+    async def _serve(self, batch: list[_Waiting]) -> None:
+        """Send `batch` to the worker and hand each request its reply, or every request the
+        failure. Holds the lock."""
+        try:
+            replies = await self._send([waiting.request for waiting in batch])
+        except asyncio.CancelledError:
+            # The caller that carried the batch is gone and the worker with it (_send).
+            for waiting in batch:
+                if not waiting.reply.done():
+                    waiting.reply.set_exception(WorkerCrashed(
+                        "the worker was stopped with this request in a batch"))
+            raise
+        except Exception as exc:
+            for waiting in batch:
+                if not waiting.reply.done():
+                    waiting.reply.set_exception(exc)
+            return
+        for waiting, reply in zip(batch, replies, strict=True):
+            if not waiting.reply.done():
+                waiting.reply.set_result(reply)
+
+    async def _send(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One exchange with the worker: a request line, or a batch line for several."""
+        if self._proc is None or self._proc.returncode is not None:
+            await self._restart()
+        proc = self._proc
+        assert proc is not None
+        request_id = next(self._ids)
+        line = ({**requests[0], "id": request_id} if len(requests) == 1
+                else {"id": request_id, "batch": requests})
+        timeout_s = self._model.request_timeout_s * len(requests)
+        self.liveness.busy()
+        try:
+            # The deadline covers the write too: a hung worker stops reading its stdin, and
+            # a request larger than the pipe buffer would wait in drain() for ever.
+            reply = await asyncio.wait_for(self._exchange(proc, line), timeout_s)
+        except TimeoutError as exc:
+            self.answering = False
+            await self._kill()
+            raise WorkerTimeout(
+                f"no answer within {timeout_s}s ({len(requests)} requests); worker killed"
+            ) from exc
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.answering = False
+            await self._kill()
+            raise WorkerCrashed(f"worker pipe closed: {exc}") from exc
+        except WorkerCrashed:
+            self.answering = False
+            await self._kill()
+            raise
+        except asyncio.CancelledError:
+            # Its answer would be read as the next request's: the next call starts afresh.
+            self._abandon()
+            raise
+        finally:
+            self.liveness.idle("no request")
+        if reply.get("id") != request_id:
+            await self._kill()
+            raise WorkerCrashed(f"worker answered request {reply.get('id')}, not {request_id}")
+        replies: list[dict[str, Any]] = reply["batch"] if len(requests) > 1 else [reply]
+        if len(replies) != len(requests):
+            await self._kill()
+            raise WorkerCrashed(f"worker answered {len(replies)} of {len(requests)} requests")
+        if len(requests) > 1:
+            self.batched_requests += len(requests)
+        self._backoff.reset()
+        self.answering = True
+        if self.unavailable is not None:
+            log.info("model_recovered", path=self.info.path, failures=self.load_failures,
+                     after_s=round(time.monotonic() - self._unavailable_since, 1))
+            self.unavailable = None
+            self.went_unavailable.clear()
+        return replies
 
     async def _exchange(self, proc: asyncio.subprocess.Process, request: dict[str, Any]
                         ) -> dict[str, Any]:

@@ -7,6 +7,9 @@ during a load, and memory is reliably returned only when a process exits.
 
 Protocol: one JSON object per line. After loading it writes {"event": "ready", ...} or
 {"event": "error", "error": ...}; then for each request line it writes exactly one response line.
+A line {"id": ..., "batch": [request, ...]} carries several requests (issue 16: a backlog); its
+response {"id": ..., "batch": [response, ...]} answers them in order, each as it would have been
+answered alone (agent/inference/batch.py decodes them together).
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
 
@@ -38,6 +41,7 @@ from llama_cpp import Llama, LlamaState
 from llama_cpp.llama_cpp import llama_n_threads, llama_n_threads_batch
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
+from agent.inference import batch
 from agent.inference.grammar import forbid_raw_control_chars
 
 
@@ -59,10 +63,12 @@ PREFIX_STATES = 8
 
 
 class Engine:
-    """A loaded model and the grammars built for it, one request at a time."""
+    """A loaded model and the grammars built for it: one request at a time, or up to
+    `max_batch` decoded together (agent/inference/batch.py)."""
 
-    def __init__(self, llm: Llama) -> None:
+    def __init__(self, llm: Llama, max_batch: int = 1) -> None:
         self._llm = llm
+        self._max_batch = max_batch
         self._grammars: dict[str, LlamaGrammar] = {}
         # Prefix cache (issue 6): for each request's `prefix_key` (a route's fixed prompt), the
         # model state after its first request. llama-cpp-python already reuses the KV cache for
@@ -83,13 +89,22 @@ class Engine:
             self._grammars[key] = grammar
         return grammar
 
+    def _restore_prefix(self, key: str | None) -> None:
+        if key is not None and key != self._last_key and key in self._prefix_states:
+            self._llm.load_state(self._prefix_states[key])
+            self._prefix_states.move_to_end(key)
+
+    def _keep_prefix(self, key: str | None) -> None:
+        if key is not None and key not in self._prefix_states:
+            self._prefix_states[key] = self._llm.save_state()
+            while len(self._prefix_states) > PREFIX_STATES:
+                self._prefix_states.popitem(last=False)
+
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         schema = request.get("schema")
         started = time.perf_counter()
         key = request.get("prefix_key")
-        if key is not None and key != self._last_key and key in self._prefix_states:
-            self._llm.load_state(self._prefix_states[key])
-            self._prefix_states.move_to_end(key)
+        self._restore_prefix(key)
         before = list(self._llm.input_ids)
         response: Any = self._llm.create_chat_completion(
             messages=request["messages"],
@@ -101,10 +116,7 @@ class Engine:
         choice = response["choices"][0]
         usage = response.get("usage") or {}
         self._last_key = key
-        if key is not None and key not in self._prefix_states:
-            self._prefix_states[key] = self._llm.save_state()
-            while len(self._prefix_states) > PREFIX_STATES:
-                self._prefix_states.popitem(last=False)
+        self._keep_prefix(key)
         return {
             "ok": True,
             "text": choice["message"].get("content") or "",
@@ -114,6 +126,94 @@ class Engine:
             "latency_ms": (time.perf_counter() - started) * 1000,
             "reused_tokens": _common_prefix(before, list(self._llm.input_ids)),
         }
+
+
+    def complete_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answer `requests` in order, each as `complete` would answer it alone.
+
+        Requests of one prefix key (one route's prompt) are decoded together, as many as fit
+        `max_batch` and the context; a part of one, a request the batched decode does not
+        reproduce (batch.batchable) and a part whose decode fails are answered one by one.
+        Responses of a batched decode carry `batch_size`; those answered alone after a failed
+        decode carry `batch_error`.
+        """
+        responses: list[dict[str, Any] | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.get("prefix_key"), []).append(index)
+        for key, indexes in groups.items():
+            for part in self._partition([(i, requests[i]) for i in indexes]):
+                failure: str | None = None
+                if len(part) > 1:
+                    try:
+                        answered = self._together(key, [args for _, args in part if args])
+                    except RuntimeError as exc:  # llama_decode failed: no cell left, say
+                        failure = str(exc)
+                    else:
+                        for (index, _), response in zip(part, answered, strict=True):
+                            responses[index] = response
+                        continue
+                for index, _ in part:
+                    response = self._alone(requests[index])
+                    if failure is not None:
+                        response["batch_error"] = failure
+                    responses[index] = response
+        return [response for response in responses if response is not None]
+
+    def _together(self, key: str | None, args: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self._restore_prefix(key)
+        self._last_key = None  # until sequence 0 holds this key's prefix again
+        answered = batch.decode_together(self._llm, args, on_prefix=lambda: self._keep_prefix(key))
+        self._last_key = key
+        for response in answered:
+            response["batch_size"] = len(args)
+        return answered
+
+    def _alone(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.complete(request)
+        except Exception as exc:  # one bad request must not fail the others
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _arguments(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """What create_chat_completion would generate from, or None to answer it alone."""
+        schema = request.get("schema")
+        try:
+            args = batch.render(self._llm, request["messages"],
+                                max_tokens=int(request["max_tokens"]),
+                                temperature=float(request.get("temperature", 0.0)),
+                                seed=int(request.get("seed", 0)),
+                                grammar=self._grammar(schema) if schema else None)
+            if not batch.batchable(args):
+                return None
+            args["max_tokens"] = batch.max_tokens_for(self._llm, args["prompt"],
+                                                      args.get("max_tokens"))
+        except Exception:  # answered alone, which reports the error as it always has
+            return None
+        return args
+
+    def _partition(self, group: list[tuple[int, dict[str, Any]]]
+                   ) -> list[list[tuple[int, dict[str, Any] | None]]]:
+        """Consecutive parts of at most max_batch requests whose decode fits the context; a
+        request that cannot be batched is a part of its own (its arguments None)."""
+        parts: list[list[tuple[int, dict[str, Any] | None]]] = []
+        current: list[tuple[int, dict[str, Any]]] = []
+        n_ctx = self._llm.n_ctx()
+        for index, request in group:
+            args = self._arguments(request) if self._max_batch > 1 else None
+            if args is None:
+                parts.append([(index, None)])
+                continue
+            trial = [*current, (index, args)]
+            fits = batch.cells_needed([a["prompt"] for _, a in trial],
+                                      [a["max_tokens"] for _, a in trial]) <= n_ctx
+            if current and (len(trial) > self._max_batch or not fits):
+                parts.append(list(current))
+                trial = [(index, args)]
+            current = trial
+        if current:
+            parts.append(list(current))
+        return parts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -150,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit-mb", type=int, default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="requests of one batch line decoded together (1: one at a time)")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with(args.parent_pid)
@@ -177,15 +279,21 @@ def main(argv: list[str] | None = None) -> int:
             error += f" (address space limited to {args.memory_limit_mb} MiB)"
         _send(out, {"event": "error", "error": error})
         return 1
+    if args.max_batch > 1:
+        # Sequence 0 is Llama's own (and the shared prefix); one more per request.
+        batch.with_sequences(llm, args.max_batch + 1)
     # The thread counts llama.cpp's context actually got, for the supervisor's log.
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
                 "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
                 "threads_batch": llama_n_threads_batch(llm.ctx)})
-    engine = Engine(llm)
+    engine = Engine(llm, args.max_batch)
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            response = engine.complete(request)
+            if "batch" in request:
+                response = {"ok": True, "batch": engine.complete_many(request["batch"])}
+            else:
+                response = engine.complete(request)
         except Exception as exc:  # one bad request must not take the worker down
             response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         response["id"] = request.get("id")
