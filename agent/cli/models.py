@@ -1,6 +1,8 @@
 """`edge-agent model ...`: the operator's commands for model packages.
 
-keygen, sign, allow-rollback, verify and command work on files only (allow-rollback adds a
+keygen, sign, allow-rollback, verify and command work on files only, and so does specialize (it
+trains and evaluates a student model for one route: agent/specialize/, imported only when it
+runs, with the optional [train] extra's torch and gguf) (allow-rollback adds a
 signed rollback directive to a package, agent/ota/directive.py; command prints the JSON to publish
 on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
 runs because none of them changes what the agent is serving directly: `list` reads the state
@@ -31,7 +33,7 @@ from agent.ota.state import ModelStore
 
 def add_parser(commands: Any) -> None:
     model = commands.add_parser("model", help="model packages: keygen, sign, allow-rollback, "
-                                "verify, command, list, install, rollback")
+                                "verify, command, list, install, rollback; specialize")
     sub = model.add_subparsers(dest="model_command", required=True)
     keygen = sub.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
     keygen.add_argument("key", type=Path)
@@ -70,6 +72,62 @@ def add_parser(commands: Any) -> None:
         if name == "install":
             cmd.add_argument("package", type=Path)
         cmd.add_argument("--config", type=Path, required=True)
+    _add_specialize(sub)
+
+
+def _add_specialize(sub: Any) -> None:
+    spec = sub.add_parser(
+        "specialize", help="train a small model for one route from labels or a rule, quantize "
+        "it and evaluate every file on a held-out set (needs the [train] extra)")
+    spec.add_argument("--config", type=Path, required=True, help="the agent's configuration")
+    spec.add_argument("--route", required=True, help="the route to specialize for")
+    source = spec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", type=Path,
+                        help='JSONL: {"reading": {...}, "output": {...}} per line')
+    source.add_argument("--rule", help="a labelling rule for synthetic readings, e.g. "
+                        "'celsius<60:normal,celsius<85:warning,else:critical'")
+    spec.add_argument("--range", dest="span", default=None, metavar="LO:HI",
+                      help="with --rule: the values synthetic readings cover (default: three "
+                      "times the thresholds' spread either side)")
+    spec.add_argument("--out", type=Path, required=True, help="the directory to write")
+    spec.add_argument("--steps", type=int, default=None, help="training steps")
+    spec.add_argument("--seed", type=int, default=None)
+    spec.add_argument("--train-examples", type=int, default=None,
+                      help="with --rule: synthetic training readings")
+    spec.add_argument("--eval-examples", type=int, default=None,
+                      help="held-out readings (a fifth of a labels file at most)")
+    spec.add_argument("--threads", type=int, default=2)
+    spec.add_argument("--base", type=Path, default=None,
+                      help="a GGUF to evaluate beside the student (e.g. the pretrained base)")
+
+
+def _specialize(args: argparse.Namespace) -> int:
+    try:
+        from agent.specialize import run as specialize
+        from agent.specialize.recipe import Recipe
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("torch", "gguf", "numpy", "llama_cpp"):
+            print(f"edge-agent: model specialize needs the [train] extra "
+                  f"(pip install 'edge-agent[train]'): no module named {exc.name!r}",
+                  file=sys.stderr)
+            return 1
+        raise
+    overrides = {key: getattr(args, key) for key in ("steps", "seed", "train_examples",
+                                                      "eval_examples")
+                 if getattr(args, key) is not None}
+    span = None
+    if args.span is not None:
+        try:
+            low, high = (float(x) for x in args.span.split(":"))
+        except ValueError:
+            print(f"edge-agent: --range {args.span!r} is not LO:HI", file=sys.stderr)
+            return 2
+        span = (low, high)
+    recipe = Recipe(**overrides)
+    specialize.specialize(specialize.Request(
+        config=args.config, route=args.route, out=args.out, labels=args.labels,
+        rule=args.rule, span=span, recipe=recipe, threads=args.threads, base=args.base))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,4 +282,4 @@ def _rollback(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"keygen": _keygen, "sign": _sign, "allow-rollback": _allow_rollback,
              "verify": _verify, "command": _command, "list": _list, "install": _install,
-             "rollback": _rollback}
+             "rollback": _rollback, "specialize": _specialize}

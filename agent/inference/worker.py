@@ -1,4 +1,6 @@
-"""The inference worker: a child process owning llama.cpp; the only module importing llama_cpp.
+"""The inference worker: a child process owning llama.cpp; the daemon's only module importing
+llama_cpp (the offline specializer's agent/specialize/llamacpp.py is the other, and reuses
+this module's Engine to evaluate models as the worker runs them).
 
 It runs as `python -m agent.inference.worker --model PATH ...` under agent/inference/supervisor.py,
 which supervises it. It lives in its own process because a corrupt GGUF can crash the process, a

@@ -1,0 +1,158 @@
+"""`edge-agent model specialize`: labels in, an evaluated student out.
+
+The steps, each printed as it happens: labelled examples (a labels file or a rule) and the
+held-out set -> the route's vocabulary and a vocabulary-only GGUF whose llama.cpp tokenizer
+tokenizes every training sequence -> training (step, loss, elapsed) -> float32 GGUF export ->
+f16, q8_0 and q4_0 by llama.cpp's quantizer -> every file (and an optional base model) answers
+the held-out set through llama.cpp -> the table. The output directory gets the GGUF files,
+eval.jsonl (the held-out set, the functional canary to come), recipe.json (how to retrain)
+and report.json (the table and the times).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.config.settings import Route, Settings, load
+from agent.routing.prompts import build_messages
+from agent.specialize import examples, llamacpp, rules, student
+from agent.specialize.evaluate import Scores, evaluate, table
+from agent.specialize.examples import Example
+from agent.specialize.export import write_gguf
+from agent.specialize.recipe import Recipe
+from agent.specialize.vocab import route_vocab
+
+QUANTS = ("f16", "q8_0", "q4_0")
+MAX_READING_KEYS = 64  # keys of the readings given whole-word pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    config: Path
+    route: str
+    out: Path
+    labels: Path | None = None
+    rule: str | None = None
+    span: tuple[float, float] | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+    threads: int = 2  # training's; evaluation uses the worker's, from the configuration
+    base: Path | None = None  # a GGUF evaluated beside the student, e.g. the pretrained base
+    quants: tuple[str, ...] = QUANTS
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    files: dict[str, Path]
+    scores: list[Scores]
+    torch_texts: list[str]
+    held: list[Example]
+    times_s: dict[str, float]
+
+
+def find_route(config: Path, name: str) -> tuple[Settings, Route]:
+    settings = load(config)
+    for route in settings.routes:
+        if route.name == name:
+            return settings, route
+    raise ValueError(f"{config}: no route named {name!r}; routes: "
+                     f"{', '.join(r.name for r in settings.routes)}")
+
+
+def labelled(request: Request, route: Route) -> tuple[list[Example], list[Example], Any]:
+    """(training, held-out, what the recipe records about the labels)."""
+    recipe = request.recipe
+    if request.rule is not None:
+        rule = rules.parse_rule(request.rule, route)
+        span = request.span or rules.default_range(rule)
+        train, held = examples.from_rule(route, rule, span=span, n_train=recipe.train_examples,
+                                         n_eval=recipe.eval_examples, seed=recipe.seed)
+        return train, held, {"rule": rule.text, "range": list(span)}
+    if request.labels is None:
+        raise ValueError("give --labels FILE or --rule RULE")
+    every = examples.load_labels(request.labels, route)
+    train, held = examples.split(every, recipe.eval_examples, recipe.seed)
+    return train, held, {"labels": str(request.labels), "lines": len(every)}
+
+
+def specialize(request: Request, log: TextIO = sys.stdout) -> Outcome:
+    def say(text: str) -> None:
+        print(f"specialize: {text}", file=log, flush=True)
+
+    started = time.monotonic()
+    times: dict[str, float] = {}
+    settings, route = find_route(request.config, request.route)
+    recipe = request.recipe
+    out = request.out
+    out.mkdir(parents=True, exist_ok=True)
+    train, held, source = labelled(request, route)
+    say(f"route {route.name}: {len(train)} training and {len(held)} held-out examples")
+    keys = sorted({k for e in train for k in e.reading})[:MAX_READING_KEYS]
+    vocab = route_vocab(route, keys)
+    tokenizer = llamacpp.Tokenizer(write_gguf(out / "vocab.gguf", recipe, vocab, [],
+                                              name=f"{route.name}-vocab"))
+    data = [student.Tokens(*tokenizer.example_ids(
+        build_messages(route, e.topic, e.payload), e.answer)) for e in train]
+    longest = max(len(d.ids) for d in data)
+    if longest > recipe.n_ctx:
+        recipe = replace(recipe, n_ctx=longest)
+    times["data_s"] = time.monotonic() - started
+    say(f"vocabulary {len(vocab.tokens)} tokens; sequences up to {longest} tokens; training "
+        f"{recipe.n_layer} layers x {recipe.n_embd} for {recipe.steps} steps of {recipe.batch}")
+
+    mark, cpu = time.monotonic(), time.process_time()
+    student.set_threads(request.threads)
+    model = student.train(recipe, len(vocab.tokens), data, lambda p: say(
+        f"step {p.step}/{p.steps} loss {p.loss:.4f} elapsed {p.elapsed_s:.1f} s "
+        f"(cpu {p.cpu_s:.1f} s)"))
+    times["train_s"] = time.monotonic() - mark
+    times["train_cpu_s"] = time.process_time() - cpu
+
+    mark = time.monotonic()
+    name = f"{route.name}-student"
+    files = {"f32": write_gguf(out / f"{name}-f32.gguf", recipe, vocab, model.tensors(),
+                               name=name)}
+    for kind in request.quants:
+        files[kind] = llamacpp.quantize(files["f32"], out / f"{name}-{kind}.gguf", kind)
+    times["export_s"] = time.monotonic() - mark
+
+    mark = time.monotonic()
+    torch_texts = [tokenizer.detokenize(student.greedy(
+        model, tokenizer.prompt_ids(build_messages(route, e.topic, e.payload)),
+        eos_id=tokenizer.eos_id, max_new=route.max_tokens)) for e in held]
+    times["torch_greedy_s"] = time.monotonic() - mark
+    scores: list[Scores] = []
+    candidates = list(files.items())
+    if request.base is not None:
+        candidates.append(("base", request.base))
+    for label, path in candidates:
+        n_ctx = max(recipe.n_ctx, 512) if label != "base" else 2048
+        scores.append(evaluate(label, path, route, held, n_ctx=n_ctx,
+                               n_threads=settings.model.n_threads,
+                               n_threads_batch=settings.model.threads_batch, note=say))
+        say(f"{label}: accuracy {scores[-1].accuracy:.3f}")
+    times["eval_s"] = time.monotonic() - mark
+    times["total_s"] = time.monotonic() - started
+
+    examples.write_jsonl(out / "eval.jsonl", held)
+    (out / "recipe.json").write_text(json.dumps(
+        {"route": route.name, "recipe": recipe.to_json(), "labels": source,
+         "vocab_tokens": len(vocab.tokens), "reading_keys": keys}, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(
+        {"scores": [s.to_json() | {"agrees_with_torch": s.agreement(torch_texts)}
+                    for s in scores], "times_s": times,
+         "misses": [{"topic": e.topic, "reading": e.reading, "expected": e.output,
+                     "got": text}
+                    for e, text, hit in zip(held, scores[0].texts, scores[0].hits, strict=True)
+                    if not hit][:50]}, indent=2) + "\n")
+    (out / "vocab.gguf").unlink()
+    print(table(scores, torch_texts), file=log)
+    say(f"data {times['data_s']:.0f} s, training {times['train_s']:.0f} s "
+        f"(cpu {times['train_cpu_s']:.0f} s), export "
+        f"{times['export_s']:.0f} s, evaluation {times['eval_s']:.0f} s, total "
+        f"{times['total_s']:.0f} s; written to {out}")
+    return Outcome(files, scores, torch_texts, held, times)

@@ -1,0 +1,149 @@
+"""`edge-agent model specialize` end to end, on real PyTorch and real llama.cpp: the exported
+GGUF computes what the torch student computes, and a small training run from a rule gives a
+student whose GGUF files answer the held-out set as the torch model does, above a floor.
+
+Needs the [train] extra (torch); skipped without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config.settings import Route
+from agent.routing.prompts import build_messages
+from agent.specialize.export import write_gguf
+from agent.specialize.recipe import Recipe
+
+torch = pytest.importorskip("torch")
+
+from agent.specialize import llamacpp, student  # noqa: E402  (needs torch)
+from agent.specialize.run import Request, specialize  # noqa: E402
+from agent.specialize.vocab import route_vocab  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "agent.toml"
+RULE = "celsius<60:normal,celsius<85:warning,else:critical"
+# The small run: 2 layers x 64, 300 steps of 32 (about 60 s of training on 2 quiet cores).
+SMALL = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=128, steps=300, batch=32, lr=4e-3,
+               warmup_steps=20, train_examples=6000, eval_examples=200, seed=0)
+# A floor the small run clears with room: its spread over seeds is measured with the recipe's.
+SMALL_FLOOR = 0.75
+
+
+def temperature_route() -> Route:
+    table = tomllib.loads(CONFIG.read_text())
+    return Route(**next(r for r in table["routes"] if r["name"] == "temperature"))
+
+
+def test_the_gguf_computes_the_logits_the_torch_student_computes(tmp_path: Path) -> None:
+    """Every position's logits from llama.cpp on the float32 export equal the torch forward
+    pass's within float32 rounding: tensor names, layouts, RMS norm, the rotary mode and the
+    feed-forward are llama.cpp's own. Weights are random (norms too), so nothing cancels."""
+    from llama_cpp import Llama
+
+    route = temperature_route()
+    recipe = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=96, n_ctx=256)
+    vocab = route_vocab(route, ["celsius"])
+    torch.manual_seed(1)
+    model = student.Student(recipe, len(vocab.tokens))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # norms away from 1, larger weights
+    path = write_gguf(tmp_path / "s.gguf", recipe, vocab, model.tensors(), name="s")
+    tokenizer = llamacpp.Tokenizer(path)
+    ids = tokenizer.prompt_ids(build_messages(route, "sensors/a-1/temperature",
+                                              json.dumps({"celsius": 72.5})))
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    ours = np.asarray(llm.scores[:len(ids)])
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids]))[0].numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(theirs).max())
+    assert np.abs(theirs).max() > 0.1  # not a vacuous comparison of near-zero logits
+
+
+def test_the_training_pass_computes_the_logits_of_the_plain_pass() -> None:
+    """forward_train (the batch's shared prefix once, the last block at answer positions only)
+    is a shortcut, not another model: its logits are forward()'s at those positions."""
+    recipe = Recipe(n_embd=64, n_layer=3, n_head=4, n_ff=96)
+    torch.manual_seed(2)
+    model = student.Student(recipe, 300)
+    head = torch.randint(3, 300, (25,)).tolist()
+    rows = [student.Tokens(head + torch.randint(3, 300, (n,)).tolist(), 25 + n - answer)
+            for n, answer in ((40, 7), (31, 5), (52, 7), (45, 6))]
+    inputs, shared, at, targets = student._batch(rows)
+    assert shared == 25
+    assert int((targets != student.IGNORE).sum()) == 7 + 5 + 7 + 6
+    plain = model(inputs)[torch.arange(4)[:, None], at]
+    for n_shared in (shared, 1, 10):
+        assert torch.allclose(model.forward_train(inputs, n_shared, at), plain, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_small_run_from_a_rule_ships_gguf_files_that_answer_as_the_torch_student_does(
+        tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    log = tmp_path / "specialize.log"
+    with log.open("w") as stream:
+        outcome = specialize(Request(config=CONFIG, route="temperature", out=out, rule=RULE,
+                                     recipe=SMALL, threads=2), stream)
+    text = log.read_text()
+    assert "step 300/300 loss" in text
+    assert "elapsed" in text
+    scores = {s.label: s for s in outcome.scores}
+    assert list(scores) == ["f32", "f16", "q8_0", "q4_0"]
+    # The GGUF is what llama.cpp runs: its greedy answers under the route's grammar are the
+    # torch student's greedy answers, reading for reading.
+    assert list(scores["f32"].texts) == outcome.torch_texts
+    assert scores["f16"].agreement(outcome.torch_texts) >= 0.98
+    assert scores["q8_0"].agreement(outcome.torch_texts) >= 0.97
+    for s in scores.values():
+        assert s.schema_valid == 1.0, s.label
+        assert s.path.is_file()
+        assert s.size_bytes == s.path.stat().st_size
+    assert scores["f32"].accuracy >= SMALL_FLOOR, text
+    assert scores["q4_0"].size_bytes < scores["q8_0"].size_bytes < scores["f16"].size_bytes \
+        < scores["f32"].size_bytes
+    held = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(held) == 200 == len(outcome.held)
+    assert held[0] == outcome.held[0].to_json()
+    report = json.loads((out / "report.json").read_text())
+    assert [row["label"] for row in report["scores"]] == list(scores)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["recipe"]["steps"] == 300
+    assert recipe["labels"]["rule"] == RULE
+    for line in ("model", "f32", "q4_0", "accuracy"):
+        assert line in text
+    assert not (out / "vocab.gguf").exists()
+
+
+def test_specialize_without_torch_names_the_missing_extra(tmp_path: Path) -> None:
+    """The daemon's install has no torch: the command says which extra to install."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from agent.cli.main import main\n"
+            f"sys.exit(main(['model', 'specialize', '--config', {str(CONFIG)!r}, '--route',"
+            f" 'temperature', '--rule', {RULE!r}, '--out', {str(tmp_path / 'o')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "needs the [train] extra" in done.stderr
+    assert "'torch'" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_specialize_for_a_route_the_config_lacks_names_the_routes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli.main import main
+
+    code = main(["model", "specialize", "--config", str(CONFIG), "--route", "humidity",
+                 "--rule", RULE, "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "no route named 'humidity'; routes: temperature, vibration" in capsys.readouterr().err
