@@ -11,10 +11,12 @@ shared machines:
   footprint  agent RSS without the worker, worker RSS less the model file, start to READY;
   backlog    with a large backlog waiting in the outbox, the status sampler's read and the
              latency of a commit queued behind it on the writer thread: the sampler's queries
-             as they were before issue 12 (full scans) against the ones it runs now.
+             as they were before issue 12 (full scans) against the ones it runs now;
   catch-up  a backlog of readings drained by the inference worker: several decoded in one batch
              (issue 16) against the same worker one at a time and raw llama-cpp-python one at
-             a time; and the latency at one reading per second, batching worker against not.
+             a time; and the latency at one reading per second, batching worker against not;
+  neighbour  publish -> result latency (p50/p95) of a plain route beside a window route whose
+             window always waits for more readings, against the same plain stream alone.
 Hot swap and prefix cache figures arrive with the issues that build those features.
 
 Usage: tools/bench.py [--quick] [--json FILE]. --quick uses small sizes: a smoke test of the
@@ -28,6 +30,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import sqlite3
 import statistics
 import subprocess
@@ -79,12 +82,13 @@ class Sizes:
     model_preset: str
     prefix_readings: int
     backlog: int
+    neighbour: int = 100  # plain readings per phase of the window-neighbour figure
 
 
 FULL = Sizes(inference=60, catch_up=200, paced=30, ingest=20_000, uplink=50_000,
              model_preset="bench", prefix_readings=8, backlog=200_000)
 QUICK = Sizes(inference=5, catch_up=16, paced=3, ingest=500, uplink=1_000, model_preset="tiny",
-              prefix_readings=2, backlog=2_000)
+              prefix_readings=2, backlog=2_000, neighbour=10)
 
 
 def reading(i: int) -> tuple[str, bytes]:
@@ -394,6 +398,163 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
     }
 
 
+# -- a plain route beside a waiting window -------------------------------------------------
+
+NEIGHBOUR_ROUTE = """
+[[routes]]
+name = "humidity"
+topics = ["sensors/+/humidity"]
+instruction = "Classify the humidity readings as normal, warning or critical."
+max_tokens = 24
+window_max_readings = 16
+window_max_wait_ms = 3000
+[routes.output_schema]
+type = "object"
+required = ["level"]
+additionalProperties = false
+[routes.output_schema.properties.level]
+enum = ["normal", "warning", "critical"]
+"""
+# Below the window's 3 s wait: a window opens, takes a second reading and waits out the rest,
+# so one is waiting most of the time; it holds one or two readings, few enough that answering
+# it costs about what a plain reading costs (the figure is the wait's, not the CPU's).
+NEIGHBOUR_EVERY_S = 2.0
+
+
+def _publisher(port: int, client_id: str) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def _every(port: int, client_id: str, topic: str, interval_s: float,
+           stop: threading.Event) -> None:
+    """Publish a reading on `topic` every `interval_s` (QoS 1) until `stop`."""
+    client = _publisher(port, client_id)
+    try:
+        seq = 0
+        while not stop.is_set():
+            client.publish(topic, json.dumps({"seq": seq, "rh": 40 + seq % 60}), qos=1)
+            seq += 1
+            stop.wait(interval_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _plain_results(collector: CloudCollector, topic: str) -> dict[int, str]:
+    """Result id by the reading's seq, for the plain results of readings on `topic`."""
+    return {r["source"]["payload"]["seq"]: r["id"] for r in collector.results()
+            if "covers" not in r and r["source"]["topic"] == topic}
+
+
+def _answered_ms(client: paho.Client, collector: TimedCollector, topic: str,
+                 seq: int) -> float:
+    """Publish one plain reading and wait for its result: ms from publish to result."""
+    stamp = time.time()
+    client.publish(topic, json.dumps({"seq": seq, "celsius": 20 + seq % 60}),
+                   qos=1).wait_for_publish(30)
+    wait_until(lambda: seq in _plain_results(collector, topic), 120, f"result {seq} on {topic}",
+               interval_s=0.01)
+    return (collector.arrived[_plain_results(collector, topic)[seq]] - stamp) * 1000
+
+
+def _closed_loop(rig: Rig, collector: TimedCollector, topic: str, n: int) -> list[float]:
+    """`n` plain readings on `topic`, each published 50-250 ms after the previous one's result
+    arrived: each one's publish-to-result latency in ms (a reading's latency with nothing
+    queued ahead of it)."""
+    pause = random.Random(16)
+    client = _publisher(rig.local.port, f"bench-{topic.replace('/', '-')}")
+    try:
+        latency = []
+        for seq in range(n):
+            time.sleep(pause.uniform(0.05, 0.25))
+            latency.append(_answered_ms(client, collector, topic, seq))
+        return latency
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _open_loop(rig: Rig, collector: TimedCollector, topic: str, n: int,
+               interval_s: float) -> list[float]:
+    """`n` plain readings on `topic` at random times, `interval_s` apart on average (0.5 to 1.5
+    times it, a fixed seed), whatever the agent does meanwhile: each one's publish-to-result
+    latency in ms. Unlike a closed loop, a reading held up does not hold back the next one's
+    publish, so the held-up time is sampled as often as the rest (no coordinated omission)."""
+    pause = random.Random(16)
+    client = _publisher(rig.local.port, f"bench-{topic.replace('/', '-')}")
+    sent: list[tuple[int, float]] = []
+    try:
+        infos = []
+        for seq in range(n):
+            time.sleep(interval_s * pause.uniform(0.5, 1.5))
+            sent.append((seq, time.time()))
+            infos.append(client.publish(topic, json.dumps({"seq": seq, "celsius": 20 + seq % 60}),
+                                        qos=1))
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    wait_until(lambda: len(_plain_results(collector, topic)) >= n, 600, f"{n} results on {topic}")
+    results = _plain_results(collector, topic)
+    return [(collector.arrived[results[seq]] - stamp) * 1000 for seq, stamp in sent]
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return statistics.median(values), cuts[18]
+
+
+def window_neighbour(rig: Rig, n: int) -> dict[str, float]:
+    """Issue 16, item 4. One agent with a plain route and a window route (up to 16 readings,
+    3,000 ms wait). `n` plain readings at random times alone, then `n` more while the window
+    route gets a reading every NEIGHBOUR_EVERY_S: the plain readings' publish-to-result
+    latency, p50 and p95, in each phase. They come four times the single-reading latency apart
+    on average, measured first (10 readings one after another), so that they seldom queue
+    behind each other on any machine. A window and three plain readings go before that,
+    unmeasured: a route's first answer compiles its grammar and evaluates its prompt prefix,
+    seconds that no later reading pays."""
+    agent = rig.agent("neighbour")
+    agent.config.write_text(agent.config.read_text() + NEIGHBOUR_ROUTE)
+    collector = TimedCollector(rig.cloud.port, client_id="bench-neighbour").start()
+    agent.start()
+    figures: dict[str, float] = {}
+    try:
+        agent.wait_for_event("agent_ready", 120)
+        publish_readings(rig.local.port, [("sensors/warm/humidity", b'{"seq": 0, "rh": 40}')],
+                         client_id="bench-warm-w")
+        _closed_loop(rig, collector, "sensors/warm/temperature", 3)
+        wait_until(lambda: any("covers" in r for r in collector.results()), 60,
+                   "the warm-up window")
+        figures["single_ms"] = statistics.median(_closed_loop(
+            rig, collector, "sensors/single/temperature", 10))
+        interval_s = figures["interval_s"] = max(0.25, 4 * figures["single_ms"] / 1000)
+        latency = _open_loop(rig, collector, "sensors/alone/temperature", n, interval_s)
+        figures["alone_p50_ms"], figures["alone_p95_ms"] = _percentiles(latency)
+        stop = threading.Event()
+        windows = threading.Thread(target=_every, name="bench-neighbour-windows", args=(
+            rig.local.port, "bench-beside-w", "sensors/beside/humidity", NEIGHBOUR_EVERY_S,
+            stop))
+        windows.start()
+        try:
+            time.sleep(1.0)  # a window is open and waiting before the plain readings start
+            latency = _open_loop(rig, collector, "sensors/beside/temperature", n, interval_s)
+        finally:
+            stop.set()
+            windows.join()
+        figures["beside_p50_ms"], figures["beside_p95_ms"] = _percentiles(latency)
+        figures["windows"] = float(sum(1 for e in agent.events()
+                                       if e.get("event") == "window_recorded"))
+    finally:
+        agent.terminate()
+        collector.stop()
+    figures["p95_ratio"] = figures["beside_p95_ms"] / figures["alone_p95_ms"]
+    return figures
+
+
 # -- prefix cache ---------------------------------------------------------------------------
 
 
@@ -586,6 +747,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         # the stream must stay below what the model sustains on a busy 2-core machine.
         swap = _timed("hot swap", lambda: hot_swap(rig, 0.1, "tiny"))
         prefix = _timed("prefix cache", lambda: prefix_cache(model, sizes.prefix_readings))
+        neighbour = _timed("plain route beside a waiting window", lambda: window_neighbour(
+            rig, sizes.neighbour))
         backlog = _timed("commits behind the status sampler", lambda: backlog_commits(
             work, sizes.backlog))
     finally:
@@ -607,12 +770,14 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         "hot_swap": swap,
         "prefix_cache": prefix,
         "backlog": backlog,
+        "window_neighbour": neighbour,
     }
 
 
 def table(results: dict[str, Any]) -> str:
     inf, ing, up, foot = (results[k] for k in ("inference", "ingest", "uplink", "footprint"))
     swap, prefix, backlog = results["hot_swap"], results["prefix_cache"], results["backlog"]
+    neighbour = results["window_neighbour"]
     rows = [
         ("inference results/s", inf["agent"]["results_per_s"], inf["raw"]["results_per_s"],
          inf["ratio"], ">= 0.90"),
@@ -650,6 +815,10 @@ def table(results: dict[str, Any]) -> str:
         f"| commit queued behind a status sample | {backlog['sizes_commit_ms']:.2f} ms | "
         f"{backlog['scan_commit_ms']:.2f} ms (before) | | no sample ahead: "
         f"{backlog['none_commit_ms']:.2f} ms |",
+        f"| plain route p50/p95 beside a waiting window | {neighbour['beside_p50_ms']:.0f}/"
+        f"{neighbour['beside_p95_ms']:.0f} ms | {neighbour['alone_p50_ms']:.0f}/"
+        f"{neighbour['alone_p95_ms']:.0f} ms (alone) | {neighbour['p95_ratio']:.2f} | "
+        f"p95 <= 2x alone (a reading every {neighbour['interval_s']:.2f} s) |",
     ]
     return "\n".join(lines)
 

@@ -6,7 +6,9 @@ or missed deadline releases the reading for another attempt, up to `pipeline.max
 dead-letters it. An answer that fails the route's schema is retried within the route's bound,
 then recorded as a failed result with the raw text: never passed on as if it were valid.
 A windowed route's readings are answered together (agent/routing/windows.py): one result covers
-them, and it is recorded and they are retired in one transaction.
+them, and it is recorded and they are retired in one transaction. A window that is not full stays
+open while it waits for more readings of its route, and the pipeline answers other routes'
+readings meanwhile: a waiting window never holds the pipeline (issue 16).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from agent.inference.supervisor import DEFAULT_MAX_BATCH
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.prompts import build_messages, prompt_version
 from agent.routing.windows import (
+    OpenWindow,
     build_window_messages,
+    due_first,
     window_id,
     window_prompt_version,
     window_result_row,
@@ -122,6 +126,8 @@ class Pipeline:
         self.executors = executors or Executors()  # where each reading runs (local, cloud)
         # Routes whose executor is unavailable (agent/errors.Unavailable), by name.
         self._parked: dict[str, _Parked] = {}
+        # Windows leased and waiting for more readings, by route: at most one per route.
+        self._open: dict[str, OpenWindow] = {}
 
     def apply(self, settings: Settings) -> None:
         """Take reloaded routes and retry policy; the reading in hand finishes as it began."""
@@ -130,14 +136,17 @@ class Pipeline:
         self._versions = {route.name: prompt_version(route) for route in settings.routes}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process readings until `stop` is set; the reading in hand is always finished first.
+        """Process readings until `stop` is set; the reading in hand is always finished first,
+        and so is every window waiting for more readings (answered with what it holds).
 
         Nothing that goes wrong with one reading, or with one round of the loop (a full store,
         an error nobody foresaw), ends the loop: it is logged, and the loop goes on after a
         backoff. Readings in hand when a round fails stay leased until the next start."""
         failures = OutageLog(LOOP_EVENTS)
         backoff = Backoff(self._settings.pipeline.retry_backoff_s, 30.0)
-        while not stop.is_set():
+        # After a stop each round answers at least one open window (or fails with it), so the
+        # loop ends.
+        while not stop.is_set() or self._open:
             try:
                 await self._step(stop)
             except Exception as exc:  # the loop outlives any one round (STYLE.md 2)
@@ -149,35 +158,81 @@ class Pipeline:
                 backoff.reset()
 
     async def _step(self, stop: asyncio.Event) -> None:
-        """Lease a reading or a window and process it; or wait for input."""
-        # Clear before leasing: a reading committed after the lease found none sets it again.
+        """Answer what is ready, highest priority first: open windows that are due (full, or
+        their wait over), and the next reading of the other routes; on a tie the window goes
+        first. A window that is not full stays open and waits without holding the loop. With
+        nothing ready, wait for input, a window's deadline or a parked route's retry."""
+        # Read and clear before leasing: a reading committed after this sets it again.
+        news = self._store.inbox_changed.is_set()
         self._store.inbox_changed.clear()
         self.liveness.busy()
-        parked = self._parked_now()
+        stopping = stop.is_set()
+        if not stopping and (news or self._any_due()):
+            await self._top_up()
+        now = time.monotonic()
+        due = [window for window in self._open.values()
+               if stopping or window.due(self._routes.get(window.route), now)]
+        leased = [] if stopping else await self._lease()
+        if isinstance(leased, OpenWindow):
+            leased.readings = [r for r in leased.readings if not await self._over_limit(r)]
+            if not leased.readings:
+                return  # each one dead-lettered: look again
+            self._open[leased.route] = leased
+            if leased.due(self._routes.get(leased.route), time.monotonic()):
+                due.append(leased)
+            elif not due:
+                return  # it waits: look again for the other routes' readings
+            leased = []
+        if not leased and not due:
+            self.liveness.idle("filling a window" if self._open else "waiting for input")
+            wake = self._next_wake()
+            if wake is None:
+                await first_of(self._store.inbox_changed, stop)
+            else:
+                await wait_or_timeout_any((self._store.inbox_changed, stop), wake)
+            return
+        # Priority as the store leases; due windows of lower priority than the leased readings
+        # stay open and go in a later round.
+        for window in due_first(due):
+            if leased and window.priority < leased[0].priority:
+                break
+            # Taken out only now: a round that fails leaves the others open for the next one.
+            del self._open[window.route]
+            await self.process_window(window.readings)
+        if len(leased) > 1:
+            # A backlog of a local route: its readings in flight together, which the worker's
+            # supervisor decodes in one batch (issue 16); each is its own unit.
+            await asyncio.gather(*(self.process(reading) for reading in leased))
+        elif leased:
+            await self.process(leased[0])
+
+    def _any_due(self) -> bool:
+        now = time.monotonic()
+        return any(w.due(self._routes.get(w.route), now) for w in self._open.values())
+
+    async def _top_up(self) -> None:
+        """Lease for each open window the readings of its route that came since."""
+        for window in self._open.values():
+            want = window.wants(self._routes.get(window.route))
+            if want > 0:
+                window.readings.extend(await self._store.lease_route(window.route, want))
+
+    async def _lease(self) -> list[Reading] | OpenWindow:
+        """The next readings of a route that is neither parked nor has a window open: one, or
+        several of a local route's backlog (lease_window's coalescing, _backlog_sizes), or a
+        windowed route's next window; none when nothing is free."""
+        exclude = sorted({*self._parked_now(), *self._open})
         windows = self._window_sizes()
         backlog = self._backlog_sizes()
-        if windows or backlog:
-            window = await self._store.lease_window({**backlog, **windows}, exclude=parked)
-            if window and window[0].route in windows:
-                await self.process_window(window, stop)
-                return
-            if len(window) > 1:
-                # A backlog of a local route: its readings in flight together, which the
-                # worker's supervisor decodes in one batch (issue 16); each is its own unit.
-                await asyncio.gather(*(self.process(reading) for reading in window))
-                return
-            reading = window[0] if window else None
-        else:
-            reading = await self._store.lease(exclude=parked)
-        if reading is not None:
-            await self.process(reading)
-            return
-        self.liveness.idle("waiting for input")
-        wake = self._next_unpark()
-        if wake is None:
-            await first_of(self._store.inbox_changed, stop)
-        else:
-            await wait_or_timeout_any((self._store.inbox_changed, stop), wake)
+        if not windows and not backlog:
+            reading = await self._store.lease(exclude=exclude)
+            return [] if reading is None else [reading]
+        leased = await self._store.lease_window({**backlog, **windows}, exclude=exclude)
+        route = self._routes.get(leased[0].route) if leased else None
+        if route is None or not route.windowed:
+            return leased  # (a route gone in a reload leases one reading: dead-lettered)
+        return OpenWindow(route.name, leased,
+                          time.monotonic() + route.window_max_wait_ms / 1000)
 
     def _backlog_sizes(self) -> dict[str, tuple[int, int]]:
         """(1, readings in flight at most) of each local route: one reading unless its route
@@ -192,15 +247,13 @@ class Pipeline:
         return {route.name: (route.window_max_readings, route.window_cap)
                 for route in self._routes.values() if route.windowed}
 
-    async def process_window(self, window: list[Reading],
-                             stop: asyncio.Event | None = None) -> None:
+    async def process_window(self, window: list[Reading]) -> None:
         """Answer leased readings of one windowed route with one result covering all of them.
 
-        A window that is not full waits up to the route's window_max_wait_ms for more. A failed
-        attempt releases every reading; a reading at `pipeline.max_attempts` is dead-lettered
-        on its own with the reason, the others are released for the next window. When no
-        executor can answer, the readings go back with their attempts refunded and the route
-        waits."""
+        A failed attempt releases every reading; a reading at `pipeline.max_attempts` is
+        dead-lettered on its own with the reason, the others are released for the next window.
+        When no executor can answer, the readings go back with their attempts refunded and the
+        route waits."""
         route = self._routes.get(window[0].route)
         if route is None or not route.windowed:
             for reading in window:
@@ -209,7 +262,6 @@ class Pipeline:
         window = [reading for reading in window if not await self._over_limit(reading)]
         if not window:
             return
-        window = await self._fill_window(route, window, stop)
         try:
             await self._infer_and_record_window(route, window)
         except Unavailable as exc:
@@ -237,30 +289,6 @@ class Pipeline:
             await asyncio.sleep(self._settings.pipeline.retry_backoff_s)
         else:
             self._unpark(route)
-
-    async def _fill_window(self, route: Route, window: list[Reading],
-                           stop: asyncio.Event | None) -> list[Reading]:
-        """Lease more readings of the route until the window holds window_max_readings or
-        window_max_wait_ms has passed (a window that grew under backlog is already full)."""
-        want = route.window_max_readings - len(window)
-        if want <= 0 or route.window_max_wait_ms == 0:
-            return window
-        window = list(window)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + route.window_max_wait_ms / 1000
-        events = (self._store.inbox_changed,) if stop is None else (self._store.inbox_changed,
-                                                                     stop)
-        while True:
-            self._store.inbox_changed.clear()
-            more = await self._store.lease_route(route.name, want)
-            window.extend(more)
-            want -= len(more)
-            remaining = deadline - loop.time()
-            if want <= 0 or remaining <= 0 or (stop is not None and stop.is_set()):
-                return window
-            self.liveness.idle("filling a window")
-            await wait_or_timeout_any(events, remaining)
-            self.liveness.busy()
 
     async def _infer_and_record_window(self, route: Route, window: list[Reading]) -> None:
         ids = [reading.id for reading in window]
@@ -345,6 +373,15 @@ class Pipeline:
         """Routes whose readings must not be leased now (waiting for an executor)."""
         now = time.monotonic()
         return sorted(name for name, parked in self._parked.items() if parked.until > now)
+
+    def _next_wake(self) -> float | None:
+        """Seconds until an open window's wait ends or a parked route may be tried again."""
+        now = time.monotonic()
+        ahead = [w.deadline - now for w in self._open.values()]
+        unpark = self._next_unpark()
+        if unpark is not None:
+            ahead.append(unpark)
+        return max(0.0, min(ahead)) if ahead else None
 
     def _next_unpark(self) -> float | None:
         """Seconds until the next waiting route may be tried again; None if none is held back

@@ -5,6 +5,8 @@ readings of one window into a single delimited data block, one JSON line per rea
 per-window index and topic; the route's output_schema describes the window's single answer.
 The result's id is derived from the covered readings' ids, so the same readings always give
 the same id; `covers` lists those ids so a receiver can drop duplicates per reading.
+An `OpenWindow` holds the readings of a window that is not yet full while it waits for more:
+when it is due, and which of several due windows goes first.
 It must not choose topics or lease anything: the store leases, the pipeline decides.
 """
 
@@ -13,12 +15,45 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agent.base.records import Answer, NewOutboxRow, Reading
 from agent.config.settings import Route
 from agent.routing.outbound import Topics, encode, outcome_fields
 from agent.routing.prompts import DATA_CLOSE, DATA_OPEN, prompt_version
+
+
+@dataclass(slots=True)
+class OpenWindow:
+    """Leased readings of one windowed route, waiting for more until `deadline` (monotonic
+    seconds: the first lease plus the route's window_max_wait_ms)."""
+
+    route: str
+    readings: list[Reading]
+    deadline: float
+
+    @property
+    def priority(self) -> int:
+        return max(reading.priority for reading in self.readings)
+
+    def wants(self, route: Route | None) -> int:
+        """How many more readings the window may take: none once it is full (a window that grew
+        under backlog is full already) or once its route is gone or no longer windowed (a
+        reload)."""
+        if route is None or not route.windowed:
+            return 0
+        return max(0, route.window_max_readings - len(self.readings))
+
+    def due(self, route: Route | None, now: float) -> bool:
+        """To be answered now: it takes no more readings, or its wait is over."""
+        return self.wants(route) == 0 or now >= self.deadline
+
+
+def due_first(windows: Sequence[OpenWindow]) -> list[OpenWindow]:
+    """Windows in the order they are answered: highest priority first (as the store leases),
+    then the one whose wait ended first."""
+    return sorted(windows, key=lambda window: (-window.priority, window.deadline))
 
 
 def window_id(reading_ids: Sequence[str]) -> str:
