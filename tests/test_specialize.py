@@ -30,11 +30,13 @@ from agent.specialize.vocab import route_vocab  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "agent.toml"
 RULE = "celsius<60:normal,celsius<85:warning,else:critical"
-# The small run: 2 layers x 64, 300 steps of 32 (about 60 s of training on 2 quiet cores).
-SMALL = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=128, steps=300, batch=32, lr=4e-3,
+# The small run: 2 layers x 64, 600 steps of 32: 35-61 s end to end on 2 cores (training 27-52 s,
+# 48-71 s of CPU) for four seeds; the fifth took 300 s while other tests loaded the machine.
+SMALL = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=128, steps=600, batch=32, lr=4e-3,
                warmup_steps=20, train_examples=6000, eval_examples=200, seed=0)
-# A floor the small run clears with room: its spread over seeds is measured with the recipe's.
-SMALL_FLOOR = 0.75
+# Seeds 0-4 of SMALL reached 0.960, 0.970, 1.000, 0.950, 0.965 (f32; q8_0 agreed with torch on
+# 99.5-100%, q4_0 on 98.5-100%): the floor leaves 0.05 below the worst.
+SMALL_FLOOR = 0.90
 
 
 def temperature_route() -> Route:
@@ -88,6 +90,7 @@ def test_the_training_pass_computes_the_logits_of_the_plain_pass() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a loaded 2-core machine has stretched one run to 300 s
 def test_a_small_run_from_a_rule_ships_gguf_files_that_answer_as_the_torch_student_does(
         tmp_path: Path) -> None:
     out = tmp_path / "student"
@@ -96,7 +99,7 @@ def test_a_small_run_from_a_rule_ships_gguf_files_that_answer_as_the_torch_stude
         outcome = specialize(Request(config=CONFIG, route="temperature", out=out, rule=RULE,
                                      recipe=SMALL, threads=2), stream)
     text = log.read_text()
-    assert "step 300/300 loss" in text
+    assert "step 600/600 loss" in text
     assert "elapsed" in text
     scores = {s.label: s for s in outcome.scores}
     assert list(scores) == ["f32", "f16", "q8_0", "q4_0"]
@@ -118,11 +121,59 @@ def test_a_small_run_from_a_rule_ships_gguf_files_that_answer_as_the_torch_stude
     report = json.loads((out / "report.json").read_text())
     assert [row["label"] for row in report["scores"]] == list(scores)
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["recipe"]["steps"] == 300
+    assert recipe["recipe"]["steps"] == 600
     assert recipe["labels"]["rule"] == RULE
     for line in ("model", "f32", "q4_0", "accuracy"):
         assert line in text
     assert not (out / "vocab.gguf").exists()
+
+
+def test_a_labels_file_goes_through_the_same_steps_and_its_held_out_lines_are_eval_jsonl(
+        tmp_path: Path) -> None:
+    """From a labels file (a few training steps: the path, not the accuracy, is under test):
+    the held-out fifth is what eval.jsonl holds and what every file was scored on."""
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"topic": f"sensors/s{i}/temperature", "reading": {"celsius": i},
+             "output": {"level": "normal" if i < 60 else "warning"}} for i in range(0, 100, 2)]
+    labels.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "student"
+    recipe = Recipe(n_embd=32, n_layer=1, n_head=2, n_ff=64, steps=5, batch=8)
+    with (tmp_path / "log").open("w") as log:
+        outcome = specialize(Request(config=CONFIG, route="temperature", out=out,
+                                     labels=labels, recipe=recipe, quants=("q8_0",)), log)
+    held = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(held) == 10
+    assert all(row in rows for row in held)
+    assert [s.label for s in outcome.scores] == ["f32", "q8_0"]
+    assert all(len(s.texts) == 10 for s in outcome.scores)
+    assert json.loads((out / "recipe.json").read_text())["labels"]["lines"] == 50
+
+
+def test_the_command_line_passes_its_recipe_and_range_through(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-agent model specialize` with a few steps (an untrained student: the plumbing is
+    under test): the flags reach the recipe, --range the synthetic readings, and the table is
+    printed to the command's stdout."""
+    from agent.cli.main import main
+
+    out = tmp_path / "o"
+    code = main(["model", "specialize", "--config", str(CONFIG), "--route", "temperature",
+                 "--rule", RULE, "--range", "40:100", "--out", str(out), "--steps", "3",
+                 "--seed", "7", "--train-examples", "64", "--eval-examples", "20"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "step 3/3 loss" in printed
+    assert "q4_0       temperature-student-q4_0.gguf" in printed
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["recipe"]["steps"] == 3
+    assert recipe["recipe"]["seed"] == 7
+    assert recipe["recipe"]["train_examples"] == 64
+    assert recipe["labels"]["range"] == [40.0, 100.0]
+    held = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(held) == 20
+    values = [row["reading"]["celsius"] for row in held]
+    assert min(values) >= 40 - 2
+    assert max(values) <= 100
 
 
 def test_specialize_without_torch_names_the_missing_extra(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ def _add_specialize(sub: Any) -> None:
                       help="with --rule: synthetic training readings")
     spec.add_argument("--eval-examples", type=int, default=None,
                       help="held-out readings (a fifth of a labels file at most)")
-    spec.add_argument("--threads", type=int, default=2)
+    spec.add_argument("--threads", type=int, default=2,
+                      help="training threads (evaluation uses the [model] section's)")
     spec.add_argument("--base", type=Path, default=None,
                       help="a GGUF to evaluate beside the student (e.g. the pretrained base)")
 

@@ -16,17 +16,17 @@ QUANT_BLOCK = 32  # q4_0 and q8_0 quantize rows in blocks of 32 values
 
 @dataclass(frozen=True, slots=True)
 class Recipe:
-    n_embd: int = 128
+    n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
-    n_ff: int = 256
+    n_ff: int = 128
     n_ctx: int = 512
-    steps: int = 2000
-    batch: int = 48
-    lr: float = 3e-3
-    warmup_steps: int = 30
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 4e-3
+    warmup_steps: int = 20
     weight_decay: float = 0.01
-    train_examples: int = 20000
+    train_examples: int = 6000
     eval_examples: int = 300
     seed: int = 0
 

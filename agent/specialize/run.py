@@ -79,7 +79,11 @@ def labelled(request: Request, route: Route) -> tuple[list[Example], list[Exampl
     return train, held, {"labels": str(request.labels), "lines": len(every)}
 
 
-def specialize(request: Request, log: TextIO = sys.stdout) -> Outcome:
+def specialize(request: Request, log: TextIO | None = None) -> Outcome:
+    """Run every step for `request`, printing progress and the table to `log` (default: the
+    sys.stdout of the moment, not of import time)."""
+    log = log or sys.stdout
+
     def say(text: str) -> None:
         print(f"specialize: {text}", file=log, flush=True)
 
