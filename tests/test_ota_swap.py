@@ -442,7 +442,7 @@ async def test_a_candidate_that_answers_its_golden_set_passes_and_the_figures_ar
         state = rig.models.read()
         assert state.active == "2"
         assert state.installed["2"]["golden"] == {"canary": [canary], "probation": [probation]}
-        status = rig.outbox("model_status")[-1]
+        status = [s for s in rig.outbox("status") if "state_active" in s][-1]
         assert status["golden"]["canary"][0]["accuracy"] == 1.0
         results = rig.outbox("result")
         assert len({r["id"] for r in results}) == sent
