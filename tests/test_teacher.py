@@ -89,7 +89,7 @@ def test_the_synthetic_field_defaults_to_the_input_schemas_one_number() -> None:
     assert teacher.reading_field(route().model_copy(update={"input_schema": schema}),
                                  None) == "celsius"
     assert teacher.reading_field(route(), "bar") == "bar"
-    with pytest.raises(ValueError, match="give --field NAME .* names 0 numeric properties"):
+    with pytest.raises(ValueError, match=r"give --field NAME .* names 0 numeric properties"):
         teacher.reading_field(route(), None)
 
 
@@ -173,6 +173,7 @@ def test_the_command_line_refuses_teacher_options_without_a_teacher_and_a_bad_ur
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_specialize_trains_on_the_teachers_labels(server: LlamaServer, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`edge-agent model specialize --teacher URL --range LO:HI`: the teacher's labels go the
