@@ -127,7 +127,7 @@ def export(settings: Settings, route: Route, since: float | None, out: TextIO,
             if line is None:
                 tally.skipped[why] += 1
             else:
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                out.write(json.dumps(line) + "\n")  # ASCII: whatever stdout's encoding
                 tally.exported += 1
             if seen % PROGRESS_EVERY == 0:
                 rate = seen / max(time.monotonic() - started, 1e-9)

@@ -232,10 +232,10 @@ async def label_async(teacher: Teacher, route: Route, readings: list[Unlabelled]
                 text = await ask(item)
             except CloudError as exc:  # refused or malformed: this reading's, unless all are
                 dropped[f"teacher refused ({exc.reason})"] += 1
-                if not any(answers) and sum(dropped.values()) >= 2 * teacher.concurrency:
-                    raise TeacherFailed(f"teacher {teacher.url}: the first "
-                                        f"{sum(dropped.values())} requests were all refused: "
-                                        f"{exc}") from exc
+                refused = sum(n for why, n in dropped.items() if why.startswith("teacher "))
+                if not names and refused >= 2 * teacher.concurrency:
+                    raise TeacherFailed(f"teacher {teacher.url}: the first {refused} requests "
+                                        f"were all refused: {exc}") from exc
             else:
                 output, problem = _output(text, route)
                 if output is None:
