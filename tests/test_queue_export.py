@@ -20,6 +20,7 @@ from agent.config.settings import load
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.windows import window_result_row
 from agent.specialize.examples import load_labels
+from agent.specialize.teacher import load_readings
 from agent.store.views import read_counts
 from agent.store.writer import Store
 from tests.conftest import Rig
@@ -142,6 +143,9 @@ def test_export_writes_the_routes_good_results_as_labels_that_specialize_reads(
     assert [e.to_json() for e in examples] == [
         {k: line[k] for k in ("topic", "reading", "output")} for line in lines]
     assert not list(tmp_path.glob(".labels.jsonl.*"))  # no partial file left beside it
+    # ... and it is a readings file for a teacher to label again (--teacher --readings).
+    assert [(r.topic, r.reading) for r in load_readings(out, route)] == [
+        (e.topic, e.reading) for e in examples]
 
 
 def test_export_to_stdout_and_since_filters_by_when_the_result_was_made(
