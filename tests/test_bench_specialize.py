@@ -25,6 +25,8 @@ def test_quick_specialize_bench_prints_both_tables_and_writes_every_figure(
                           cwd=REPO, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Load average at the end: ")
+    lines = lines[2:]
     targets = lines[:lines.index("")]
     assert targets[0] == "| measure | measured | target | ratio |"
     assert [row.split(" | ")[0] for row in targets[2:]] == [
@@ -32,6 +34,7 @@ def test_quick_specialize_bench_prints_both_tables_and_writes_every_figure(
         "| of which training, wall (CPU)", "| q8_0 accuracy, 12 held-out readings",
         "| q8_0 schema-valid", "| q8_0 size",
         "| latency through the agent, p50 (12 readings)", "| latency through the agent, p95",
+        "| of which (p50 each): to the agent / model / commit, queue and uplink",
         "| raw llama-cpp-python, p50 / p95", "| accuracy through the agent / raw"]
     files = lines[lines.index("") + 1:]
     assert [row.split(":")[0] for row in files[2:6]] == ["| f32", "| f16", "| q8_0", "| q4_0"]

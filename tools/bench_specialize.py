@@ -157,6 +157,7 @@ def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example]) -> d
         client = _publisher(local.port, "bench-specialize-sensors")
         pause = random.Random(15)
         latency: list[float] = []
+        parts: dict[str, list[float]] = {"in_ms": [], "model_ms": [], "rest_ms": []}
         right = 0
         for index, example in enumerate([*held[:WARM], *held]):
             time.sleep(pause.uniform(0.05, 0.25))
@@ -172,7 +173,13 @@ def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example]) -> d
             wait_until(lambda r=result: r["id"] in collector.arrived, 10,
                        f"the arrival time of result {index}", interval_s=0.005)
             if index >= WARM:
-                latency.append((collector.arrived[result["id"]] - stamp) * 1000)
+                total = (collector.arrived[result["id"]] - stamp) * 1000
+                latency.append(total)
+                # Where it went: publish -> the agent's ingest (its received_at), the worker's
+                # own figure for the model, and the rest (commit, queue, uplink, cloud broker).
+                parts["in_ms"].append((result["source"]["received_at"] - stamp) * 1000)
+                parts["model_ms"].append(float(result.get("latency_ms") or 0.0))
+                parts["rest_ms"].append(total - parts["in_ms"][-1] - parts["model_ms"][-1])
                 right += result.get("status") == "ok" and result.get("output") == example.output
     finally:
         if client is not None:
@@ -184,7 +191,8 @@ def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example]) -> d
         cloud.kill()
     p50, p95 = _percentiles(latency)
     return {"readings": len(latency), "p50_ms": p50, "p95_ms": p95,
-            "accuracy": right / len(latency)}
+            "accuracy": right / len(latency),
+            **{f"{name}_p50": _percentiles(values)[0] for name, values in parts.items()}}
 
 
 def raw(model: Path, n_ctx: int, route: Route, held: list[Example]) -> dict[str, Any]:
@@ -236,20 +244,19 @@ def run(work: Path, quick: bool, reuse: Path | None, base: Path | None) -> dict[
             "files": rows, "served": model.name, "agent": agent, "raw": direct}
 
 
-def _opt(value: float | None, form: str) -> str:
-    return "" if value is None else format(value, form)
-
-
 def table(results: dict[str, Any]) -> str:
     timing, agent, direct = results["specialize"], results["agent"], results["raw"]
     q8 = next(r for r in results["files"] if r["label"] == "q8_0")
     mb = q8["size_bytes"] / 1e6
     how = "report.json of --reuse: no packaging" if timing["reused"] else "rule to signed package"
     cores = "" if timing["cpu_s"] is None else f"{timing['cpu_s'] / timing['wall_s']:.2f} cores"
-    lines = ["| measure | measured | target | ratio |", "|---|---:|---:|---:|",
+    cpu = "(not in report.json)" if timing["cpu_s"] is None else f"{timing['cpu_s']:.0f} s"
+    load = ", ".join(f"{x:.1f}" for x in results["machine"]["load_average"])
+    lines = [f"Load average at the end: {load} ({results['machine']['cores']} cores).", "",
+             "| measure | measured | target | ratio |", "|---|---:|---:|---:|",
              f"| wall time, {how} | {timing['wall_s']:.0f} s | <= {TARGET_WALL_S} s (15 min, "
              f"2 cores) | {timing['wall_s'] / TARGET_WALL_S:.2f} |",
-             f"| CPU time, {how} | {_opt(timing['cpu_s'], '.0f')} s | | {cores} |",
+             f"| CPU time, {how} | {cpu} | | {cores} |",
              f"| of which training, wall (CPU) | {timing['train_s']:.0f} s "
              f"({timing['train_cpu_s']:.0f} s) | | |",
              f"| q8_0 accuracy, {results['held_out']} held-out readings | {q8['accuracy']:.3f} "
@@ -261,6 +268,9 @@ def table(results: dict[str, Any]) -> str:
              f"{agent['p50_ms']:.1f} ms | <= {TARGET_P50_MS:g} ms | "
              f"{agent['p50_ms'] / TARGET_P50_MS:.2f} |",
              f"| latency through the agent, p95 | {agent['p95_ms']:.1f} ms | | |",
+             f"| of which (p50 each): to the agent / model / commit, queue and uplink | "
+             f"{agent['in_ms_p50']:.1f} / {agent['model_ms_p50']:.1f} / "
+             f"{agent['rest_ms_p50']:.1f} ms | | |",
              f"| raw llama-cpp-python, p50 / p95 | {direct['p50_ms']:.1f} / "
              f"{direct['p95_ms']:.1f} ms | | agent/raw {agent['p50_ms'] / direct['p50_ms']:.2f}"
              f" / {agent['p95_ms'] / direct['p95_ms']:.2f} |",
