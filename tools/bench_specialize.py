@@ -16,6 +16,7 @@
   (d) with --base GGUF, that model scored on the same held-out set beside the student.
 
 Usage: tools/bench_specialize.py [--quick] [--reuse DIR] [--base GGUF] [--json FILE] [--work DIR]
+                                 [--batch-wait-ms MS]
   --quick   a few training steps and a dozen readings: a smoke test of the bench, not figures;
   --reuse   skip training: take an existing specialize output directory ((a) then comes from
             its report.json: training and the evaluation, not packaging).
@@ -140,15 +141,19 @@ def _served_model(out: Path) -> tuple[Path, int]:
     return out / f"{ROUTE}-student-q8_0.gguf", 512
 
 
-def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example]) -> dict[str, Any]:
-    """(c): each held-out reading published after the previous one's result arrived."""
+def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example],
+                  batch_wait_ms: int | None = None) -> dict[str, Any]:
+    """(c): each held-out reading published after the previous one's result arrived;
+    `batch_wait_ms` sets [local_broker] batch_wait_ms (default: the agent's, 20)."""
     local, cloud = Mosquitto("local", work).start(), Mosquitto("cloud", work).start()
     config = write_agent_config(work / "agent.toml", state_dir=work / "state", model_path=model,
                                 local_port=local.port, cloud_port=cloud.port,
                                 device_id="bench-specialize", routes=_route_toml())
     config.write_text(config.read_text().replace('log_level = "debug"', 'log_level = "info"')
                       .replace("n_threads = 1", f"n_threads = {THREADS}")
-                      .replace("n_ctx = 512", f"n_ctx = {n_ctx}"))
+                      .replace("n_ctx = 512", f"n_ctx = {n_ctx}")
+                      .replace("[cloud_broker]", "" if batch_wait_ms is None else
+                               f"batch_wait_ms = {batch_wait_ms}\n\n[cloud_broker]"))
     collector = TimedCollector(cloud.port, client_id="bench-specialize-cloud").start()
     agent = AgentProcess(config, work / "agent.log").start()
     client = None
@@ -223,7 +228,8 @@ def raw(model: Path, n_ctx: int, route: Route, held: list[Example]) -> dict[str,
             "accuracy": right / len(latency)}
 
 
-def run(work: Path, quick: bool, reuse: Path | None, base: Path | None) -> dict[str, Any]:
+def run(work: Path, quick: bool, reuse: Path | None, base: Path | None,
+        batch_wait_ms: int | None = None) -> dict[str, Any]:
     settings, route = find_route(CONFIG, ROUTE)
     if reuse is None:
         out, timing = specialize(work, quick, base)
@@ -234,14 +240,15 @@ def run(work: Path, quick: bool, reuse: Path | None, base: Path | None) -> dict[
                   settings.model.threads_batch)
     model, n_ctx = _served_model(out)
     _say(f"{len(held)} readings through the agent serving {model} ...")
-    agent = through_agent(work, model, n_ctx, held)
+    agent = through_agent(work, model, n_ctx, held, batch_wait_ms)
     _say("the same through llama-cpp-python ...")
     direct = raw(model, n_ctx, route, held)
     return {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform(), "threads": THREADS,
                         "load_average": os.getloadavg()},
             "quick": quick, "output": str(out), "held_out": len(held), "specialize": timing,
-            "files": rows, "served": model.name, "agent": agent, "raw": direct}
+            "files": rows, "served": model.name, "agent": agent, "raw": direct,
+            "batch_wait_ms": batch_wait_ms}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -264,7 +271,9 @@ def table(results: dict[str, Any]) -> str:
              f"| q8_0 schema-valid | {q8['schema_valid']:.3f} | 1.00 | "
              f"{q8['schema_valid']:.3f} |",
              f"| q8_0 size | {mb:.2f} MB | <= {TARGET_MB:g} MB | {mb / TARGET_MB:.3f} |",
-             f"| latency through the agent, p50 ({agent['readings']} readings) | "
+             f"| latency through the agent, p50 ({agent['readings']} readings"
+             + ("" if results.get("batch_wait_ms") is None else
+                f", batch_wait_ms {results['batch_wait_ms']}") + ") | "
              f"{agent['p50_ms']:.1f} ms | <= {TARGET_P50_MS:g} ms | "
              f"{agent['p50_ms'] / TARGET_P50_MS:.2f} |",
              f"| latency through the agent, p95 | {agent['p95_ms']:.1f} ms | | |",
@@ -297,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=None, metavar="GGUF",
                         help="a model to score beside the student (e.g. a pretrained base)")
     parser.add_argument("--json", type=Path, default=Path("bench-specialize.json"))
+    parser.add_argument("--batch-wait-ms", type=int, default=None, metavar="MS",
+                        help="the agent's [local_broker] batch_wait_ms (default its 20: the "
+                        "wait a lone reading pays before its commit)")
     parser.add_argument("--work", type=Path, default=None, metavar="DIR",
                         help="work here and keep it (the student, its package, the logs: "
                         "reusable with --reuse DIR/student); default a temporary directory")
@@ -305,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--reuse {args.reuse}: no report.json there (not a specialize output)")
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        results = run(args.work.resolve(), args.quick, args.reuse, args.base)
+        results = run(args.work.resolve(), args.quick, args.reuse, args.base,
+                      args.batch_wait_ms)
     else:
         with TemporaryDirectory(prefix="edge-bench-specialize-") as tmp:
-            results = run(Path(tmp), args.quick, args.reuse, args.base)
+            results = run(Path(tmp), args.quick, args.reuse, args.base, args.batch_wait_ms)
         if args.reuse is None:
             results["output"] = None  # the temporary directory is gone
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -357,7 +357,7 @@ def summary(state: dict[str, Any], base_name: str, base_version: str) -> list[st
         return f"; golden {', '.join(parts)}" if parts else ""
 
     lines = [f"base     {base_name} {base_version} (the configured [model] file)"
-             f"{' ' + ', '.join(roles['base']) if 'base' in roles else ''}"]
+             + (f", {', '.join(roles['base'])}" if "base" in roles else "")]
     installed: dict[str, Any] = state.get("installed") or {}
     failed: dict[str, Any] = state.get("failed") or {}
     for version in sorted({*installed, *failed}, key=_version_order):
