@@ -181,6 +181,9 @@ def test_the_prompt_is_the_ggufs_own_chat_template_and_non_ascii_survives_the_to
     from agent.inference import batch
 
     llm = Llama(model_path=str(smollm2), n_ctx=512, n_threads=1, verbose=False)
+    # The chat handler llama-cpp-python picked is the one made from the GGUF's own template,
+    # not a built-in format guessed from the architecture.
+    assert llm.chat_format == "chat_template.default"
     template = llm.metadata["tokenizer.chat_template"]
     route = Route(name="air", topics=["sensors/+/air"], instruction="Classify.",
                   output_schema=AIR_SCHEMA)

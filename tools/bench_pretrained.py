@@ -5,7 +5,8 @@ Agent: `python -m agent run` between two loopback mosquitto brokers (tools/bench
 temperature route of the tests), `n` readings each published once the previous result arrived at
 the cloud broker: publish -> result latency, and the worker's own `latency_ms` from each result.
 Direct: the same prompts (the agent's build_messages), grammar, max_tokens, temperature, seed
-and threads through `Llama.create_chat_completion` in one process, each call timed.
+and threads (n_threads and n_threads_batch) through `Llama.create_chat_completion` in one
+process, each call timed.
 
 Usage: tools/bench_pretrained.py [--readings N] [--threads T] [--model GGUF] (about a minute
 for SmolLM2). --model measures another GGUF the same way instead of SmolLM2.
@@ -34,7 +35,10 @@ def direct(model: Path, n: int, threads: int) -> dict[str, float]:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     started = time.perf_counter()
-    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=threads, seed=0, verbose=False)
+    # n_threads_batch as the agent sets it (model.n_threads_batch unset: n_threads); left to
+    # llama-cpp-python it would be every core, for the prompt.
+    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                seed=0, verbose=False)
     load_s = time.perf_counter() - started
     grammar = LlamaGrammar.from_string(
         forbid_raw_control_chars(json_schema_to_gbnf(json.dumps(bench.SCHEMA, sort_keys=True))),
