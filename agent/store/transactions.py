@@ -263,8 +263,8 @@ def record_history(conn: sqlite3.Connection, row: NewOutboxRow, created_at: floa
     ).lastrowid
     every = max(1, min(HISTORY_PRUNE_EVERY, max_rows // 8))
     if seq is not None and seq % every == 0:
-        # Down to max_rows - every: the next `every` rows fill it up to the bound again.
-        conn.execute("DELETE FROM history WHERE seq <= ?", (seq - max_rows + every,))
+        # Down to max_rows - every + 1: the next every - 1 rows fill it up to the bound again.
+        conn.execute("DELETE FROM history WHERE seq <= ?", (seq - max_rows + every - 1,))
     return True
 
 

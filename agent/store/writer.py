@@ -168,6 +168,13 @@ class Store:
             self._retake_reserve(conn, self.bounds.reserve_bytes // 2)
             held_back = 0 if self._reserve.held else self._reserve.size
             self._yield_history(conn, held_back)
+            try:
+                return fn(conn, *args, held_back)
+            except sqlite3.Error as exc:
+                # Full before the floor saw it (reserve_bytes 0, or one large batch): the
+                # history goes before any input is refused.
+                if _code(exc) not in _FULL or not self._drop_all_history(conn, fn, exc):
+                    raise
             return fn(conn, *args, held_back)
         if use == "write" and not self._reserve.held and self._reserve.size:
             self._keep_for_the_drain(conn)
@@ -184,13 +191,7 @@ class Store:
                 raise
             full = exc
         # The history goes before the drain reserve: it holds nothing anyone was promised.
-        dropped = transactions.drop_history(conn, everything=True)
-        if dropped:
-            self._keep_history = False
-            transactions.checkpoint(conn)
-            log.warning("store_history_dropped", rows=dropped, everything=True,
-                        job=getattr(fn, "__name__", "?"),
-                        error=f"{getattr(full, 'sqlite_errorname', '')}: {full}")
+        if self._drop_all_history(conn, fn, full):
             try:
                 return fn(conn, *args)
             except sqlite3.Error as exc:
@@ -205,6 +206,20 @@ class Store:
                     wal_truncated=folded, free_bytes=free_bytes(self.path.parent),
                     job=getattr(fn, "__name__", "?"), error=error)
         return fn(conn, *args)
+
+    def _drop_all_history(self, conn: sqlite3.Connection, fn: Callable[..., Any],
+                          full: sqlite3.Error) -> bool:
+        """Delete the whole history for a write the full store refused; False if there was
+        none (or even its delete could not be written)."""
+        dropped = transactions.drop_history(conn, everything=True)
+        if not dropped:
+            return False
+        self._keep_history = False
+        transactions.checkpoint(conn)
+        log.warning("store_history_dropped", rows=dropped, everything=True,
+                    job=getattr(fn, "__name__", "?"),
+                    error=f"{getattr(full, 'sqlite_errorname', '')}: {full}")
+        return True
 
     def _yield_history(self, conn: sqlite3.Connection, held_back: int) -> None:
         """Before each input job: the history may use the store's room only above its floor,
