@@ -10,19 +10,20 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.base.records import Answer, Completion, DeadLetter, ModelInfo, Reading
-from agent.cli.export import parse_since
+from agent.cli.export import parse_since, stored_answers
 from agent.cli.main import main
 from agent.config.settings import StoreSection, load
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.windows import window_result_row
 from agent.specialize.examples import load_labels
 from agent.specialize.teacher import load_readings
-from agent.store.views import read_counts
+from agent.store.views import AnsweredReading, read_counts, read_route
 from agent.store.writer import Store
 from tests.conftest import Rig
 from tests.harness import CloudCollector, publish_readings, wait_until
@@ -298,6 +299,35 @@ def test_delivered_results_export_from_the_history_merged_with_the_outbox_oldest
     conn.close()
     assert main([*args, "--since", "1h"]) == 0
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["id5"]
+
+
+def test_a_history_row_pruned_between_the_two_reads_is_still_written_once(
+    tmp_path: Path,
+) -> None:
+    """The history is read, then the agent prunes it (here: every row) before the outbox is
+    read, so the outbox no longer leaves those results to the history: each is still given
+    once, by its id and its creation time, the same in both tables."""
+    cfg = config(tmp_path)
+    settings = load(cfg)
+    fill(settings.store_path)
+    route = next(r for r in settings.routes if r.name == "temperature")
+    with read_route(settings.store_path) as reader:
+        read_history = reader.history
+
+        def history_then_prune(name: str, since: float | None) -> Iterator[AnsweredReading]:
+            rows = list(read_history(name, since))
+            conn = sqlite3.connect(settings.store_path)
+            with conn:
+                conn.execute("DELETE FROM history")
+            conn.close()
+            yield from rows
+
+        reader.history = history_then_prune  # type: ignore[method-assign]
+        items = list(stored_answers(reader, route, None))
+    ids = [item.id for item in items]
+    assert sorted(ids) == sorted(set(ids))
+    assert len([i for i in items if isinstance(i, AnsweredReading)]) == 7  # 5 good, 42, freezing
+    assert len(ids) == 9  # and the failed result and the window's, from the outbox
 
 
 def test_export_of_a_connected_agent_returns_the_results_the_cloud_already_has(
