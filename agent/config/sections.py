@@ -169,6 +169,15 @@ class StoreSection(Section):
         "again when the store has room for it. The WAL is folded into the database at a "
         "quarter of it, so that releasing it always covers that. 0: none.",
     )
+    history_max_rows: int = Field(
+        default=10_000,
+        ge=0,
+        description="Answered readings kept after delivery for `edge-agent queue export` (the "
+        "route, topic, reading, output and model of each ok result: 243 bytes a row with a "
+        "70-byte reading, 2.4 MB at the default): the oldest beyond this are deleted, and the "
+        "history is dropped first, before anything durable, when the store's room falls under "
+        "twice reserve_bytes. 0: none kept.",
+    )
     max_page_count: int | None = Field(
         default=None,
         ge=16,
