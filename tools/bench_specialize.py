@@ -152,8 +152,8 @@ def through_agent(work: Path, model: Path, n_ctx: int, held: list[Example],
     config.write_text(config.read_text().replace('log_level = "debug"', 'log_level = "info"')
                       .replace("n_threads = 1", f"n_threads = {THREADS}")
                       .replace("n_ctx = 512", f"n_ctx = {n_ctx}")
-                      .replace("[cloud_broker]", "" if batch_wait_ms is None else
-                               f"batch_wait_ms = {batch_wait_ms}\n\n[cloud_broker]"))
+                      .replace("[cloud_broker]", "[cloud_broker]" if batch_wait_ms is None
+                               else f"batch_wait_ms = {batch_wait_ms}\n\n[cloud_broker]"))
     collector = TimedCollector(cloud.port, client_id="bench-specialize-cloud").start()
     agent = AgentProcess(config, work / "agent.log").start()
     client = None
