@@ -102,7 +102,8 @@ class LocalBrokerSection(BrokerSection):
         default=20,
         ge=0,
         le=5_000,
-        description="How long a batch may wait for more readings before it is committed.",
+        description="How long a batch may wait for more readings before it is committed; "
+        "paid only inside a stream (a reading that comes alone is committed at once).",
     )
     max_payload_bytes: int = Field(
         default=64 * 1024, ge=16, description="Larger payloads are dead-lettered before decoding."
