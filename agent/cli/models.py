@@ -47,6 +47,11 @@ def add_parser(commands: Any) -> None:
     sign.add_argument("--canary", type=Path, default=None,
                       help='JSON file: [{"route": ..., "payload": {...}, "max_latency_ms": N}]')
     sign.add_argument("--min-agent-version", default=None)
+    sign.add_argument("--golden", action="append", default=[], metavar="ROUTE=FILE",
+                      help="a golden set for ROUTE: JSONL of {\"topic\", \"reading\", "
+                      "\"output\"} per line (specialize's eval.jsonl); may repeat")
+    sign.add_argument("--min-accuracy", type=float, default=0.95,
+                      help="the accuracy floor of each --golden set (default 0.95)")
     allow = sub.add_parser("allow-rollback", help="sign a rollback directive into a package, "
                            "letting its (older or failed) version past anti-rollback")
     allow.add_argument("package", type=Path)
@@ -156,11 +161,19 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _sign(args: argparse.Namespace) -> int:
     canary = json.loads(args.canary.read_text()) if args.canary else []
+    golden: list[tuple[str, Path, float]] = []
+    for spec in args.golden:
+        route, sep, file = spec.partition("=")
+        if not sep or not route or not file:
+            raise ValueError(f"--golden {spec!r} is not ROUTE=FILE")
+        golden.append((route, Path(file), args.min_accuracy))
     manifest = modelpkg.build(args.gguf, args.out, name=args.name, version=args.version,
                               n_ctx=args.n_ctx, canary=canary, key=args.key,
-                              min_agent_version=args.min_agent_version)
+                              min_agent_version=args.min_agent_version, golden=golden)
     print(f"{args.out}: {manifest.name} {manifest.version} sha256 {manifest.sha256} "
-          f"signed by {signing.key_id(signing.public_key_of(args.key))}")
+          f"signed by {signing.key_id(signing.public_key_of(args.key))}"
+          + "".join(f"; golden {g.file} for route {g.route} (floor {g.min_accuracy:g})"
+                    for g in manifest.golden))
     return 0
 
 
@@ -194,11 +207,16 @@ def _allow_rollback(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    manifest = json.loads((args.package / modelpkg.MANIFEST).read_bytes())
     body: dict[str, Any] = {
-        "manifest": json.loads((args.package / modelpkg.MANIFEST).read_bytes()),
+        "manifest": manifest,
         "signature": (args.package / modelpkg.SIGNATURE).read_text().strip(),
         "url": args.url,
     }
+    golden = manifest.get("golden") if isinstance(manifest, dict) else None
+    if golden:  # small JSONL files: carried in the command, checked against the manifest
+        body["golden"] = {entry["file"]: (args.package / entry["file"]).read_text("utf-8")
+                          for entry in golden}
     if (args.package / directive.DIRECTIVE).exists():
         body["rollback"] = {
             "directive": json.loads((args.package / directive.DIRECTIVE).read_bytes()),
@@ -252,7 +270,7 @@ def _install(args: argparse.Namespace) -> int:
     hidden = incoming / f".install-{manifest.name}-{manifest.version}-{os.getpid()}"
     shutil.rmtree(hidden, ignore_errors=True)  # our own leftover of an earlier try, if any
     hidden.mkdir()
-    names = [manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE]
+    names = [*modelpkg.package_files(manifest), modelpkg.MANIFEST, modelpkg.SIGNATURE]
     if directive.read(args.package, settings.ota.trusted_keys) is not None:
         names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
     for name in names:

@@ -290,6 +290,16 @@ class OtaSection(Section):
         description="A canary answer slower than this fails the candidate model (a manifest "
         "may only tighten it).",
     )
+    golden_max_items: int = Field(
+        default=200, ge=1,
+        description="The canary asks at most this many items of each golden set a package "
+        "carries (an even spread of a larger set).",
+    )
+    probation_golden_items: int = Field(
+        default=20, ge=0,
+        description="At the end of probation this many items of each golden set (an even "
+        "spread) are asked again through the serving worker, one at a time; 0 skips it.",
+    )
     probation_requests: int = Field(
         default=50, ge=1, description="Probation ends after this many requests on the new model."
     )
