@@ -543,7 +543,8 @@ def run(work: Path, rate: int) -> int:
                                 model_path=v1, local_port=local.port,
                                 cloud_port=cloud.port, device_id="demo-gateway",
                                 extra=f'[ota]\ntrusted_keys = ["{public}"]\n'
-                                'probation_requests = 20\nprobation_latency_factor = 4.0\n')
+                                'probation_requests = 20\nprobation_latency_factor = 4.0\n'
+                                'golden_max_items = 300\n')
     route = demo_models.route_of(config)
     say(f"the models: students of route {route.name} ({route.instruction!r}) taught by the "
         f"rule {demo_models.RULE!r}")

@@ -45,9 +45,9 @@ QUANT = "q8_0"  # the file the demo serves; the specializer also scores the floa
 SEED = 1
 QUICK = Recipe(steps=400, seed=SEED)
 BETTER = Recipe(steps=1500, seed=SEED)
-# The code whose change changes the model: the specializer and the prompt it trains on.
-CODE = (*sorted((REPO / "agent" / "specialize").glob("*.py")),
-        REPO / "agent" / "routing" / "prompts.py")
+# The code whose change changes the model: the specializer (the prompt it trains on is in the
+# key as the agent renders it).
+CODE = tuple(sorted((REPO / "agent" / "specialize").glob("*.py")))
 RECORD = "demo-model.json"
 
 
