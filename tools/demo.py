@@ -6,7 +6,8 @@ specialize` (once per machine: tools/demo_models.py caches it outside the clone)
 readings, with its accuracy on readings it never trained on; results flowing; a better student
 shipped as a signed update carrying its held-out readings as a golden set, canaried and swapped
 in while readings flow; a slower version that passes its canary, fails probation and is rolled
-back by the agent; a cloud outage bridged by the SQLite outbox with nothing lost; a malformed
+back by the agent; a version with random weights refused at the canary for its accuracy on the
+golden set; a cloud outage bridged by the SQLite outbox with nothing lost; a malformed
 payload dead-lettered with its reason; a graceful stop. Run it with tools/demo.
 
 Every step waits for events (an agent log event, results at the cloud, store counts), never
@@ -361,7 +362,7 @@ class Demo:
         package = self.work / f"package-v{version}"
         modelpkg.build(gguf, package, name="tiny-test", version=version, n_ctx=512,
                        canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
-                       key=self.work / "release.pem", **({"golden": golden} if golden else {}))
+                       key=self.work / "release.pem", golden=golden or ())
         seen = len(self.log.poll())
         before = self.sensors.sent
 

@@ -100,11 +100,16 @@ def key(route: Route, recipe: Recipe, rule: str = RULE) -> str:
 
 
 @contextmanager
-def locked(root: Path) -> Iterator[None]:
+def locked(root: Path, say: Callable[[str], None]) -> Iterator[None]:
     """Hold the cache's lock: a second demo waits here while the first trains."""
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another demo holds {root / '.lock'} (it is training the models); waiting "
+                "for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -165,7 +170,7 @@ def students(config: Path, recipes: list[Recipe], *, root: Path | None = None,
     root = root or cache_root()
     route = route_of(config)
     found: list[Student] = []
-    with locked(root):
+    with locked(root, say):
         for partial in root.glob("*.partial-*"):
             shutil.rmtree(partial, ignore_errors=True)
         for recipe in recipes:
