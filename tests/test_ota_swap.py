@@ -454,19 +454,23 @@ async def test_a_candidate_under_its_golden_floor_is_refused_with_the_figure(
 ) -> None:
     """The same model with every expected output wrong: schema-valid and fast, so the old
     canary would pass it; the golden set refuses it with the accuracy in the reason, and the
-    old model keeps serving."""
-    settings = make_settings(tmp_path, tiny_model, kit["public"])
+    old model keeps serving. `golden_max_items` 6 asks an even spread of the 10 items."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], golden_max_items=6)
     expected = wrong(await answers_of(settings, model_file(kit, tmp_path, "2")))
     pkg = golden_package(kit, tmp_path, settings, "2", expected)
     async with running(settings) as rig:
         assert not await rig.ota.install(pkg, asyncio.Event())
         refused = rig.events("refused")[0]
         assert refused["stage"] == "canary"
-        assert refused["reason"] == ("accuracy 0 on 10 golden readings of route temperature, "
+        assert refused["reason"] == ("accuracy 0 on 6 golden readings of route temperature, "
                                      "under the manifest's floor 0.95")
         golden = refused["figures"]["golden"][0]
-        assert (golden["n"], golden["right"], len(golden["misses"])) == (10, 0, 3)
-        assert golden["misses"][0]["expected"] == expected[0]
+        assert (golden["n"], golden["right"], len(golden["misses"])) == (6, 0, 3)
+        # The spread of 6 out of 10 asks items 0, 1, 3, 5, 6, 8: the misses shown are the first.
+        assert [m["expected"] for m in golden["misses"]] == [expected[i] for i in (0, 1, 3)]
+        assert [json.loads(m["reading"]) for m in golden["misses"]] == [
+            GOLDEN_READINGS[i][1] for i in (0, 1, 3)]
+        assert all(m["answer"] != m["expected"] for m in golden["misses"])
         assert refused["figures"]["answers"], "the schema and latency canary ran first"
         assert rig.events("canary_passed") == []
         state = rig.models.read()
