@@ -161,6 +161,17 @@ def test_a_student_is_keyed_by_all_that_makes_it(tmp_path: Path) -> None:
                 demo_models.key(other, demo_models.QUICK)}) == 4
 
 
+def test_the_code_digest_ignores_comments_and_docstrings_only(tmp_path: Path) -> None:
+    """Rewording a comment or a docstring keeps the key; changing code does not."""
+    path = tmp_path / "m.py"
+    path.write_text('"""Doc."""\n\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n')
+    first = demo_models.code_digest([path])
+    path.write_text('"""Other."""\n\n\ndef f(x):\n    """Other."""\n    return x + 1\n')
+    assert demo_models.code_digest([path]) == first
+    path.write_text('"""Doc."""\n\ndef f(x):\n    """Doc."""\n    return x + 2  # one\n')
+    assert demo_models.code_digest([path]) != first
+
+
 def test_a_cached_student_whose_file_changed_is_not_used(tmp_path: Path) -> None:
     """A cache entry is used only if its GGUF still has the recorded sha256."""
     (tmp_path / "m.gguf").write_bytes(b"GGUF one")

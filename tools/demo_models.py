@@ -8,7 +8,7 @@ over the air with its held-out set as the golden set). Each lives in
 ${XDG_CACHE_HOME:-~/.cache}/edge-agent/demo-models/<key>/, the specializer's output directory
 (GGUF files, eval.jsonl, recipe.json, report.json) plus demo-model.json; the key is a digest of
 everything that makes the model: the recipe, the rule, the quantization, the route's prompt and
-schema as the agent renders them, and the source of the code that trains and prompts. A change
+schema as the agent renders them, and the code of agent/specialize/ (not its comments). A change
 to any of them trains anew; anything else reuses the cache. A student is trained into a
 temporary directory and renamed into place whole, under a lock, so two demos (or the demo and
 its test) starting together train once and an interrupted run leaves nothing half-made.
@@ -18,6 +18,7 @@ Training needs the [train] extra (PyTorch); a cached model does not.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import importlib
@@ -26,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ SEED = 1
 QUICK = Recipe(steps=400, seed=SEED)
 BETTER = Recipe(steps=1500, seed=SEED)
 # The code whose change changes the model: the specializer (the prompt it trains on is in the
-# key as the agent renders it).
+# key as the agent renders it). Its syntax trees, not its bytes: see code_digest.
 CODE = tuple(sorted((REPO / "agent" / "specialize").glob("*.py")))
 RECORD = "demo-model.json"
 
@@ -86,17 +87,32 @@ def route_of(config: Path, name: str = ROUTE) -> Route:
 
 def key(route: Route, recipe: Recipe, rule: str = RULE) -> str:
     """The cache key of a student: a digest of all that makes it."""
-    code = hashlib.sha256()
-    for path in CODE:
-        code.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     made_of = {
         "recipe": recipe.to_json(), "rule": rule, "quant": QUANT,
         "route": {"name": route.name, "topics": list(route.topics),
                   "prompt": build_messages(route, "sensors/x/temperature", "{}"),
                   "schema": route.output_schema, "max_tokens": route.max_tokens},
-        "code": code.hexdigest(),
+        "code": code_digest(CODE),
     }
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def code_digest(paths: Iterable[Path]) -> str:
+    """A digest of the code in `paths`, blind to comments, docstrings and layout: their syntax
+    trees without docstrings, so that rewording a comment does not retrain every machine's
+    demo models."""
+    digest = hashlib.sha256()
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef
+                           | ast.AsyncFunctionDef) and node.body
+                    and isinstance(node.body[0], ast.Expr)
+                    and isinstance(node.body[0].value, ast.Constant)
+                    and isinstance(node.body[0].value.value, str)):
+                node.body = node.body[1:] or [ast.Pass()]
+        digest.update(f"{path.name}\0{ast.dump(tree)}\0".encode())
+    return digest.hexdigest()
 
 
 @contextmanager
