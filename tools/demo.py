@@ -293,7 +293,8 @@ def agreement(results: list[dict[str, Any]], rule: Rule) -> str:
         if body.get("status") == "ok":
             hit = body["output"] == rule.label(body["source"]["payload"])
             by_version.setdefault(str(body["model"]["version"]), []).append(hit)
-    return ", ".join(f"version {v}: {sum(h)} of {len(h)}" for v, h in sorted(by_version.items()))
+    return ", ".join(f"version {v}: {sum(h)} of {len(h)} ({sum(h) / len(h):.0%})"
+                     for v, h in sorted(by_version.items()))
 
 
 class Demo:
