@@ -57,3 +57,34 @@ def test_unacked_message_is_redelivered_and_acked_one_is_not(tmp_path: Path) -> 
         assert asyncio.run(_nothing_pending(broker))
     finally:
         local.kill()
+
+
+async def _lone_then_stream(broker: BrokerSection, port: int) -> tuple[list[bytes], list[bytes]]:
+    async with mqtt.connect(broker, client_id="batch-test", persistent_session=False,
+                            manual_ack=True) as link:
+        await link.subscribe(["sensors/#"])
+        publish_readings(port, [("sensors/a/temperature", b"lone")])
+        # A reading that comes alone is not held for the batch wait (3 s here).
+        lone = await asyncio.wait_for(link.next_batch(10, 3.0), 2.5)
+        publish_readings(port, [("sensors/a/temperature", b"stream-1")])
+        later = asyncio.get_running_loop().call_later(
+            0.5, publish_readings, port, [("sensors/a/temperature", b"stream-2")])
+        try:
+            # This one follows the last batch within the wait: it waits for company.
+            stream = await asyncio.wait_for(link.next_batch(10, 3.0), 10)
+        finally:
+            later.cancel()
+        for message in lone + stream:
+            link.ack(message)
+        return [m.payload for m in lone], [m.payload for m in stream]
+
+
+def test_a_lone_reading_is_not_held_for_the_batch_wait_but_a_stream_is_batched(
+        tmp_path: Path) -> None:
+    local = Mosquitto("local", tmp_path).start()
+    try:
+        lone, stream = asyncio.run(_lone_then_stream(BrokerSection(port=local.port), local.port))
+        assert lone == [b"lone"]
+        assert stream == [b"stream-1", b"stream-2"]
+    finally:
+        local.kill()

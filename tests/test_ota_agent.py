@@ -98,7 +98,7 @@ def test_a_steady_stream_through_a_successful_swap_loses_and_fails_nothing(
     wait_until(lambda: bool(late.messages), 10, "the retained status")
     assert late.messages[-1][1]["active"]["version"] == "2"
     late.stop()
-    listed = json.loads(model_cli("list", "--config", str(agent.config)).stdout)
+    listed = json.loads(model_cli("list", "--json", "--config", str(agent.config)).stdout)
     assert (listed["active"], listed["previous"]) == ("2", "base")
     print(f"swap under a stream: published={sensors.sent} results={len(collector.distinct_ids())} "
           f"v1={versions.count('1')} v2={versions.count('2')}")
@@ -256,7 +256,7 @@ def test_model_rollback_during_probation_switches_back_and_a_second_is_refused(
     wait_until(lambda: "rolled_back" in steps(agent.events()), 60, "the rollback")
     rolled = next(e for e in agent.events() if e.get("step") == "rolled_back")
     assert rolled["reason"] == "operator rollback during probation"
-    listed = json.loads(model_cli("list", "--config", str(config)).stdout)
+    listed = json.loads(model_cli("list", "--json", "--config", str(config)).stdout)
     assert (listed["active"], listed["previous"], listed["trial"]) == ("base", None, None)
     assert listed["failed"]["2"]["step"] == "probation"
     publish_readings(rig.local.port, [("sensors/s1/temperature", b'{"seq": 1, "celsius": 30}')])
@@ -267,7 +267,8 @@ def test_model_rollback_during_probation_switches_back_and_a_second_is_refused(
     wait_until(lambda: "rollback_refused" in steps(agent.events()), 60, "the refusal")
     refused = next(e for e in agent.events() if e.get("step") == "rollback_refused")
     assert refused["reason"] == "no previous model to roll back to"
-    assert json.loads(model_cli("list", "--config", str(config)).stdout)["active"] == "base"
+    listed = json.loads(model_cli("list", "--json", "--config", str(config)).stdout)
+    assert listed["active"] == "base"
 
     def told() -> set[object]:
         return {body["step"] for topic, body in collector.messages
@@ -350,7 +351,7 @@ def test_a_committed_model_that_stops_loading_falls_back_to_the_previous_one(
     late = [r for r in collector.results() if r["source"]["payload"]["seq"] >= 10_000]
     assert {r["model"]["version"] for r in late} == {"1"}
     assert not collector.results("deadletter")
-    listed = json.loads(model_cli("list", "--config", str(config)).stdout)
+    listed = json.loads(model_cli("list", "--json", "--config", str(config)).stdout)
     assert listed["active"] == "base"
     assert listed["failed"]["2"]["step"] == "serving"
     collector.stop()

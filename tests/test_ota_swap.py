@@ -20,6 +20,7 @@ import pytest
 
 from agent import __version__
 from agent.base.records import Generation, ModelInfo, Reading, reading_id
+from agent.cli.models import summary
 from agent.config.settings import Settings
 from agent.flows.pipeline import Pipeline
 from agent.inference.supervisor import InferenceWorker
@@ -442,6 +443,9 @@ async def test_a_candidate_that_answers_its_golden_set_passes_and_the_figures_ar
         state = rig.models.read()
         assert state.active == "2"
         assert state.installed["2"]["golden"] == {"canary": [canary], "probation": [probation]}
+        line = next(x for x in summary(state.to_json(), "tiny", "1") if x.startswith("2 "))
+        assert ", active; golden canary temperature 1.000 (10/10, floor 0.95), probation " \
+            "temperature 1.000 (5/5, floor 0.95)" in line, line
         status = [s for s in rig.outbox("status") if "state_active" in s][-1]
         assert status["golden"]["canary"][0]["accuracy"] == 1.0
         results = rig.outbox("result")
@@ -476,6 +480,9 @@ async def test_a_candidate_under_its_golden_floor_is_refused_with_the_figure(
         state = rig.models.read()
         assert (state.active, state.trial) == ("base", None)
         assert state.failed["2"]["figures"]["golden"] == [golden]
+        line = next(x for x in summary(state.to_json(), "tiny", "1") if x.startswith("2 "))
+        assert f"FAILED at {state.failed['2']['step']}: accuracy 0 on 6 golden readings" in line
+        assert line.endswith("; golden canary temperature 0.000 (0/6, floor 0.95)"), line
         assert rig.switch.info.version == "1"
         await rig.feed(0, 2)
         await rig.drained()

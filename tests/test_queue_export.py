@@ -1,7 +1,8 @@
 """`edge-agent queue export`: a route's stored results become a labels file that
 `edge-agent model specialize --labels` reads, on real SQLite stores: one filled through the
-store's own writer with the agent's own result bodies, and one filled by the running agent
-(real mosquitto, real llama.cpp), exported while it runs."""
+store's own writer with the agent's own result bodies, and ones filled by the running agent
+(real mosquitto, real llama.cpp), exported while it runs: with the cloud down (the backlog)
+and with the cloud up (every result delivered: the history of answered readings)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,23 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.base.records import Answer, Completion, DeadLetter, ModelInfo, Reading
-from agent.cli.export import parse_since
+from agent.cli.export import parse_since, stored_answers
 from agent.cli.main import main
-from agent.config.settings import load
+from agent.config.settings import StoreSection, load
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.windows import window_result_row
 from agent.specialize.examples import load_labels
 from agent.specialize.teacher import load_readings
-from agent.store.views import read_counts
+from agent.store.views import AnsweredReading, read_counts, read_route
 from agent.store.writer import Store
 from tests.conftest import Rig
-from tests.harness import publish_readings, wait_until
+from tests.harness import CloudCollector, publish_readings, wait_until
 
 MODEL = ModelInfo(name="tiny-test", version="3", sha256="ab" * 32, path="/m.gguf")
 TOPICS = Topics("edge", "gw-test")
@@ -137,6 +139,8 @@ def test_export_writes_the_routes_good_results_as_labels_that_specialize_reads(
     assert ("4 skipped (1 failed results, 1 outputs the route's output_schema refuses, "
             "1 readings not a JSON object, 1 window results)") in err
     assert "1 dead letters on the route's topics, 1 readings waiting in the inbox" in err
+    # Each result is in the history and still in the outbox: written once, from the history.
+    assert "5 of the results read from the history of answered readings" in err
 
     route = next(r for r in settings.routes if r.name == "temperature")
     examples = load_labels(out, route)
@@ -229,3 +233,135 @@ def test_export_of_a_running_agents_backlog_round_trips_through_load_labels(rig:
     finally:
         conn.close()
     assert {json.loads(line)["id"] for line in out.read_text().splitlines()} <= ids
+
+
+def deliver_everything(store_path: Path) -> None:
+    async def scenario() -> None:
+        store = await Store.open(store_path)
+        while rows := await store.pending_outbox(100):
+            await store.mark_delivered([row.seq for row in rows])
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_delivered_results_export_from_the_history_merged_with_the_outbox_oldest_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three results made without a history (history_max_rows 0: outbox only) and three with
+    it, of which the cloud then has the first (delivered, gone from the outbox); export gives
+    the six in the order they were made, each once; after every result is delivered, the three
+    the history holds; --since applies to both."""
+    cfg = config(tmp_path)
+    settings = load(cfg)
+
+    async def answer_some(bounds: StoreSection, ids: range) -> None:
+        store = await Store.open(settings.store_path, bounds)
+        for i in ids:
+            r = reading(i, json.dumps({"celsius": 50 + i}).encode())
+            await store.ingest([r], [])
+            leased = await store.lease()
+            assert leased is not None
+            await store.complete(leased.id, result_row(
+                TOPICS, leased, {"celsius": 50 + i}, answer({"level": "normal"}), "v1"))
+            await asyncio.sleep(0.01)  # distinct creation times
+        await store.close()
+
+    asyncio.run(answer_some(StoreSection(history_max_rows=0), range(3)))
+    asyncio.run(answer_some(StoreSection(), range(3, 6)))
+
+    async def deliver_first_of_history() -> None:
+        store = await Store.open(settings.store_path)
+        row = next(r for r in await store.pending_outbox(10) if r.id == "id3")
+        await store.mark_delivered([row.seq])
+        await store.close()
+
+    asyncio.run(deliver_first_of_history())
+    capsys.readouterr()
+    args = ["queue", "export", "--route", "temperature", "--config", str(cfg)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in captured.out.splitlines()] == [
+        f"id{i}" for i in range(6)]
+    assert "6 results exported to stdout" in captured.err
+    assert "3 of the results read from the history" in captured.err
+
+    deliver_everything(settings.store_path)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [
+        "id3", "id4", "id5"]
+
+    conn = sqlite3.connect(settings.store_path)
+    with conn:  # id3 and id4 made two hours ago
+        conn.execute("UPDATE history SET created_at = created_at - 7200 "
+                     "WHERE id IN ('id3', 'id4')")
+    conn.close()
+    assert main([*args, "--since", "1h"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["id5"]
+
+
+def test_a_history_row_pruned_between_the_two_reads_is_still_written_once(
+    tmp_path: Path,
+) -> None:
+    """The history is read, then the agent prunes it (here: every row) before the outbox is
+    read, so the outbox no longer leaves those results to the history: each is still given
+    once, by its id and its creation time, the same in both tables."""
+    cfg = config(tmp_path)
+    settings = load(cfg)
+    fill(settings.store_path)
+    route = next(r for r in settings.routes if r.name == "temperature")
+    with read_route(settings.store_path) as reader:
+        read_history = reader.history
+
+        def history_then_prune(name: str, since: float | None) -> Iterator[AnsweredReading]:
+            rows = list(read_history(name, since))
+            conn = sqlite3.connect(settings.store_path)
+            with conn:
+                conn.execute("DELETE FROM history")
+            conn.close()
+            yield from rows
+
+        reader.history = history_then_prune  # type: ignore[method-assign]
+        items = list(stored_answers(reader, route, None))
+    ids = [item.id for item in items]
+    assert sorted(ids) == sorted(set(ids))
+    assert len([i for i in items if isinstance(i, AnsweredReading)]) == 7  # 5 good, 42, freezing
+    assert len(ids) == 9  # and the failed result and the window's, from the outbox
+
+
+def test_export_of_a_connected_agent_returns_the_results_the_cloud_already_has(
+    rig: Rig,
+) -> None:
+    """The cloud broker is up, so the agent delivers every result and its outbox empties; the
+    export still gives one line per answered reading (the history), each the reading the
+    cloud saw with the answer it received."""
+    rig.local.start()
+    rig.cloud.start()
+    collector = CloudCollector(rig.cloud.port).start()
+    agent = rig.agent()
+    agent.wait_for_event("agent_ready")
+    sent = [(f"sensors/s{i % 3}/temperature",
+             json.dumps({"seq": i, "celsius": 20 + 7 * i}).encode()) for i in range(10)]
+    publish_readings(rig.local.port, sent)
+    wait_until(lambda: len(collector.results()) >= 10, 120, "10 results at the cloud")
+    wait_until(lambda: read_counts(rig.store)["outbox"] == 0
+               and read_counts(rig.store)["delivered"] >= 10, 30, "the outbox drained")
+    out = rig.workdir / "labels.jsonl"
+    assert main(["queue", "export", "--route", "temperature", "--config",
+                 str(rig.workdir / "agent.toml"), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    at_cloud = {r["id"]: r for r in collector.results()}
+    assert len(lines) == 10
+    assert sorted(line["reading"]["seq"] for line in lines) == list(range(10))
+    for line in lines:
+        result = at_cloud[line["id"]]
+        assert line["reading"] == result["source"]["payload"]
+        assert line["topic"] == result["source"]["topic"]
+        assert line["output"] == result["output"]
+        assert line["model"] == {"name": result["model"]["name"],
+                                 "version": result["model"]["version"],
+                                 "executor": result["executor"]}
+    route = load(rig.workdir / "agent.toml").routes[0]
+    assert len(load_labels(out, route)) == 10
+    collector.stop()

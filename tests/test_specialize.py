@@ -24,7 +24,8 @@ from agent.specialize.recipe import Recipe
 torch = pytest.importorskip("torch")
 
 from agent.specialize import llamacpp, student  # noqa: E402  (needs torch)
-from agent.specialize.run import Request, specialize  # noqa: E402
+from agent.specialize.evaluate import Scores  # noqa: E402
+from agent.specialize.run import Packaging, Request, make_package, specialize  # noqa: E402
 from agent.specialize.vocab import route_vocab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +175,66 @@ def test_the_command_line_passes_its_recipe_and_range_through(
     values = [row["reading"]["celsius"] for row in held]
     assert min(values) >= 40 - 2
     assert max(values) <= 100
+
+
+@pytest.mark.timeout(900)  # two minutes on a quiet machine, more on a loaded one
+def test_specialize_signs_a_package_of_the_q8_0_file_with_eval_jsonl_as_its_golden_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--package-key: <out>/package/ holds the q8_0 file and eval.jsonl, signed; the floor is
+    the accuracy measured on eval.jsonl less 0.02; `edge-agent model verify` accepts it. An
+    explicit floor above the measured accuracy packages nothing and fails with the figure."""
+    from agent.base import signing
+    from agent.cli.main import main
+
+    key = tmp_path / "release.pem"
+    public = signing.generate(key)
+    out = tmp_path / "o"
+    assert main(["model", "specialize", "--config", str(CONFIG), "--route", "temperature",
+                 "--rule", RULE, "--steps", "3", "--train-examples", "64", "--eval-examples",
+                 "10", "--package-key", str(key), "--package-version", "3", "--out",
+                 str(out)]) == 0
+    assert f"specialize: package {out / 'package'}: signed" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    measured = next(s["accuracy"] for s in report["scores"] if s["label"] == "q8_0")
+    manifest = json.loads((out / "package" / "manifest.json").read_text())
+    assert (manifest["name"], manifest["version"], manifest["file"]) == (
+        "temperature-student", "3", "temperature-student-q8_0.gguf")
+    assert manifest["golden"] == [{
+        "route": "temperature", "file": "eval.jsonl", "min_accuracy": max(
+            0.0, round(measured - 0.02, 3)),
+        "sha256": manifest["golden"][0]["sha256"], "size": (out / "eval.jsonl").stat().st_size}]
+    assert (out / "package" / "eval.jsonl").read_bytes() == (out / "eval.jsonl").read_bytes()
+    verify = subprocess.run([sys.executable, "-m", "agent", "model", "verify",
+                             str(out / "package"), "--trusted-key", public],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert verify.returncode == 0, verify.stderr
+    assert f"{out / 'package'}: ok (temperature-student 3" in verify.stdout
+
+    # An explicit floor above the measured accuracy: refused with the figure, nothing written.
+    assert measured < 1.0, "three training steps cannot answer every reading right"
+    q8 = out / "temperature-student-q8_0.gguf"
+    scores = [Scores("q8_0", q8, q8.stat().st_size, measured, 1.0, 1.0, 1.0, (), ())]
+    with pytest.raises(ValueError, match=rf"q8_0 scored accuracy {measured:.3f} on .*eval.jsonl, "
+                       r"under the floor 1 \(--min-accuracy\)"):
+        make_package(Packaging(key, "4", min_accuracy=1.0), "temperature", {"q8_0": q8},
+                     scores, refused := tmp_path / "r", n_ctx=512)
+    assert not (refused / "package").exists()
+
+
+def test_package_options_are_checked_before_any_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli.main import main
+
+    base = ["model", "specialize", "--config", str(CONFIG), "--route", "temperature",
+            "--rule", RULE, "--out", str(tmp_path / "o")]
+    assert main([*base, "--package-version", "2"]) == 1
+    assert "--package-version only go with --package-key KEY" in capsys.readouterr().err
+    assert main([*base, "--package-key", str(tmp_path / "none.pem")]) == 1
+    assert "--package-key needs --package-version V" in capsys.readouterr().err
+    assert main([*base, "--package-key", str(tmp_path / "none.pem"), "--package-version",
+                 "2"]) == 1
+    assert "none.pem" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_specialize_without_torch_names_the_missing_extra(tmp_path: Path) -> None:

@@ -1,15 +1,17 @@
 """`edge-agent queue export`: a route's readings and the agent's answers, as a labels file.
 
-Writes one JSON line per result still in the store, in the format `edge-agent model specialize
---labels` reads (agent/specialize/examples.py load_labels):
+Writes one JSON line per answered reading the store holds, in the format `edge-agent model
+specialize --labels` reads (agent/specialize/examples.py load_labels):
 
     {"topic": ..., "reading": {...}, "output": {...}, "id": ..., "received_at": ...,
      "model": {"name": ..., "version": ..., "executor": ...}}
 
 so that an operator can correct the answers that are wrong and specialize on real readings;
-load_labels reads topic, reading and output and ignores the provenance. Only what the store
-still holds can be exported: a result leaves the outbox once the cloud broker has it, so this
-is the backlog of an agent whose uplink is down or behind, not a history.
+load_labels reads topic, reading and output and ignores the provenance. Two sources, merged
+oldest first: the store's history of answered readings (kept after delivery, up to [store]
+history_max_rows; agent/store/transactions.py record_history) and the results still in the
+outbox whose reading is not in it (made before the history existed, while it was off or
+yielding to a full disk, or failed). A result in both is written once.
 
 A result is left out, and counted in the summary, when it failed (no output), covers a window
 of readings (a window route's answer is not one reading's label), has a reading that is not a
@@ -23,6 +25,7 @@ a file there is always whole) or stdout; progress and the summary go to stderr.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -38,7 +41,7 @@ from typing import Any, TextIO
 from agent.base.validation import schema_violation
 from agent.config.settings import Route, Settings
 from agent.routing.topics import topic_matches
-from agent.store.views import StoredResult, read_route
+from agent.store.views import AnsweredReading, RouteReader, StoredResult, read_route
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,6 +75,7 @@ def find_route(settings: Settings, config: Path, name: str) -> Route:
 @dataclass(slots=True)
 class Tally:
     exported: int = 0
+    from_history: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     waiting: int = 0
@@ -82,7 +86,8 @@ class Tally:
         return (f"queue export: route {route}: {self.exported} results exported to {where}; "
                 f"{skipped} skipped{f' ({reasons})' if reasons else ''}; not exported (no "
                 f"output): {self.dead_letters} dead letters on the route's topics, "
-                f"{self.waiting} readings waiting in the inbox")
+                f"{self.waiting} readings waiting in the inbox; {self.from_history} of the "
+                "results read from the history of answered readings, the rest from the outbox")
 
 
 def label_line(result: StoredResult, route: Route) -> tuple[dict[str, Any] | None, str]:
@@ -114,6 +119,46 @@ def label_line(result: StoredResult, route: Route) -> tuple[dict[str, Any] | Non
                       "executor": body.get("executor")}}, ""
 
 
+def history_line(row: AnsweredReading, route: Route) -> tuple[dict[str, Any] | None, str]:
+    """The labels line of one row of the history (an ok result of one reading), or (None, why
+    it is left out): the same line label_line makes of the same result in the outbox."""
+    try:
+        reading, output = json.loads(row.reading), json.loads(row.output)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(reading, dict):
+        return None, "readings not a JSON object"
+    if not isinstance(output, dict):
+        return None, "outputs not a JSON object"
+    if route.output_schema is not None and schema_violation(output, route.output_schema):
+        return None, "outputs the route's output_schema refuses"
+    return {"topic": row.topic, "reading": reading, "output": output, "id": row.id,
+            "received_at": row.received_at,
+            "model": {"name": row.model_name, "version": row.model_version,
+                      "executor": row.executor}}, ""
+
+
+def stored_answers(reader: RouteReader, route: Route,
+                   since: float | None) -> Iterator[AnsweredReading | StoredResult]:
+    """The route's history and its outbox results whose reading is not in the history, merged
+    by the time each result was made (oldest first). The outbox's are left out by the read
+    (agent/store/views.py); a row the agent moves between the two reads' pages (a history row
+    pruned after it was read, its result still queued) has the same id and the same time in
+    both, which is how it is written once here."""
+    history: Iterator[AnsweredReading | StoredResult] = reader.history(route.name, since)
+    queued: Iterator[AnsweredReading | StoredResult] = reader.results(route.name, since)
+    merged = heapq.merge(history, queued, key=lambda item: item.created_at)
+    at: float | None = None
+    ids: set[str] = set()
+    for item in merged:
+        if item.created_at != at:
+            at, ids = item.created_at, set()
+        if item.id and item.id in ids:
+            continue
+        ids.add(item.id)
+        yield item
+
+
 def export(settings: Settings, route: Route, since: float | None, out: TextIO,
            log: TextIO) -> Tally:
     """Write the labels lines of `route`'s stored results to `out`; the tally of what was and
@@ -121,14 +166,17 @@ def export(settings: Settings, route: Route, since: float | None, out: TextIO,
     tally = Tally()
     started = time.monotonic()
     with read_route(settings.store_path) as reader:
-        rows: Iterator[StoredResult] = reader.results(route.name, since)
-        for seen, result in enumerate(rows, 1):
-            line, why = label_line(result, route)
+        for seen, item in enumerate(stored_answers(reader, route, since), 1):
+            if isinstance(item, AnsweredReading):
+                line, why = history_line(item, route)
+            else:
+                line, why = label_line(item, route)
             if line is None:
                 tally.skipped[why] += 1
             else:
                 out.write(json.dumps(line) + "\n")  # ASCII: whatever stdout's encoding
                 tally.exported += 1
+                tally.from_history += isinstance(item, AnsweredReading)
             if seen % PROGRESS_EVERY == 0:
                 rate = seen / max(time.monotonic() - started, 1e-9)
                 print(f"queue export: {seen} results read ({tally.exported} exported), "

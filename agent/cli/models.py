@@ -2,7 +2,8 @@
 
 keygen, sign, allow-rollback, verify and command work on files only, and so does specialize (it
 trains and evaluates a student model for one route, from labels, a rule or a teacher model's
-answers: agent/specialize/, imported only when it
+answers, and with --package-key signs a package of it whose golden set is its held-out set:
+agent/specialize/, imported only when it
 runs, with the optional [train] extra's torch and gguf) (allow-rollback adds a
 signed rollback directive to a package, agent/ota/directive.py; command prints the JSON to publish
 on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
@@ -74,12 +75,16 @@ def add_parser(commands: Any) -> None:
     verify.add_argument("--config", type=Path, help="trust the keys of this agent config")
     verify.add_argument("--trusted-key", action="append", default=[],
                         help="a trusted public key (base64); may repeat")
-    for name, text in (("list", "installed, active, previous and failed models"),
+    for name, text in (("list", "installed, active, previous and failed models, one line each "
+                               "(--json: the raw state)"),
                        ("install", "hand a package to the agent through incoming/"),
                        ("rollback", "ask the agent to go back to the previous model")):
         cmd = sub.add_parser(name, help=text)
         if name == "install":
             cmd.add_argument("package", type=Path)
+        if name == "list":
+            cmd.add_argument("--json", action="store_true",
+                             help="print the OTA state file (ota/state.json) as it is")
         cmd.add_argument("--config", type=Path, required=True)
     _add_specialize(sub)
 
@@ -132,10 +137,26 @@ def _add_specialize(sub: Any) -> None:
                       help="training threads (evaluation uses the [model] section's)")
     spec.add_argument("--base", type=Path, default=None,
                       help="a GGUF to evaluate beside the student (e.g. the pretrained base)")
+    package = spec.add_argument_group(
+        "package (with --package-key): <out>/package/, signed as by `model sign`, with "
+        "eval.jsonl as the route's golden set")
+    package.add_argument("--package-key", type=Path, default=None, metavar="KEY",
+                         help="private key from keygen: sign a package of the student")
+    package.add_argument("--package-version", default=None, metavar="V",
+                         help="its version, dotted numbers (with --package-key)")
+    package.add_argument("--package-name", default=None,
+                         help="its name (default <route>-student)")
+    package.add_argument("--package-quant", default="q8_0",
+                         choices=("f32", "f16", "q8_0", "q4_0"),
+                         help="the file packaged (default q8_0)")
+    package.add_argument("--min-accuracy", type=float, default=None,
+                         help="the golden set's floor; under it nothing is packaged and the "
+                         "command fails (default: the file's measured accuracy less 0.02)")
 
 
 def _specialize(args: argparse.Namespace) -> int:
     teacher = _teacher(args)  # before the [train] extra's check: a usage error comes first
+    package = _packaging(args)
     try:
         from agent.specialize import run as specialize
         from agent.specialize.recipe import Recipe
@@ -161,8 +182,31 @@ def _specialize(args: argparse.Namespace) -> int:
     specialize.specialize(specialize.Request(
         config=args.config, route=args.route, out=args.out, labels=args.labels,
         rule=args.rule, span=span, recipe=recipe, threads=args.threads, base=args.base,
-        teacher=teacher))
+        teacher=teacher,
+        package=None if package is None else specialize.Packaging(**package)))
     return 0
+
+
+def _packaging(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The Packaging fields of --package-key and its options, checked before any training: a
+    ValueError names an option given without the others, a bad version or floor, a missing
+    key."""
+    if args.package_key is None:
+        given = [f"--{key.replace('_', '-')}" for key in ("package_version", "package_name",
+                                                          "min_accuracy")
+                 if getattr(args, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only go with --package-key KEY")
+        return None
+    if args.package_version is None:
+        raise ValueError("--package-key needs --package-version V")
+    modelpkg.version_key(args.package_version)
+    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
+        raise ValueError(f"--min-accuracy {args.min_accuracy:g} is not between 0 and 1")
+    signing.public_key_of(args.package_key)  # a missing or bad key fails now, not after training
+    return {"key": args.package_key, "version": args.package_version,
+            "quant": args.package_quant, "name": args.package_name,
+            "min_accuracy": args.min_accuracy}
 
 
 def _teacher(args: argparse.Namespace) -> Teacher | None:
@@ -284,8 +328,58 @@ def _command(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     settings = load(args.config)
     state = ModelStore(settings.ota_dir).read()
-    print(json.dumps(state.to_json(), indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(state.to_json(), indent=2, sort_keys=True))
+        return 0
+    print("\n".join(summary(state.to_json(), settings.model.name or settings.model.path.name,
+                             settings.model.version)))
     return 0
+
+
+def summary(state: dict[str, Any], base_name: str, base_version: str) -> list[str]:
+    """`model list`: one line per version (the configured base model, each installed and each
+    failed one) with its role and the golden sets' accuracy at each stage when checked."""
+    roles: dict[str, list[str]] = {}
+    for role in ("active", "previous"):
+        if state.get(role) is not None:
+            roles.setdefault(str(state[role]), []).append(role)
+    trial = state.get("trial")
+    if trial:
+        roles.setdefault(str(trial["version"]), []).append(f"on trial ({trial['phase']})")
+
+    def golden(figures: Any) -> str:
+        parts = []
+        for stage, sets in (figures or {}).items():
+            for entry in sets if isinstance(sets, list) else []:
+                parts.append(f"{stage} {entry.get('route')} {entry.get('accuracy', 0):.3f} "
+                             f"({entry.get('right')}/{entry.get('n')}, floor "
+                             f"{entry.get('floor', 0):g})")
+        return f"; golden {', '.join(parts)}" if parts else ""
+
+    lines = [f"base     {base_name} {base_version} (the configured [model] file)"
+             + (f", {', '.join(roles['base'])}" if "base" in roles else "")]
+    installed: dict[str, Any] = state.get("installed") or {}
+    failed: dict[str, Any] = state.get("failed") or {}
+    for version in sorted({*installed, *failed}, key=_version_order):
+        entry, failure = installed.get(version) or {}, failed.get(version)
+        when = entry.get("installed_at")
+        line = (f"{version:<8} "
+                + (f"{entry.get('name')} {entry.get('file')} {entry.get('size', 0) / 1e6:.2f} MB"
+                   if entry else "not installed")
+                + (f", installed {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(when))} UTC"
+                   if isinstance(when, (int, float)) else "")
+                + (f", {', '.join(roles[version])}" if version in roles else "")
+                + (f", FAILED at {failure.get('step')}: {failure.get('reason')}"
+                   if failure else "")
+                + golden(entry.get("golden") or (
+                    {failure.get("step"): (failure.get("figures") or {}).get("golden")}
+                    if failure else None)))
+        lines.append(line)
+    return lines
+
+
+def _version_order(version: str) -> tuple[int, ...]:
+    return modelpkg.version_key(version) if modelpkg.is_version(version) else ()
 
 
 def _agent_owner(state_dir: Path) -> tuple[int, int] | None:

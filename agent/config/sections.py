@@ -102,7 +102,8 @@ class LocalBrokerSection(BrokerSection):
         default=20,
         ge=0,
         le=5_000,
-        description="How long a batch may wait for more readings before it is committed.",
+        description="How long a batch may wait for more readings before it is committed; "
+        "paid only inside a stream (a reading that comes alone is committed at once).",
     )
     max_payload_bytes: int = Field(
         default=64 * 1024, ge=16, description="Larger payloads are dead-lettered before decoding."
@@ -168,6 +169,15 @@ class StoreSection(Section):
         "deliveries), so the store empties by itself once the cloud returns; it is taken "
         "again when the store has room for it. The WAL is folded into the database at a "
         "quarter of it, so that releasing it always covers that. 0: none.",
+    )
+    history_max_rows: int = Field(
+        default=10_000,
+        ge=0,
+        description="Answered readings kept after delivery for `edge-agent queue export` (the "
+        "route, topic, reading, output and model of each ok result: 243 bytes a row with a "
+        "70-byte reading, 2.4 MB at the default): the oldest beyond this are deleted, and the "
+        "history is dropped first, before anything durable, when the store's room falls under "
+        "twice reserve_bytes. 0: none kept.",
     )
     max_page_count: int | None = Field(
         default=None,

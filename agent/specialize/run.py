@@ -5,8 +5,9 @@ held-out set -> the route's vocabulary and a vocabulary-only GGUF whose llama.cp
 tokenizes every training sequence -> training (step, loss, elapsed) -> float32 GGUF export ->
 f16, q8_0 and q4_0 by llama.cpp's quantizer -> every file (and an optional base model) answers
 the held-out set through llama.cpp -> the table. The output directory gets the GGUF files,
-eval.jsonl (the held-out set, the functional canary to come), recipe.json (how to retrain)
-and report.json (the table and the times).
+eval.jsonl (the held-out set), recipe.json (how to retrain) and report.json (the table and the
+times); with a Packaging, package/: one file signed into a model package with eval.jsonl as the
+route's golden set (the OTA canary's floor, docs/ota.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config.settings import Route, Settings, load
+from agent.ota import modelpkg
 from agent.routing.prompts import build_messages
 from agent.specialize import examples, llamacpp, rules, student, teacher
 from agent.specialize.evaluate import Scores, evaluate, table
@@ -46,6 +48,23 @@ class Request:
     base: Path | None = None  # a GGUF evaluated beside the student, e.g. the pretrained base
     quants: tuple[str, ...] = QUANTS
     teacher: Teacher | None = None  # labels by a teacher model (agent/specialize/teacher.py)
+    package: Packaging | None = None  # a signed package of one file, eval.jsonl its golden set
+
+
+@dataclass(frozen=True, slots=True)
+class Packaging:
+    """What `--package-key` asks for: `<out>/package/`, a signed model package
+    (agent/ota/modelpkg.py) of the `quant` file with eval.jsonl as the route's golden set, its
+    floor `min_accuracy` or, unset, a little under the accuracy measured on eval.jsonl."""
+
+    key: Path
+    version: str
+    quant: str = "q8_0"
+    name: str | None = None  # default: <route>-student
+    min_accuracy: float | None = None
+
+
+FLOOR_MARGIN = 0.02  # the default floor: the measured accuracy less this
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,7 @@ class Outcome:
     torch_texts: list[str]
     held: list[Example]
     times_s: dict[str, float]
+    package: Path | None = None  # <out>/package/ when asked for
 
 
 def find_route(config: Path, name: str) -> tuple[Settings, Route]:
@@ -169,4 +189,32 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
         f"(cpu {times['train_cpu_s']:.0f} s), export "
         f"{times['export_s']:.0f} s, evaluation {times['eval_s']:.0f} s, total "
         f"{times['total_s']:.0f} s; written to {out}")
-    return Outcome(files, scores, torch_texts, held, times)
+    package = None
+    if request.package is not None:
+        package = make_package(request.package, route.name, files, scores, out,
+                               n_ctx=max(recipe.n_ctx, 512))
+        say(f"package {package}: signed, with eval.jsonl as the golden set of route "
+            f"{route.name}")
+    return Outcome(files, scores, torch_texts, held, times, package)
+
+
+def make_package(spec: Packaging, route: str, files: dict[str, Path], scores: list[Scores],
+                 out: Path, *, n_ctx: int) -> Path:
+    """Write `out`/package/ for `spec`: the file of `spec.quant` and `out`/eval.jsonl as the
+    golden set of `route`, whose floor is `spec.min_accuracy` or the accuracy `scores` measured
+    for that file on eval.jsonl less FLOOR_MARGIN. A ValueError with the figure when the
+    measured accuracy is under an explicit floor (nothing is written then)."""
+    if spec.quant not in files:
+        raise ValueError(f"cannot package {spec.quant}: the files are {', '.join(files)}")
+    measured = next(s.accuracy for s in scores if s.label == spec.quant)
+    if spec.min_accuracy is not None and measured < spec.min_accuracy:
+        raise ValueError(f"not packaged: {spec.quant} scored accuracy {measured:.3f} on "
+                         f"{out / 'eval.jsonl'}, under the floor {spec.min_accuracy:g} "
+                         "(--min-accuracy)")
+    floor = spec.min_accuracy if spec.min_accuracy is not None else \
+        max(0.0, round(measured - FLOOR_MARGIN, 3))
+    target = out / "package"
+    modelpkg.build(files[spec.quant], target, name=spec.name or f"{route}-student",
+                   version=spec.version, n_ctx=n_ctx, canary=[], key=spec.key,
+                   golden=[(route, out / "eval.jsonl", floor)])
+    return target

@@ -184,15 +184,19 @@ def labels(teacher: Teacher, route: Route, out: Path, *, span: tuple[float, floa
 
 def label(teacher: Teacher, route: Route, readings: list[Unlabelled], *, seed: int = 0,
           say: Callable[[str], None] = print) -> Labels:
-    """Ask the teacher for every reading's output (blocking; the command line's)."""
-    return asyncio.run(label_async(teacher, route, readings, seed=seed, say=say))
+    """Ask the teacher for every reading's output (blocking; the command line's). The key file
+    is read here, before the event loop starts."""
+    return asyncio.run(label_async(teacher, teacher.section(), route, readings, seed=seed,
+                                   say=say))
 
 
-async def label_async(teacher: Teacher, route: Route, readings: list[Unlabelled], *,
-                      seed: int = 0, say: Callable[[str], None] = print) -> Labels:
+async def label_async(teacher: Teacher, section: CloudModelSection, route: Route,
+                      readings: list[Unlabelled], *, seed: int = 0,
+                      say: Callable[[str], None] = print) -> Labels:
     """The labelled examples in the readings' order (dropped ones left out), and why the others
-    were dropped. TeacherFailed when the teacher cannot be reached or refuses everything."""
-    client = CloudModel(teacher.section())
+    were dropped. TeacherFailed when the teacher cannot be reached or refuses everything.
+    `section` is teacher.section(), read off the loop (it may read the key file)."""
+    client = CloudModel(section)
     generation = Generation(route.max_tokens, 0.0, seed, route.output_schema)
     answers: list[Example | None] = [None] * len(readings)
     dropped: Counter[str] = Counter()

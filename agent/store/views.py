@@ -149,6 +149,24 @@ class StoredResult:
     seq: int
     created_at: float
     body: bytes
+    id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredReading:
+    """A row of the history: one reading's ok result, kept after its delivery. `reading` and
+    `output` are JSON text."""
+
+    seq: int
+    created_at: float
+    id: str
+    topic: str
+    reading: str
+    output: str
+    received_at: float
+    model_name: str
+    model_version: str
+    executor: str
 
 
 class RouteReader:
@@ -156,28 +174,50 @@ class RouteReader:
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self._conn = db.conn
+        # A store an older agent made and the current one has not opened yet has none.
+        self.has_history = db.table("history").exists()
 
-    def results(self, route: str, since: float | None = None,
-                page: int = 500) -> Iterator[StoredResult]:
-        """The route's results still in the outbox (queued, not yet delivered), oldest first,
-        made at or after `since` (epoch seconds). In pages of `page` rows by seq, each page its
-        own short read, so that a long export never pins the WAL a running agent's checkpoints
-        need; rows queued after the first page are left for the next export (the export ends)
-        and rows delivered meanwhile are gone from it."""
-        last = self._conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+    def _pages(self, table: str, select: str, where: str, params: tuple[Any, ...],
+               page: int) -> Iterator[Any]:
+        """Rows of `table` by seq, up to the last seq it has now, in pages of `page` rows,
+        each page its own short read, so that a long export never pins the WAL a running
+        agent's checkpoints need; rows added after the first page are left for the next
+        export (the export ends) and rows deleted meanwhile are gone from it."""
+        last = self._conn.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]
         after = 0
         while True:
             rows = self._conn.execute(
-                "SELECT seq, created_at, payload FROM outbox WHERE kind = 'result' "
-                "AND route = ? AND seq > ? AND seq <= ? AND created_at >= ? "
-                "ORDER BY seq LIMIT ?",
-                (route, after, last, since if since is not None else float("-inf"),
-                 page)).fetchall()
-            for seq, created_at, payload in rows:
-                yield StoredResult(int(seq), float(created_at), bytes(payload))
+                f"SELECT seq, {select} FROM {table} WHERE {where} AND seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?", (*params, after, last, page)).fetchall()
+            yield from rows
             if len(rows) < page:
                 return
             after = int(rows[-1][0])
+
+    def results(self, route: str, since: float | None = None,
+                page: int = 500) -> Iterator[StoredResult]:
+        """The route's results still in the outbox (queued, not yet delivered) whose reading
+        is not in the history, oldest first, made at or after `since` (epoch seconds)."""
+        where = "kind = 'result' AND route = ? AND created_at >= ?"
+        if self.has_history:
+            where += " AND NOT EXISTS (SELECT 1 FROM history WHERE history.id = outbox.id)"
+        for seq, created_at, payload, id_ in self._pages(
+                "outbox", "created_at, payload, id", where, (route, _since(since)), page):
+            yield StoredResult(int(seq), float(created_at), bytes(payload), str(id_))
+
+    def history(self, route: str, since: float | None = None,
+                page: int = 500) -> Iterator[AnsweredReading]:
+        """The route's answered readings in the history (delivered or not), oldest first, made
+        at or after `since`; none from a store without a history."""
+        if not self.has_history:
+            return
+        for row in self._pages(
+                "history", "created_at, id, topic, reading, output, received_at, model_name, "
+                "model_version, executor", "route = ? AND created_at >= ?",
+                (route, _since(since)), page):
+            yield AnsweredReading(int(row[0]), float(row[1]), str(row[2]), str(row[3]),
+                                  str(row[4]), str(row[5]), float(row[6]), str(row[7]),
+                                  str(row[8]), str(row[9]))
 
     def waiting(self, route: str) -> int:
         """The route's readings still in the inbox (no result yet)."""
@@ -189,8 +229,11 @@ class RouteReader:
         """The topic of every dead letter made at or after `since` (the table keeps no route:
         the caller matches the topics to its route's filters)."""
         return [str(topic) for (topic,) in self._conn.execute(
-            "SELECT topic FROM dead_letter WHERE created_at >= ?",
-            (since if since is not None else float("-inf"),))]
+            "SELECT topic FROM dead_letter WHERE created_at >= ?", (_since(since),))]
+
+
+def _since(since: float | None) -> float:
+    return since if since is not None else float("-inf")
 
 
 @contextmanager

@@ -137,6 +137,7 @@ class Link:
         self._keepalive_s = keepalive_s
         self._manual_ack = manual_ack
         self._messages = client.messages
+        self._last_first_mono = float("-inf")  # when the last batch's first message came
         # PUBACK callbacks of `publish_nowait`, by message id. paho calls on_publish on the
         # event loop (aiomqtt drives its socket from there); other ids go on to aiomqtt.
         self._pubacks: dict[int, Callable[[], None]] = {}
@@ -174,6 +175,10 @@ class Link:
     async def next_batch(self, max_messages: int, wait_s: float) -> list[Delivery]:
         """Wait for one message, then gather what else arrives within `wait_s`, up to a limit.
 
+        The wait is paid only inside a stream: when the previous batch began less than `wait_s`
+        ago. A reading that comes alone (the one before it more than `wait_s` earlier) is
+        committed at once, since nothing is likely to join it; a steady stream still gathers
+        batches, and a backlog never waits (what is queued is taken at once).
         Waits are never cancelled mid-get (a cancelled get can swallow a message that was already
         taken off aiomqtt's queue): after the first message the batch takes only what is queued.
         """
@@ -182,7 +187,10 @@ class Link:
         except aiomqtt.MqttError as exc:
             raise LinkDown(f"connection lost: {exc}") from exc
         batch = [_incoming(first)]
-        if len(self._messages) == 0 and wait_s > 0:
+        now = time.monotonic()
+        in_stream = now - self._last_first_mono < wait_s
+        self._last_first_mono = now
+        if len(self._messages) == 0 and wait_s > 0 and in_stream:
             await asyncio.sleep(wait_s)
         # aiomqtt's iterator spawns a task per message; messages already queued are taken
         # directly from its queue, which is several times faster.
