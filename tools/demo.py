@@ -1,10 +1,14 @@
 """The edge-agent demo, on real parts: two mosquitto brokers on loopback (the gateway's and a
-stand-in for the cloud's), generated GGUF models, the agent, and simulated sensors.
+stand-in for the cloud's), models trained for the demo's route, the agent, and simulated sensors.
 
-It shows, in order: results flowing; a signed model update swapped in while readings flow; a
-slower version that passes its canary, fails probation and is rolled back by the agent; a
-cloud outage bridged by the SQLite outbox with nothing lost; a malformed payload dead-lettered
-with its reason; a graceful stop. Run it with tools/demo.
+It shows, in order: a student model of the temperature route trained by `edge-agent model
+specialize` (once per machine: tools/demo_models.py caches it outside the clone) answering
+readings, with its accuracy on readings it never trained on; results flowing; a better student
+shipped as a signed update carrying its held-out readings as a golden set, canaried and swapped
+in while readings flow; a slower version that passes its canary, fails probation and is rolled
+back by the agent; a version with random weights refused at the canary for its accuracy on the
+golden set; a cloud outage bridged by the SQLite outbox with nothing lost; a malformed
+payload dead-lettered with its reason; a graceful stop. Run it with tools/demo.
 
 Every step waits for events (an agent log event, results at the cloud, store counts), never
 for a time: the sensors keep publishing until each model update has its verdict, however long
@@ -12,7 +16,7 @@ the candidate takes to load on a busy machine. A wait that gives up says what it
 and what it saw, and prints the end of the agent's log. The demo owns every process it starts,
 and the ones they leave behind (it is their subreaper): none outlives it. Everything stays in
 demo-state/ (emptied at each start) for inspection: the agent's log, the store, the brokers'
-files, and cloud-received.jsonl, every message the cloud side received.
+files, the models served, and cloud-received.jsonl, every message the cloud side received.
 """
 
 from __future__ import annotations
@@ -43,12 +47,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.base import signing
 from agent.base.errors import StoreUnreadable
 from agent.ota import modelpkg
+from agent.specialize.rules import Rule, parse_rule
 from agent.store.views import read_counts
 from tests.harness import AgentProcess, CloudCollector, Mosquitto, write_agent_config
+from tools import demo_models
 from tools.make_tiny_model import make_model
 
 SENSORS = ["press-1", "oven-2", "cooler-3"]
+# Readings published on their own, so that anyone can check the answers against the rule.
+CHECKED = [21.5, 72.3, 95.0, 59.0, 86.4]
 VERDICTS = ("committed", "rolled_back", "refused", "rejected")
+GOLDEN_FLOOR = 0.95  # the least accuracy on its golden set a candidate needs at the canary
 LOG_TAIL_LINES = 30
 NOTE_EVERY_S = 30.0
 # Generous on purpose: a fresh 2-core machine under load starts, loads and answers slowly, and
@@ -168,15 +177,18 @@ class Sensors:
             raise WaitFailed(f"timed out after 30 s waiting for the sensors' CONNACK from "
                              f"the local broker on port {port}")
 
-    def publish(self, n: int) -> None:
-        """Publish `n` readings and wait for every PUBACK."""
+    def publish(self, n: int, values: list[float] | None = None) -> list[int]:
+        """Publish `n` readings (at these `values`, if given) and wait for every PUBACK;
+        returns their sequence numbers."""
         with self._lock:
             infos: list[paho.MQTTMessageInfo] = []
-            for _ in range(n):
+            first = self.sent
+            for index in range(n):
                 seq = self.sent + len(infos)
                 sensor = SENSORS[seq % len(SENSORS)]
-                body = {"sensor": sensor, "seq": seq, "ts": time.time(),
-                        "celsius": round(self._rng.uniform(15, 95), 1)}
+                celsius = (values[index] if values is not None
+                           else round(self._rng.uniform(15, 95), 1))
+                body = {"sensor": sensor, "seq": seq, "ts": time.time(), "celsius": celsius}
                 infos.append(self._client.publish(f"sensors/{sensor}/temperature",
                                                   json.dumps(body).encode(), qos=1))
             for info in infos:
@@ -185,6 +197,7 @@ class Sensors:
                     raise WaitFailed(f"timed out after 60 s waiting for the local broker's "
                                      f"PUBACK of message {info.mid}")
             self.sent += n
+            return list(range(first, first + n))
 
     def publish_raw(self, topic: str, payload: bytes) -> None:
         self._client.publish(topic, payload, qos=1).wait_for_publish(timeout=60)
@@ -250,7 +263,16 @@ def describe(verdict: dict[str, Any]) -> str:
         text += (f"; p95 {candidate.get('p95_ms')} ms over {candidate.get('requests')} "
                  f"requests, the previous model's {previous.get('p95_ms')} ms over "
                  f"{previous.get('requests')}, limit {figures.get('p95_limit_ms')} ms")
-    return text
+    return text + golden_figures(verdict)
+
+
+def golden_figures(event: dict[str, Any]) -> str:
+    """The golden-set figures an update step carries (the candidate's answers to its
+    package's golden readings), in words; empty if it has none."""
+    sets = (event.get("figures") or {}).get("golden") or []
+    return "".join(f"; golden set of route {g.get('route')}: {g.get('right')} of {g.get('n')} "
+                   f"right, accuracy {g.get('accuracy')} (floor {g.get('floor')})"
+                   for g in sets)
 
 
 def show_results(collector: CloudCollector, since: int, limit: int = 5) -> int:
@@ -259,22 +281,34 @@ def show_results(collector: CloudCollector, since: int, limit: int = 5) -> int:
         reading = body["source"]["payload"]
         say(f"  result {body['id'][:8]}  {body['source']['topic']:<30} "
             f"{reading['celsius']:>5} C -> {json.dumps(body['output'])}  "
-            f"({body['executor']}, {body['latency_ms']} ms, model sha256 "
-            f"{body['model']['sha256'][:10]})")
+            f"({body['executor']}, {body['latency_ms']} ms, model version "
+            f"{body['model']['version']})")
     return len(results)
+
+
+def agreement(results: list[dict[str, Any]], rule: Rule) -> str:
+    """How many of `results` gave the rule's answer, by model version."""
+    by_version: dict[str, list[bool]] = {}
+    for body in results:
+        if body.get("status") == "ok":
+            hit = body["output"] == rule.label(body["source"]["payload"])
+            by_version.setdefault(str(body["model"]["version"]), []).append(hit)
+    return ", ".join(f"version {v}: {sum(h)} of {len(h)} ({sum(h) / len(h):.0%})"
+                     for v, h in sorted(by_version.items()))
 
 
 class Demo:
     """The running parts of one demo and the steps it takes with them."""
 
     def __init__(self, work: Path, config: Path, agent: AgentProcess, log: AgentLog,
-                 collector: CloudCollector, sensors: Sensors) -> None:
+                 collector: CloudCollector, sensors: Sensors, rule: Rule) -> None:
         self.work = work
         self.config = config
         self.agent = agent
         self.log = log
         self.collector = collector
         self.sensors = sensors
+        self.rule = rule
         self.waits = Waits(agent, log)
         self.store = work / "state" / "agent.db"
 
@@ -303,16 +337,33 @@ class Demo:
         finally:
             self.sensors.stop()
 
-    def update(self, shown: int, version: str, gguf: Path, expected: str
+    def check(self, values: list[float] = CHECKED) -> None:
+        """Publish readings at `values` and print the agent's answers, as the cloud got them,
+        beside the rule's."""
+        seqs = set(self.sensors.publish(len(values), values))
+        self.wait_for_results(f"the results of the {len(values)} readings at "
+                              f"{', '.join(f'{v} C' for v in values)}")
+        for body in self.collector.results():
+            if body["source"]["payload"].get("seq") in seqs:
+                reading = body["source"]["payload"]
+                level = body["output"].get(self.rule.key) if body["status"] == "ok" else None
+                expected = self.rule.label(reading)[self.rule.key]
+                say(f"   {reading['celsius']:>5} C -> {level or body['status']:<8} "
+                    f"(model version {body['model']['version']}; the rule says {expected}"
+                    f"{'' if level == expected else ': WRONG'})")
+                seqs.discard(reading["seq"])  # a duplicate delivery is shown once
+
+    def update(self, shown: int, version: str, gguf: Path, expected: str,
+               golden: list[tuple[str, Path, float]] | None = None
                ) -> tuple[int, dict[str, Any]]:
-        """Sign `gguf` as `version`, hand it over with `edge-agent model install` while the
-        sensors publish, and keep them publishing until the update's verdict, which must be
-        `expected`; prints the update's steps and which model answered. Returns `shown` and
-        the verdict event."""
+        """Sign `gguf` as `version` (with `golden` sets: (route, eval.jsonl, floor)), hand it
+        over with `edge-agent model install` while the sensors publish, and keep them
+        publishing until the update's verdict, which must be `expected`; prints the update's
+        steps and which model answered. Returns `shown` and the verdict event."""
         package = self.work / f"package-v{version}"
         modelpkg.build(gguf, package, name="tiny-test", version=version, n_ctx=512,
                        canary=[{"route": "temperature", "payload": {"celsius": 85.0}}],
-                       key=self.work / "release.pem")
+                       key=self.work / "release.pem", golden=golden or ())
         seen = len(self.log.poll())
         before = self.sensors.sent
 
@@ -344,7 +395,8 @@ class Demo:
         for event in steps():
             say(f"   model {event.get('version', event.get('package'))}: "
                 + (describe(event) if event["step"] in VERDICTS else event["step"]
-                   + (f" ({event['reason']})" if "reason" in event else "")))
+                   + (f" ({event['reason']})" if "reason" in event else "")
+                   + golden_figures(event)))
         final = next(e for e in steps() if e["step"] in VERDICTS)
         if final["step"] != expected:
             raise WaitFailed(f"version {version} was {describe(final)}; the demo expected "
@@ -354,7 +406,8 @@ class Demo:
         versions = Counter(body["model"]["version"] for body in results)
         say(f"   {self.sensors.sent - before} readings during the update, results by model "
             f"version: {dict(versions)}, failed: "
-            f"{sum(body['status'] != 'ok' for body in results)}")
+            f"{sum(body['status'] != 'ok' for body in results)}; answered as the rule says: "
+            f"{agreement(results, self.rule)}")
         return len(self.collector.results()), final
 
     def answered_by(self, n: int = 3) -> set[str]:
@@ -472,21 +525,44 @@ def main(argv: list[str] | None = None) -> int:
         say(f"demo took {time.monotonic() - started:.0f} s")
 
 
+def describe_student(student: demo_models.Student) -> str:
+    made = ("from the cache" if student.train_s is None
+            else f"trained in {student.train_s:.0f} s")
+    return (f"a student of {student.steps} training steps ({made}): accuracy "
+            f"{student.accuracy:.3f} on its {student.n_eval} held-out readings "
+            f"({demo_models.QUANT}, answered through llama.cpp)")
+
+
 def run(work: Path, rate: int) -> int:
     say(f"working in {work}")
-    model = make_model(work / "models" / "tiny.gguf")
-    say(f"generated a {model.stat().st_size // 1024} KiB llama GGUF model: {model}")
-    v2 = make_model(work / "models" / "tiny-v2.gguf", seed=2)
-    v3 = make_model(work / "models" / "slow-v3.gguf", seed=3, n_embd=512, n_layer=8, n_ff=1024)
-    say(f"and two updates: {v2.name}, {v3.name} ({v3.stat().st_size // 1024} KiB)")
+    models = work / "models"
+    models.mkdir()
     public = signing.generate(work / "release.pem")
     local = Mosquitto("local", work)
     cloud = Mosquitto("cloud", work)
+    v1 = models / "student-v1.gguf"
     config = write_agent_config(work / "agent.toml", state_dir=work / "state",
-                                model_path=model, local_port=local.port,
+                                model_path=v1, local_port=local.port,
                                 cloud_port=cloud.port, device_id="demo-gateway",
                                 extra=f'[ota]\ntrusted_keys = ["{public}"]\n'
-                                'probation_requests = 20\nprobation_latency_factor = 4.0\n')
+                                'probation_requests = 20\nprobation_latency_factor = 4.0\n'
+                                'golden_max_items = 300\n')
+    route = demo_models.route_of(config)
+    say(f"the models: students of route {route.name} ({route.instruction!r}) taught by the "
+        f"rule {demo_models.RULE!r}")
+    try:
+        quick, better = demo_models.students(config, [demo_models.QUICK, demo_models.BETTER],
+                                             say=say)
+    except demo_models.TrainExtraMissing as exc:
+        say(f"FAILED: {exc}")
+        return 1
+    shutil.copyfile(quick.gguf, v1)
+    shutil.copyfile(better.gguf, models / "student-v2.gguf")
+    shutil.copyfile(better.eval_set, models / "golden-temperature.jsonl")
+    say(f"version 1: {describe_student(quick)}")
+    say(f"version 2: {describe_student(better)}")
+    v3 = make_model(models / "slow-v3.gguf", seed=3, n_embd=512, n_layer=8, n_ff=1024)
+    say(f"version 3: a generated model with random weights, {v3.stat().st_size // 1024} KiB")
     agent = AgentProcess(config, work / "agent.log")
     log = AgentLog(agent.log_path)
     collector: CloudCollector | None = None
@@ -498,7 +574,9 @@ def run(work: Path, rate: int) -> int:
         collector = CloudCollector(cloud.port, client_id="demo-cloud-consumer").start()
         agent.start()
         sensors = Sensors(local.port, rate)
-        return steps(Demo(work, config, agent, log, collector, sensors), local, cloud, rate)
+        demo = Demo(work, config, agent, log, collector, sensors,
+                    parse_rule(demo_models.RULE, route))
+        return steps(demo, local, cloud, rate, better)
     except (WaitFailed, TimeoutError, RuntimeError) as exc:
         say(f"FAILED: {exc}")
         say(f"last {LOG_TAIL_LINES} lines of {log.path} (debug lines left out):")
@@ -518,10 +596,11 @@ def run(work: Path, rate: int) -> int:
         cloud.stop()
 
 
-def steps(demo: Demo, local: Mosquitto, cloud: Mosquitto, rate: int) -> int:
+def steps(demo: Demo, local: Mosquitto, cloud: Mosquitto, rate: int,
+          better: demo_models.Student) -> int:
     agent, sensors, collector, waits = demo.agent, demo.sensors, demo.collector, demo.waits
     ready = waits.event("agent_ready", START_TIMEOUT_S)
-    say(f"agent ready in {ready['startup_s']} s (log: {agent.log_path})")
+    say(f"agent ready in {ready['startup_s']} s, serving version 1 (log: {agent.log_path})")
 
     say(f"1. results flowing: {rate} readings/s until {5 * rate} are published")
     demo.publish_while(f"{5 * rate} readings published", lambda: sensors.sent >= 5 * rate,
@@ -529,17 +608,37 @@ def steps(demo: Demo, local: Mosquitto, cloud: Mosquitto, rate: int) -> int:
     demo.wait_for_results()
     shown = show_results(collector, 0)
     say(f"   {sensors.sent} readings published, {len(collector.distinct_ids())} results "
-        "received at the cloud")
+        f"received at the cloud; answered as the rule says: "
+        f"{agreement(collector.results(), demo.rule)}")
+    say("   readings to check by eye, and the agent's answers as the cloud received them:")
+    demo.check()
 
-    say("2. model update: version 2 signed, installed while sensors publish")
-    shown, _ = demo.update(shown, "2", demo.work / "models" / "tiny-v2.gguf", "committed")
-    say("   version 3: valid and signed, but about twenty times slower per request; probation "
-        "compares its p95 latency with version 2's (limit: 4x)")
+    say(f"2. model update: version 2, the better student, signed with its "
+        f"{better.n_eval} held-out readings as the golden set (floor {GOLDEN_FLOOR}), "
+        f"installed while sensors publish")
+    golden = [("temperature", demo.work / "models" / "golden-temperature.jsonl", GOLDEN_FLOOR)]
+    shown, _ = demo.update(shown, "2", demo.work / "models" / "student-v2.gguf", "committed",
+                           golden=golden)
+    canary = [e for e in demo.log.named("model_update_step")
+              if e["step"] == "canary_passed" and e.get("version") == "2"]
+    say(f"   version 2 at the agent's canary{golden_figures(canary[-1]) if canary else ''}; "
+        f"at training, {better.accuracy:.3f} on the same {better.n_eval} readings")
+    demo.check()
+    shown = len(collector.results())
+    say("   version 3: valid and signed, but a larger model with random weights, many times "
+        "slower per request; probation compares its p95 latency with version 2's (limit: 4x)")
     shown, verdict = demo.update(shown, "3", demo.work / "models" / "slow-v3.gguf",
                                  "rolled_back")
     serving = demo.answered_by(3)
     say(f"   the agent rolled version 3 back by itself; readings published now are answered "
         f"by version {', '.join(sorted(serving))} (the agent says {verdict['active']})")
+    say("   version 4: signed, fast, but random weights, shipped with version 2's golden set: "
+        "the canary asks it the golden readings")
+    shown, verdict = demo.update(shown, "4", make_model(demo.work / "models" / "random-v4.gguf",
+                                                       seed=4), "refused", golden=golden)
+    serving = demo.answered_by(3)
+    say(f"   the agent refused version 4 at the canary; readings are answered by version "
+        f"{', '.join(sorted(serving))}")
 
     say(f"3. cloud outage: stopping the cloud broker, sensors keep publishing until "
         f"{5 * rate} more readings are in")
