@@ -188,3 +188,37 @@ def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_pipelines_window_p
 SMALL = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=128, steps=600, batch=32, lr=4e-3,
                warmup_steps=20, train_examples=6000, eval_examples=200, seed=0)
 SMALL_FLOOR = 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a loaded 2-core machine stretches a run several times over
+def test_a_small_run_from_a_window_rule_ships_gguf_files_that_judge_held_out_windows(
+        tmp_path: Path) -> None:
+    """Trained from the window rule on the wear route's window prompts: every GGUF answers the
+    held-out windows under the route's grammar, the float32 file exactly as the torch student,
+    and well above always answering the commoner label."""
+    pytest.importorskip("torch")
+    from agent.specialize.run import Request, specialize
+
+    out = tmp_path / "student"
+    log = tmp_path / "specialize.log"
+    with log.open("w") as stream:
+        outcome = specialize(Request(config=CONFIG, route="wear", out=out, rule=RULE,
+                                     recipe=SMALL, threads=2), stream)
+    text = log.read_text()
+    scores = {s.label: s for s in outcome.scores}
+    assert list(scores) == ["f32", "f16", "q8_0", "q4_0"]
+    assert list(scores["f32"].texts) == outcome.torch_texts
+    assert scores["f16"].agreement(outcome.torch_texts) >= 0.98
+    assert scores["q8_0"].agreement(outcome.torch_texts) >= 0.97
+    for s in scores.values():
+        assert s.schema_valid == 1.0, s.label
+    held = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(held) == SMALL.eval_examples == len(outcome.held)
+    assert all(len(row["window"]) >= 1 and "reading" not in row for row in held)
+    commoner = max(Counter(row["output"]["wear"] for row in held).values()) / len(held)
+    assert commoner < 0.7
+    assert scores["f32"].accuracy >= SMALL_FLOOR, text
+    assert json.loads((out / "recipe.json").read_text())["labels"]["rule"] == RULE
+    report = json.loads((out / "report.json").read_text())
+    assert all("window" in miss for miss in report["misses"])

@@ -85,7 +85,8 @@ def _add_specialize(sub: Any) -> None:
     source.add_argument("--labels", type=Path,
                         help='JSONL: {"reading": {...}, "output": {...}} per line')
     source.add_argument("--rule", help="a labelling rule for synthetic readings, e.g. "
-                        "'celsius<60:normal,celsius<85:warning,else:critical'")
+                        "'celsius<60:normal,celsius<85:warning,else:critical'; for a windowed "
+                        "route, of the window: 'mean(rms)>7.1 or rise(rms)>3:true,else:false'")
     spec.add_argument("--range", dest="span", default=None, metavar="LO:HI",
                       help="with --rule: the values synthetic readings cover (default: three "
                       "times the thresholds' spread either side)")
