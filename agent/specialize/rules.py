@@ -28,8 +28,9 @@ as the decimals they are written as (exact fractions, so the mean of 7.0, 7.1 an
 not above it). A plain threshold rule on a windowed route, or a window rule on a route that
 answers one reading at a time, is refused: the student must learn the prompts the agent sends.
 Synthetic windows come from one sensor (readings in sequence, one shape and one number format
-per window), of every size the route's windows take, the full size most often; half of them
-are drawn with one term within a twentieth of the range of its threshold. Pure logic.
+per window, shorter shapes than single readings'), of every size the route's windows take, the
+full size most often; half of them are drawn with one term within a twentieth of the range of
+its threshold. Pure logic.
 """
 
 from __future__ import annotations
@@ -324,7 +325,7 @@ def window_size(rng: random.Random, route: Route) -> int:
 
 def synthetic_window_values(rng: random.Random, rule: WindowRule, span: tuple[float, float],
                             size: int) -> list[float | int]:
-    """`size` values of one sensor: a mean across `span`, a trend about it (a rise of up to 1.5
+    """`size` values of one sensor: a mean across `span`, a trend about it (a rise of up to twice
     times the scale, or a fall of up to one) and noise; half the time one term of the rule is
     put within a twentieth of the span of its threshold. Rounded alike to 0, 1 or 2 decimals."""
     low, high = span
@@ -332,7 +333,7 @@ def synthetic_window_values(rng: random.Random, rule: WindowRule, span: tuple[fl
     rises = [abs(float(t.threshold)) for t in rule.terms if t.agg == "rise"]
     scale = max(rises or [width / 4])
     level = rng.uniform(low, high)
-    trend = rng.uniform(-scale, 1.5 * scale)
+    trend = rng.uniform(-scale, 2 * scale)
     values = [level + trend * (i / max(1, size - 1) - 0.5) + rng.gauss(0, scale / 10)
               for i in range(size)]
     if rng.random() < 0.5:
@@ -364,18 +365,17 @@ def _near(agg: str, target: float, values: list[float]) -> list[float]:
 
 def synthetic_window(rng: random.Random, field: str, values: Sequence[float | int]
                      ) -> tuple[str, list[dict[str, Any]]]:
-    """(sensor name, readings) of one sensor in sequence, in one of synthetic_reading's shapes
-    throughout."""
+    """(sensor name, readings) of one sensor in sequence, in one shape throughout: with a
+    sequence number, with the sensor's name, or the value alone. Shorter than the demo
+    sensors' shape (no 14-digit timestamp): a window repeats it on every line, and training
+    time grows with the prompt; label real windows (--labels) for a sensor that sends more."""
     sensor = f"{rng.choice(SENSOR_NAMES)}-{rng.randint(1, 12)}"
-    shape = rng.choices(("demo", "bare", "named"), weights=(6, 2, 2))[0]
+    shape = rng.choices(("seq", "bare", "named"), weights=(4, 3, 3))[0]
     seq = rng.randint(0, 99_999)
-    ts = 1_760_000_000 + rng.uniform(0, 20_000_000)
-    every = rng.choice((1, 5, 10, 60))
     readings: list[dict[str, Any]] = []
     for i, value in enumerate(values):
-        if shape == "demo":
-            readings.append({"sensor": sensor, "seq": seq + i, "ts": round(ts + i * every, 3),
-                             field: value})
+        if shape == "seq":
+            readings.append({"seq": seq + i, field: value})
         elif shape == "named":
             readings.append({"sensor": sensor, field: value})
         else:
