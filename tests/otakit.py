@@ -3,6 +3,7 @@ versions and behaviours, signed with agent.modelpkg exactly as `edge-agent model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,26 @@ def keypair(directory: Path, name: str = "release") -> tuple[Path, str]:
 
 def package(workdir: Path, key: Path, version: str, *, seed: int = 0, name: str = "tiny-ota",
             canary: list[dict[str, Any]] | None = None, min_agent_version: str | None = None,
+            golden: list[tuple[str, Path, float]] | None = None, gguf: Path | None = None,
             **model: int) -> Path:
-    """A signed package directory `workdir/pkg-<version>` around a freshly generated GGUF."""
-    gguf = make_model(workdir / f"src-{version}" / f"{name}-{version}.gguf", seed=seed, **model)
+    """A signed package directory `workdir/pkg-<version>` around a freshly generated GGUF
+    (or `gguf`), with `golden` sets when given."""
+    if gguf is None:
+        gguf = make_model(workdir / f"src-{version}" / f"{name}-{version}.gguf", seed=seed,
+                          **model)
     out = workdir / f"pkg-{version}"
     modelpkg.build(gguf, out, name=name, version=version, n_ctx=512,
                    canary=CANARY if canary is None else canary, key=key,
-                   min_agent_version=min_agent_version)
+                   min_agent_version=min_agent_version, golden=golden or [])
     return out
+
+
+def write_golden(path: Path, items: list[tuple[str, Any, Any]]) -> Path:
+    """A golden JSONL file of (topic, reading, expected output) items, as specialize writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"topic": topic, "reading": reading, "output": output})
+                            + "\n" for topic, reading, output in items), encoding="utf-8")
+    return path
 
 
 def wrong_shapes_package(workdir: Path, key: Path, version: str) -> Path:

@@ -38,6 +38,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         (GOOD.replace('instruction = "Classify."', ""), "routes[0].instruction: required"),
         (GOOD + "output_schema = { type = 12 }\n", "routes[0]: Value error, output_schema"),
         (GOOD.replace("[model]\npath", "[model]\nn_ctx = -1\npath"), "model.n_ctx"),
+        (GOOD + "[store]\nhistory_max_rows = -1\n", "store.history_max_rows"),
+        (GOOD + "[store]\nhistory_max_rows = \"all\"\n", "store.history_max_rows"),
         ("[agent\n", "not valid TOML"),
     ],
 )
@@ -63,6 +65,17 @@ def test_check_config_exits_78_naming_the_file_and_key(tmp_path: Path) -> None:
     assert proc.returncode == 78
     assert str(path) in proc.stderr
     assert "routes[0].max_tokens" in proc.stderr
+
+
+def test_check_config_exits_78_naming_a_bad_history_bound(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + "[store]\nhistory_max_rows = -5\n")
+    proc = subprocess.run([sys.executable, "-m", "agent", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "store.history_max_rows" in proc.stderr
+    assert load(write(tmp_path, GOOD + "[store]\nhistory_max_rows = 0\n")).store \
+        .history_max_rows == 0
+    assert load(write(tmp_path, GOOD)).store.history_max_rows == 10_000
 
 
 def test_missing_file_exits_78(tmp_path: Path) -> None:

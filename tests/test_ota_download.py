@@ -4,11 +4,14 @@ signed packages. The command is recorded and downloaded exactly as the running a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from agent.ota.updates import Ota
 from agent.routing.outbound import Topics
 from agent.store.writer import Store
 from tests.fileserver import FileServer, Served
-from tests.otakit import keypair, package
+from tests.otakit import keypair, package, write_golden
 from tests.test_ota_swap import make_settings
 
 SIZE = 8 * 1024 * 1024
@@ -271,3 +274,38 @@ async def test_a_command_with_a_rollback_directive_may_bring_an_older_version_ba
     allowed = directive.read(handed, [signed["public"]])
     assert allowed is not None
     assert allowed.devices == ("gw",)
+
+
+async def test_a_command_carries_the_golden_files_its_manifest_signs(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """`model command` puts a package's golden file in the command; the handed-over package
+    verifies with it. Without it, or with it edited, the command is refused before any request."""
+    key, public = keypair(tmp_path)
+    golden = write_golden(tmp_path / "eval" / "eval-temperature.jsonl",
+                          [("sensors/s1/temperature", {"celsius": 20}, {"level": "normal"})])
+    pkg = package(tmp_path, key, "2", seed=2, golden=[("temperature", golden, 0.9)])
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    printed = (await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "agent", "model", "command", str(pkg), "--url",
+                         "http://unused/"], capture_output=True, text=True, timeout=60,
+        check=True)).stdout
+    assert json.loads(printed)["golden"] == {"eval-temperature.jsonl": golden.read_text()}
+    settings = make_settings(tmp_path, tiny_model, public)
+    with FileServer(Served((pkg / manifest["file"]).read_bytes())) as server:
+        body = {**json.loads(printed), "url": server.url()}
+        async with commands_for(settings) as (commands, store_path):
+            assert not await commands.record(json.dumps({**body, "golden": {}}).encode())
+            edited = {"eval-temperature.jsonl": golden.read_text().replace("normal", "NORMAL")}
+            assert not await commands.record(json.dumps({**body, "golden": edited}).encode())
+            assert server.served.requests == []
+            assert await commands.record(json.dumps(body).encode())
+            (pending,) = settings.incoming_dir.glob(".download-*")
+            assert await commands.complete(pending)
+            told = events(store_path)
+    reasons = [e["reason"] for e in told if e["step"] == "command_refused"]
+    assert "command field 'golden' lacks 'eval-temperature.jsonl'" in reasons[0]
+    assert "golden file 'eval-temperature.jsonl' is not the one the manifest signs" in reasons[1]
+    (handed,) = settings.incoming_dir.iterdir()
+    verified = await verify(handed, [public])
+    assert [g.file for g in verified.manifest.golden] == ["eval-temperature.jsonl"]

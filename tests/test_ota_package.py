@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent.base import signing
+from agent.base.digest import sha256_file
 from agent.ota import directive, modelpkg
-from tests.otakit import keypair, package
+from tests.otakit import keypair, package, write_golden
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,110 @@ def test_cli_allow_rollback_writes_a_directive_that_verify_shows(
     printed = json.loads(cli("command", str(work), "--url", "http://x/m.gguf").stdout)
     assert printed["rollback"]["directive"]["version"] == "2"
     assert printed["signature"] == (pkg / modelpkg.SIGNATURE).read_text().strip()
+
+
+# -- golden sets -----------------------------------------------------------------------------
+
+GOLDEN_ITEMS = [("sensors/s1/temperature", {"sensor": "s1", "celsius": c},
+                 {"level": "normal" if c < 60 else "critical"}) for c in (20, 45, 70, 95)]
+
+
+@pytest.fixture(scope="module")
+def with_golden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("golden-pkg")
+    key, public = keypair(work)
+    golden = write_golden(work / "eval" / "eval-temperature.jsonl", GOLDEN_ITEMS)
+    return package(work, key, "3", seed=3, golden=[("temperature", golden, 0.9)]), public
+
+
+def test_a_package_carries_its_golden_set_signed_with_size_and_sha256(
+    with_golden: tuple[Path, str]
+) -> None:
+    pkg, public = with_golden
+    manifest = modelpkg.verify_blocking(pkg, [public]).manifest
+    (golden,) = manifest.golden
+    assert (golden.route, golden.file, golden.min_accuracy) == (
+        "temperature", "eval-temperature.jsonl", 0.9)
+    assert golden.size == (pkg / golden.file).stat().st_size
+    assert golden.sha256 == sha256_file(pkg / golden.file)
+    items = modelpkg.load_golden(pkg / golden.file)
+    assert [(i.topic, json.loads(i.payload), i.expected) for i in items] == GOLDEN_ITEMS
+    assert modelpkg.package_files(manifest) == [manifest.file, "eval-temperature.jsonl"]
+
+
+def test_a_package_without_golden_sets_stays_valid(signed: tuple[Path, Path, str]) -> None:
+    pkg, _, public = signed
+    assert "golden" not in json.loads((pkg / modelpkg.MANIFEST).read_text())
+    assert modelpkg.verify_blocking(pkg, [public]).manifest.golden == ()
+
+
+def test_an_edited_golden_file_is_refused_by_its_sha256_naming_it(
+    with_golden: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Same size, one expected answer changed: the hash catches it, before the GGUF is read."""
+    pkg, public = with_golden
+    bad = copy(pkg, tmp_path / "tampered")
+    path = bad / "eval-temperature.jsonl"
+    text = path.read_text()
+    edited = text.replace('"critical"', '"warning!"', 1)
+    assert len(edited) == len(text)
+    assert edited != text
+    path.write_text(edited)
+    gguf_of(bad).write_bytes(b"")  # were the GGUF looked at first, its size would fail
+    with pytest.raises(modelpkg.PackageRejected,
+                       match=r"eval-temperature\.jsonl: sha256 .* does not match"):
+        modelpkg.verify_blocking(bad, [public])
+    path.write_text(text + "\n")
+    with pytest.raises(modelpkg.PackageRejected,
+                       match=r"eval-temperature\.jsonl: size .* the manifest says"):
+        modelpkg.verify_blocking(bad, [public])
+    path.unlink()
+    with pytest.raises(modelpkg.PackageRejected,
+                       match=r"eval-temperature\.jsonl: cannot read the golden file"):
+        modelpkg.verify_blocking(bad, [public])
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"file": "../x.jsonl"}, "plain \\*.jsonl file name"),
+    ({"file": "manifest.json"}, "plain \\*.jsonl file name"),
+    ({"min_accuracy": 1.5}, "'min_accuracy' must be a number from 0 to 1"),
+    ({"min_accuracy": None}, "'min_accuracy' must be a number from 0 to 1"),
+    ({"route": 3}, "'route' must be str"),
+])
+def test_a_bad_golden_entry_is_refused_naming_the_field(
+    with_golden: tuple[Path, str], entry: dict[str, object], problem: str
+) -> None:
+    pkg, _ = with_golden
+    body = json.loads((pkg / modelpkg.MANIFEST).read_text())
+    body["golden"][0].update(entry)
+    with pytest.raises(modelpkg.PackageRejected, match=f"golden\\[0\\].*{problem}"):
+        modelpkg.parse_manifest(body, "m.json")
+
+
+def test_a_golden_file_that_does_not_parse_is_refused_at_signing(tmp_path: Path,
+                                                                 tiny_model: Path) -> None:
+    key, _ = keypair(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"topic": "t", "reading": {}, "output": {}}\n{"topic": "t"}\n')
+    with pytest.raises(modelpkg.PackageRejected, match=r"bad\.jsonl:2: needs 'topic'"):
+        modelpkg.build(tiny_model, tmp_path / "pkg", name="t", version="1", n_ctx=512,
+                       canary=[], key=key, golden=[("temperature", bad, 0.9)])
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_cli_sign_with_golden_sets(tmp_path: Path, tiny_model: Path) -> None:
+    assert cli("keygen", str(tmp_path / "k.pem")).returncode == 0
+    public = (tmp_path / "k.pem.pub").read_text().strip()
+    golden = write_golden(tmp_path / "eval.jsonl", GOLDEN_ITEMS)
+    signed = cli("sign", str(tiny_model), "--name", "t", "--version", "3", "--key",
+                 str(tmp_path / "k.pem"), "--out", str(tmp_path / "pkg"),
+                 "--golden", f"temperature={golden}", "--min-accuracy", "0.97")
+    assert signed.returncode == 0, signed.stderr
+    assert "golden eval.jsonl for route temperature (floor 0.97)" in signed.stdout
+    manifest = modelpkg.verify_blocking(tmp_path / "pkg", [public]).manifest
+    assert [(g.route, g.file, g.min_accuracy) for g in manifest.golden] == [
+        ("temperature", "eval.jsonl", 0.97)]
+    bad = cli("sign", str(tiny_model), "--name", "t", "--version", "3", "--key",
+              str(tmp_path / "k.pem"), "--out", str(tmp_path / "pkg2"), "--golden", "eval.jsonl")
+    assert bad.returncode == 1
+    assert "--golden 'eval.jsonl' is not ROUTE=FILE" in bad.stderr

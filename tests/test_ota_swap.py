@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from agent import __version__
-from agent.base.records import Reading, reading_id
+from agent.base.records import Generation, ModelInfo, Reading, reading_id
 from agent.config.settings import Settings
 from agent.flows.pipeline import Pipeline
 from agent.inference.supervisor import InferenceWorker
@@ -29,9 +29,10 @@ from agent.ota.startup import decide_startup
 from agent.ota.state import ModelStore
 from agent.ota.updates import Ota
 from agent.routing.outbound import Topics
+from agent.routing.prompts import build_messages, prefix_key
 from agent.store.writer import Store
 from tests.harness import TEST_ROUTES
-from tests.otakit import SLOW, keypair, package, wrong_shapes_package
+from tests.otakit import SLOW, keypair, package, write_golden, wrong_shapes_package
 
 ROUTE = {"name": "temperature", "topics": ["sensors/+/temperature"],
          "instruction": "Classify the temperature reading as normal, warning or critical.",
@@ -355,3 +356,174 @@ async def test_a_signed_rollback_directive_lets_an_older_version_back_once(
         state = rig.models.read()
         assert (state.active, state.previous) == ("4", "2")
         assert "4" not in state.failed
+
+
+# -- golden sets: expected answers at the canary and in probation ----------------------------
+
+GOLDEN_READINGS = [("sensors/s1/temperature", {"sensor": "s1", "celsius": c})
+                   for c in (-5, 12, 20, 33, 47, 58, 61, 74, 86, 99)]
+LEVELS = ["normal", "warning", "critical"]
+
+
+async def answers_of(settings: Settings, gguf: Path) -> list[Any]:
+    """What the model at `gguf` answers to GOLDEN_READINGS, asked once the way the pipeline
+    asks (its prompt, greedy, the schema): the expected outputs of an honest golden set."""
+    route = settings.routes[0]
+    worker = InferenceWorker(settings.model.model_copy(update={"path": gguf}),
+                             ModelInfo("probe", "0", "", str(gguf)))
+    await worker.start()
+    try:
+        outputs = []
+        for topic, reading in GOLDEN_READINGS:
+            completion = await worker.complete(
+                build_messages(route, topic, json.dumps(reading)),
+                Generation(route.max_tokens, 0.0, settings.model.seed, route.output_schema,
+                           prefix_key(route)))
+            outputs.append(json.loads(completion.text))
+    finally:
+        await worker.close()
+    return outputs
+
+
+def golden_package(kit: dict[str, Any], tmp_path: Path, settings: Settings, version: str,
+                   expected: list[Any], floor: float = 0.95) -> Path:
+    """Package `version` (the GGUF otakit makes for it) with a golden set of `expected`
+    outputs for GOLDEN_READINGS, copied into this test's incoming/."""
+    work = kit["work"] / f"golden-{tmp_path.name}"
+    golden = write_golden(work / f"eval-{version}" / "eval-temperature.jsonl",
+                          [(t, r, e) for (t, r), e in zip(GOLDEN_READINGS, expected, strict=True)])
+    src = package(work, kit["key"], version, seed=int(version),
+                  golden=[("temperature", golden, floor)])
+    dst = tmp_path / "state" / "incoming" / f"golden-{version}"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def model_file(kit: dict[str, Any], tmp_path: Path, version: str) -> Path:
+    """The GGUF otakit generates for `version` (deterministic for its seed)."""
+    return package(kit["work"] / f"probe-{tmp_path.name}", kit["key"], version,
+                   seed=int(version)) / f"tiny-ota-{version}.gguf"
+
+
+def wrong(outputs: list[Any]) -> list[Any]:
+    """Each expected output replaced by another level than the model gives."""
+    return [{"level": LEVELS[(LEVELS.index(o["level"]) + 1) % 3]} for o in outputs]
+
+
+async def test_a_candidate_that_answers_its_golden_set_passes_and_the_figures_are_kept(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """Expected outputs taken from the model itself: the canary scores them right (1.0 on 10
+    readings), probation asks them again through the serving worker, the version commits, and
+    both figures reach the events, the state (`model list`) and the retained status."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], probation_requests=4,
+                             probation_golden_items=5)
+    expected = await answers_of(settings, model_file(kit, tmp_path, "2"))
+    pkg = golden_package(kit, tmp_path, settings, "2", expected)
+    async with running(settings) as rig:
+        install = asyncio.create_task(rig.ota.install(pkg, asyncio.Event()))
+        sent = 0
+        while not install.done():
+            await rig.feed(sent, 1)
+            sent += 1
+            await asyncio.sleep(0.05)
+        assert install.result() is True, rig.events("refused") + rig.events("rolled_back")
+        await rig.drained()
+        checked = {e["stage"]: e for e in rig.events("golden_checked")}
+        canary = checked["canary"]["figures"]["golden"][0]
+        assert (canary["route"], canary["n"], canary["right"], canary["floor"]) == (
+            "temperature", 10, 10, 0.95)
+        assert canary["accuracy"] == 1.0
+        assert canary["misses"] == []
+        probation = checked["probation"]["figures"]["golden"][0]
+        assert (probation["n"], probation["right"]) == (5, 5)
+        assert rig.events("canary_passed")[0]["figures"]["golden"] == [canary]
+        assert rig.events("committed")[0]["figures"]["golden"] == [probation]
+        state = rig.models.read()
+        assert state.active == "2"
+        assert state.installed["2"]["golden"] == {"canary": [canary], "probation": [probation]}
+        status = [s for s in rig.outbox("status") if "state_active" in s][-1]
+        assert status["golden"]["canary"][0]["accuracy"] == 1.0
+        results = rig.outbox("result")
+        assert len({r["id"] for r in results}) == sent
+        assert all(r["status"] == "ok" for r in results)
+
+
+async def test_a_candidate_under_its_golden_floor_is_refused_with_the_figure(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """The same model with every expected output wrong: schema-valid and fast, so the old
+    canary would pass it; the golden set refuses it with the accuracy in the reason, and the
+    old model keeps serving. `golden_max_items` 6 asks an even spread of the 10 items."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], golden_max_items=6)
+    expected = wrong(await answers_of(settings, model_file(kit, tmp_path, "2")))
+    pkg = golden_package(kit, tmp_path, settings, "2", expected)
+    async with running(settings) as rig:
+        assert not await rig.ota.install(pkg, asyncio.Event())
+        refused = rig.events("refused")[0]
+        assert refused["stage"] == "canary"
+        assert refused["reason"] == ("accuracy 0 on 6 golden readings of route temperature, "
+                                     "under the manifest's floor 0.95")
+        golden = refused["figures"]["golden"][0]
+        assert (golden["n"], golden["right"], len(golden["misses"])) == (6, 0, 3)
+        # The spread of 6 out of 10 asks items 0, 1, 3, 5, 6, 8: the misses shown are the first.
+        assert [m["expected"] for m in golden["misses"]] == [expected[i] for i in (0, 1, 3)]
+        assert [json.loads(m["reading"]) for m in golden["misses"]] == [
+            GOLDEN_READINGS[i][1] for i in (0, 1, 3)]
+        assert all(m["answer"] != m["expected"] for m in golden["misses"])
+        assert refused["figures"]["answers"], "the schema and latency canary ran first"
+        assert rig.events("canary_passed") == []
+        state = rig.models.read()
+        assert (state.active, state.trial) == ("base", None)
+        assert state.failed["2"]["figures"]["golden"] == [golden]
+        assert rig.switch.info.version == "1"
+        await rig.feed(0, 2)
+        await rig.drained()
+        assert {r["model"]["version"] for r in rig.outbox("result")} == {"1"}
+
+
+async def test_a_probation_under_the_golden_floor_rolls_back(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    """Version 2 is serving on probation (a graceful stop left the trial open, so the canary
+    is behind it) with a golden set it answers wrong: at the end of probation the serving
+    worker is asked the set, the verdict fails with the figure and version 1 serves again."""
+    settings = make_settings(tmp_path, tiny_model, kit["public"], probation_requests=3,
+                             probation_golden_items=4)
+    expected = wrong(await answers_of(settings, model_file(kit, tmp_path, "2")))
+    pkg = golden_package(kit, tmp_path, settings, "2", expected)
+    models = ModelStore(settings.ota_dir)
+    models.stage(modelpkg.verify_blocking(pkg, [kit["public"]]))
+
+    def on_probation(state: Any) -> None:
+        state.trial.phase, state.trial.stopped = "probation", True
+        state.active, state.previous = "2", "base"
+
+    models.update(on_probation)
+    stop = asyncio.Event()
+    async with running(settings) as rig:
+        assert rig.switch.info.version == "2"
+        agent_ota = asyncio.create_task(rig.ota.run(stop, []))
+        sent = 0
+        while not rig.events("rolled_back"):
+            assert not agent_ota.done(), agent_ota
+            await rig.feed(sent, 1)
+            sent += 1
+            await asyncio.sleep(0.1)
+        stop.set()
+        await agent_ota
+        rolled = rig.events("rolled_back")[0]
+        assert rolled["stage"] == "probation"
+        assert rolled["reason"] == ("accuracy 0 on 4 golden readings of route temperature, "
+                                    "under the manifest's floor 0.95")
+        assert rolled["figures"]["golden"][0]["n"] == 4
+        assert rolled["figures"]["candidate"]["requests"] >= 3
+        assert rig.switch.info.version == "1"
+        state = rig.models.read()
+        assert (state.active, state.trial) == ("base", None)
+        assert "accuracy 0 on 4" in state.failed["2"]["reason"]
+        await rig.feed(sent, 2)
+        await rig.drained()
+        results = rig.outbox("result")
+        assert all(r["status"] == "ok" for r in results)
+        assert results[-1]["model"]["version"] == "1"

@@ -97,10 +97,22 @@ END;
 # else: no sizes, drops, clock or last_reading, no triggers.
 SCHEMA_0FCE450 = SCHEMA_136610B[:SCHEMA_136610B.index("CREATE TABLE IF NOT EXISTS drops")]
 
+# The store of f050f4e (the last before the history of answered readings): 136610b's, with
+# the outbox's `route` and `created_mono` and its two indexes, as that agent's open made them.
+SCHEMA_F050F4E = SCHEMA_136610B.replace(
+    "    created_at REAL NOT NULL,\n    UNIQUE (kind, id)",
+    "    created_at REAL NOT NULL,\n    route TEXT NOT NULL DEFAULT '',\n"
+    "    created_mono REAL NOT NULL DEFAULT 0,\n    UNIQUE (kind, id)") + """
+CREATE INDEX outbox_victims ON outbox (priority, seq);
+CREATE INDEX outbox_age ON outbox (route, created_mono);
+"""
+
 OLD_SCHEMAS = {
     "136610b": SCHEMA_136610B + "".join(SIZE_TRIGGERS_136610B.format(table=t)
                                         for t in ("inbox", "outbox", "dead_letter")),
     "0fce450": SCHEMA_0FCE450,
+    "f050f4e": SCHEMA_F050F4E + "".join(SIZE_TRIGGERS_136610B.format(table=t)
+                                        for t in ("inbox", "outbox", "dead_letter")),
 }
 
 
@@ -180,9 +192,15 @@ def test_a_store_made_by_an_older_agent_opens_with_its_rows_and_the_new_columns(
     # The operator's commands read the old file as it is, before the agent upgrades it.
     assert views.read_counts(old) == {
         "inbox": 3, "outbox": 3, "dead_letter": 1, "delivered": 5,
-        **({"dropped": 0} if made_by == "136610b" else {})}
+        **({"dropped": 0} if made_by != "0fce450" else {})}
     assert views.read_drops(old) == {}
-    assert "route" not in [c[0] for c in shape(old)["outbox"]]
+    assert ("route" in [c[0] for c in shape(old)["outbox"]]) == (made_by == "f050f4e")
+    assert "history" not in shape(old)
+    if made_by == "f050f4e":  # queue export's reader: the outbox's results, no history
+        with views.read_route(old) as reader:
+            assert not reader.has_history
+            assert [r.id for r in reader.results("")] == ["r1", "r2"]
+            assert list(reader.history("")) == []
 
     async def scenario() -> dict[str, Any]:
         store = await Store.open(old)
@@ -194,6 +212,12 @@ def test_a_store_made_by_an_older_agent_opens_with_its_rows_and_the_new_columns(
                 [Reading("in1", "sensors/a/t", b'{"c": 1}', 9.0, "t", 0)], [])
             await store.complete("in2", NewOutboxRow("in2", "result", "edge/gw/results/t",
                                                      b"{}", 0, "t"))
+            # An ok result of one reading goes to the history the upgrade made.
+            await store.complete("in1", NewOutboxRow(
+                "in1", "result", "edge/gw/results/t",
+                b'{"id":"in1","status":"ok","output":{"level":"normal"},"source":{"topic":'
+                b'"sensors/a/t","received_at":1.0,"payload":{"c":1}},"model":{"name":"m",'
+                b'"version":"1"},"executor":"local"}', 0, "t"))
             await store.mark_delivered([seen["pending"][0].seq])
             seen["after"] = await store.stats()
             return seen
@@ -214,7 +238,7 @@ def test_a_store_made_by_an_older_agent_opens_with_its_rows_and_the_new_columns(
     assert leased == [("in2", 2), ("in1", 1), ("in3", 1)]
     assert seen["leases"][3] is None
     assert (seen["again"].accepted, seen["again"].duplicates) == (0, 1)
-    assert (seen["after"].inbox, seen["after"].outbox, seen["after"].delivered) == (2, 3, 6)
+    assert (seen["after"].inbox, seen["after"].outbox, seen["after"].delivered) == (1, 4, 6)
 
     assert shape(old) == shape(fresh)
     conn = sqlite3.connect(old)
@@ -222,11 +246,17 @@ def test_a_store_made_by_an_older_agent_opens_with_its_rows_and_the_new_columns(
         rows = conn.execute("SELECT id, route, created_mono FROM outbox ORDER BY seq").fetchall()
         sizes = {name: (rows_, size) for name, rows_, size
                  in conn.execute("SELECT name, rows, bytes FROM sizes")}
+        history = conn.execute("SELECT id, route, reading, output FROM history").fetchall()
     finally:
         conn.close()
-    assert rows == [("r2", "", 0.0), ("bad1", "", 0.0), ("in2", "t", rows[2][2])]
+    assert rows[:3] == [("r2", "", 0.0), ("bad1", "", 0.0), ("in2", "t", rows[2][2])]
     assert rows[2][2] > 0.0
+    assert rows[3][:2] == ("in1", "t")
     assert sizes == true_sizes(old)
+    assert history == [("in1", "t", '{"c":1}', '{"level":"normal"}')]
+    with views.read_route(old) as reader:  # the outbox's copy of in1 is left to the history
+        assert [r.id for r in reader.results("t")] == ["in2"]
+        assert [r.id for r in reader.history("t")] == ["in1"]
 
 
 def vm_steps(path: Path, run: Callable[[sqlite3.Connection], object]) -> int:

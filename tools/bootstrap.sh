@@ -47,9 +47,14 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 
+# dev: the tests' tools; train: PyTorch (the CPU build) and gguf, for `edge-agent model
+# specialize`, which the demo runs to train its model and tests/test_specialize.py exercises.
+# A gateway installs neither: `pip install edge-agent` pulls only the runtime dependencies.
+extras=dev,train
+
 pip_install() {
   "$venv/bin/python" -m pip install --upgrade pip &&
-    "$venv/bin/python" -m pip install -e "$repo[dev]"
+    "$venv/bin/python" -m pip install -e "$repo[$extras]"
 }
 
 # tests/test_interop.py runs aedes as one of its brokers: npm installs it from the lock file in
@@ -83,8 +88,8 @@ if [ ! -x "$venv/bin/python" ]; then
   step "creating the virtual environment $venv" python3 -m venv "$venv"
 fi
 
-# Reinstall only when pyproject.toml changed since the last successful install.
-stamp="$venv/.edge-agent-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+# Reinstall only when pyproject.toml or the extras changed since the last successful install.
+stamp="$venv/.edge-agent-$( (cat "$repo/pyproject.toml"; echo "$extras") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   # Measured on 2 cores: 6 min 20 s and 10.5 min cold (llama.cpp compiled) on two machines,
   # 23 to 37 s into a fresh venv once pip has cached the llama-cpp-python wheel.

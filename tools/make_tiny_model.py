@@ -3,7 +3,8 @@
 This tool owns the synthetic model that edge-agent's tests and benchmarks load
 through llama.cpp (llama-cpp-python): random float32 weights, a small
 SentencePiece-style ("llama") vocabulary with byte fallback, and a plain-text
-chat template. The answers are nonsense, but the file loads, tokenizes and
+chat template (both agent/specialize/vocab.py's base, which the specialized
+students extend). The answers are nonsense, but the file loads, tokenizes and
 generates, including under a JSON-schema grammar. The same arguments always
 give a byte-identical file (seeded numpy Generator, no timestamps, fixed order).
 
@@ -16,13 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import numpy.typing as npt
+
+from agent.specialize.export import write_gguf
+from agent.specialize.recipe import Recipe
+from agent.specialize.vocab import base_vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,44 +46,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 Tensor = npt.NDArray[np.float32]
-SPACE = "\u2581"  # SentencePiece's "▁", stands for a space inside tokens
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 INIT_SCALE = np.float32(0.02)
-RMS_EPS = 1e-5
-
-# Multi-character pieces ("_" stands for SPACE); every prefix of length >= 2 is added too,
-# because the SPM tokenizer only merges adjacent symbols whose concatenation is in the vocab.
-PIECE_TEXT = (
-    '_the _a _is _of _to in er on {" ": ", "} _" _{ _} _[ ], '
-    "level normal warning critical <| |> system user assistant"
-)
-PIECES: tuple[str, ...] = tuple(p.replace("_", SPACE) for p in PIECE_TEXT.split())
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def build_vocab() -> tuple[list[str], list[float], list[int]]:
-    """Return (tokens, scores, token types) of the SPM vocabulary."""
-    tt = gguf.TokenType
-    tokens = ["<unk>", "<s>", "</s>"]
-    types = [int(tt.UNKNOWN), int(tt.CONTROL), int(tt.CONTROL)]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [int(tt.BYTE)] * 256
-    chars = [SPACE if c == 0x20 else chr(c) for c in range(0x20, 0x7F)]
-    multi: dict[str, None] = {}
-    for piece in PIECES:
-        for end in range(2, len(piece) + 1):
-            multi.setdefault(piece[:end], None)
-    tokens += chars + list(multi)
-    types += [int(tt.NORMAL)] * (len(chars) + len(multi))
-    # Higher score merges first: longer pieces win; single characters never merge "into".
-    scores = [0.0] * (3 + 256) + [-1000.0] * len(chars) + [float(len(p)) for p in multi]
-    return tokens, scores, types
 
 
 def _weights(rng: np.random.Generator, *shape: int) -> Tensor:
@@ -139,54 +105,20 @@ def resolve_config(preset: str, **overrides: int | str) -> ModelConfig:
     return cfg
 
 
-def _write(out: Path, cfg: ModelConfig, seed: int) -> None:
-    """Write metadata then tensors, in a fixed order, to ``out``."""
-    tokens, scores, types = build_vocab()
-    writer = gguf.GGUFWriter(out, "llama")
-    try:
-        writer.add_name(cfg.name)
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-        writer.add_vocab_size(len(tokens))
-        writer.add_context_length(cfg.n_ctx)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_feed_forward_length(cfg.n_ff)
-        writer.add_head_count(cfg.n_head)
-        writer.add_head_count_kv(cfg.n_head)
-        writer.add_layer_norm_rms_eps(RMS_EPS)
-        writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_unk_token_id(UNK_ID)
-        writer.add_bos_token_id(BOS_ID)
-        writer.add_eos_token_id(EOS_ID)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
-        for name, arr in build_tensors(cfg, len(tokens), seed):
-            writer.add_tensor(name, arr)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-
-
 def make_model(path: Path, *, preset: str = "tiny", seed: int = 0, **overrides: int | str) -> Path:
-    """Write the model to ``path`` (atomically, via a temporary sibling) and return ``path``."""
+    """Write the model to ``path`` (atomically, via a temporary sibling) and return ``path``.
+
+    The header and the vocabulary are the specialized students' (agent/specialize/export.py
+    and vocab.py): one writer for every llama GGUF this project makes.
+    """
     cfg = resolve_config(preset, **overrides)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _write(tmp, cfg, seed)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    shape = Recipe(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_ff=cfg.n_ff,
+                   n_ctx=cfg.n_ctx)
+    vocab = base_vocab()
+    return write_gguf(path, shape, vocab, build_tensors(cfg, len(vocab.tokens), seed),
+                      name=cfg.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """The command line: `edge-agent run --config FILE`, `edge-agent check-config FILE`, the
-operator's read-only views `edge-agent status` and `edge-agent queue` (agent/cli/status.py), and
+operator's read-only views `edge-agent status` and `edge-agent queue` (agent/cli/status.py;
+`edge-agent queue export`, a route's stored results as labels: agent/cli/export.py), and
 `edge-agent model ...` (agent/models.py).
 
 Exit codes: 0 done, 1 failed at run time, 2 usage, 78 (EX_CONFIG) bad configuration, which the
@@ -38,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                        help=f"the agent's configuration (default {DEFAULT_CONFIG})")
     queue.add_argument("--limit", type=int, default=10, help="rows shown per list")
+    queue_commands = queue.add_subparsers(dest="queue_command")
+    export = queue_commands.add_parser(
+        "export", help="a route's stored readings and results as a labels file (JSONL) for "
+        "`model specialize --labels`")
+    # SUPPRESS: `queue --config X export` keeps X rather than the subcommand's default.
+    export.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help=f"the agent's configuration (default {DEFAULT_CONFIG})")
+    export.add_argument("--route", required=True, help="the route whose results to export")
+    export.add_argument("--since", default=None, help="only results made since this ISO-8601 "
+                        "time (UTC unless it says) or this long ago (90s, 30m, 24h, 7d)")
+    export.add_argument("--out", default="-", help="the file to write (default -: stdout)")
     models.add_parser(commands)
     return parser
 
@@ -68,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url or metrics_url(settings)
             return print_status(url, settings.store_path, sys.stdout)
         try:
+            if getattr(args, "queue_command", None) == "export":
+                from agent.cli import export
+
+                return export.run(settings, args.config, args.route, args.since, args.out,
+                                  sys.stderr)
             return print_queue(settings.store_path, args.limit, sys.stdout)
+        except (ValueError, OSError) as exc:
+            print(f"edge-agent: {exc}", file=sys.stderr)
+            return 1
         except StoreUnreadable as exc:
             print(f"edge-agent: cannot read the store: {exc}", file=sys.stderr)
             return 1

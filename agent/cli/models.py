@@ -1,7 +1,8 @@
 """`edge-agent model ...`: the operator's commands for model packages.
 
 keygen, sign, allow-rollback, verify and command work on files only, and so does specialize (it
-trains and evaluates a student model for one route: agent/specialize/, imported only when it
+trains and evaluates a student model for one route, from labels, a rule or a teacher model's
+answers: agent/specialize/, imported only when it
 runs, with the optional [train] extra's torch and gguf) (allow-rollback adds a
 signed rollback directive to a package, agent/ota/directive.py; command prints the JSON to publish
 on the cloud broker's cmd/model topic). list, install and rollback are safe while the agent
@@ -22,13 +23,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.base import durable, signing
 from agent.base.errors import EXIT_CONFIG, ConfigError
 from agent.config.settings import load
 from agent.ota import directive, modelpkg
 from agent.ota.state import ModelStore
+
+if TYPE_CHECKING:
+    from agent.specialize.teacher import Teacher
 
 
 def add_parser(commands: Any) -> None:
@@ -47,6 +51,11 @@ def add_parser(commands: Any) -> None:
     sign.add_argument("--canary", type=Path, default=None,
                       help='JSON file: [{"route": ..., "payload": {...}, "max_latency_ms": N}]')
     sign.add_argument("--min-agent-version", default=None)
+    sign.add_argument("--golden", action="append", default=[], metavar="ROUTE=FILE",
+                      help="a golden set for ROUTE: JSONL of {\"topic\", \"reading\", "
+                      "\"output\"} per line (specialize's eval.jsonl); may repeat")
+    sign.add_argument("--min-accuracy", type=float, default=0.95,
+                      help="the accuracy floor of each --golden set (default 0.95)")
     allow = sub.add_parser("allow-rollback", help="sign a rollback directive into a package, "
                            "letting its (older or failed) version past anti-rollback")
     allow.add_argument("package", type=Path)
@@ -77,8 +86,9 @@ def add_parser(commands: Any) -> None:
 
 def _add_specialize(sub: Any) -> None:
     spec = sub.add_parser(
-        "specialize", help="train a small model for one route from labels or a rule, quantize "
-        "it and evaluate every file on a held-out set (needs the [train] extra)")
+        "specialize", help="train a small model for one route from labels, a rule or a teacher "
+        "model's answers, quantize it and evaluate every file on a held-out set (needs the "
+        "[train] extra)")
     spec.add_argument("--config", type=Path, required=True, help="the agent's configuration")
     spec.add_argument("--route", required=True, help="the route to specialize for")
     source = spec.add_mutually_exclusive_group(required=True)
@@ -87,14 +97,36 @@ def _add_specialize(sub: Any) -> None:
     source.add_argument("--rule", help="a labelling rule for synthetic readings, e.g. "
                         "'celsius<60:normal,celsius<85:warning,else:critical'; for a windowed "
                         "route, of the window: 'mean(rms)>7.1 or rise(rms)>3:true,else:false'")
+    source.add_argument("--teacher", metavar="URL", help="an OpenAI-compatible endpoint "
+                        "(base URL including /v1) whose model labels the readings of "
+                        "--readings, or synthetic ones over --range (knowledge distillation)")
     spec.add_argument("--range", dest="span", default=None, metavar="LO:HI",
                       help="with --rule: the values synthetic readings cover (default: three "
-                      "times the thresholds' spread either side)")
+                      "times the thresholds' spread either side); with --teacher: the range "
+                      "of synthetic readings of --field")
+    teacher = spec.add_argument_group("teacher (with --teacher)")
+    teacher.add_argument("--readings", type=Path, default=None,
+                         help='JSONL: {"topic": ..., "reading": {...}} per line for the '
+                         "teacher to label (any output is ignored: `queue export` files do)")
+    teacher.add_argument("--field", default=None, help="with --range: the numeric field of "
+                         "the synthetic readings (default: the input_schema's one number)")
+    teacher.add_argument("--teacher-model", default="", help="the model name sent")
+    teacher.add_argument("--teacher-key-file", type=Path, default=None,
+                         help="a file holding the bearer token")
+    teacher.add_argument("--teacher-format", choices=("json_schema", "json_object"),
+                         default="json_schema", help="how the output_schema is sent, as "
+                         "[cloud_model] response_format (json_object for llama-cpp-python's "
+                         "server)")
+    teacher.add_argument("--teacher-concurrency", type=int, default=4,
+                         help="requests in flight (default 4)")
+    teacher.add_argument("--teacher-timeout", type=float, default=60.0,
+                         help="seconds per request (default 60)")
     spec.add_argument("--out", type=Path, required=True, help="the directory to write")
     spec.add_argument("--steps", type=int, default=None, help="training steps")
     spec.add_argument("--seed", type=int, default=None)
     spec.add_argument("--train-examples", type=int, default=None,
-                      help="with --rule: synthetic training readings")
+                      help="with --rule (or --teacher and --range): synthetic training "
+                      "readings")
     spec.add_argument("--eval-examples", type=int, default=None,
                       help="held-out readings (a fifth of a labels file at most)")
     spec.add_argument("--threads", type=int, default=2,
@@ -104,6 +136,7 @@ def _add_specialize(sub: Any) -> None:
 
 
 def _specialize(args: argparse.Namespace) -> int:
+    teacher = _teacher(args)  # before the [train] extra's check: a usage error comes first
     try:
         from agent.specialize import run as specialize
         from agent.specialize.recipe import Recipe
@@ -128,8 +161,36 @@ def _specialize(args: argparse.Namespace) -> int:
     recipe = Recipe(**overrides)
     specialize.specialize(specialize.Request(
         config=args.config, route=args.route, out=args.out, labels=args.labels,
-        rule=args.rule, span=span, recipe=recipe, threads=args.threads, base=args.base))
+        rule=args.rule, span=span, recipe=recipe, threads=args.threads, base=args.base,
+        teacher=teacher))
     return 0
+
+
+def _teacher(args: argparse.Namespace) -> Teacher | None:
+    """The Teacher of --teacher and its options; a ValueError names an option given without
+    it (they would be silently ignored)."""
+    from agent.specialize.teacher import Teacher
+
+    given = [f"--{key.replace('_', '-')}" for key in ("readings", "field", "teacher_key_file")
+             if getattr(args, key) is not None] + (["--teacher-model"] if args.teacher_model
+                                                   else [])
+    if args.teacher is None:
+        if given:
+            raise ValueError(f"{', '.join(given)} only go with --teacher URL")
+        return None
+    if args.readings is not None and args.span is not None:
+        raise ValueError("--teacher labels --readings FILE or synthetic readings over "
+                         "--range LO:HI: give one")
+    if args.field is not None and args.span is None:
+        raise ValueError("--field names the field of synthetic readings: it goes with --range")
+    if not args.teacher.startswith(("http://", "https://")):
+        raise ValueError(f"--teacher {args.teacher!r} is not an http:// or https:// URL")
+    if args.teacher_concurrency < 1 or args.teacher_timeout <= 0:
+        raise ValueError("--teacher-concurrency must be at least 1 and --teacher-timeout "
+                         "positive")
+    return Teacher(url=args.teacher, model=args.teacher_model, key_file=args.teacher_key_file,
+                   response_format=args.teacher_format, concurrency=args.teacher_concurrency,
+                   timeout_s=args.teacher_timeout, readings=args.readings, field=args.field)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,11 +218,19 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _sign(args: argparse.Namespace) -> int:
     canary = json.loads(args.canary.read_text()) if args.canary else []
+    golden: list[tuple[str, Path, float]] = []
+    for spec in args.golden:
+        route, sep, file = spec.partition("=")
+        if not sep or not route or not file:
+            raise ValueError(f"--golden {spec!r} is not ROUTE=FILE")
+        golden.append((route, Path(file), args.min_accuracy))
     manifest = modelpkg.build(args.gguf, args.out, name=args.name, version=args.version,
                               n_ctx=args.n_ctx, canary=canary, key=args.key,
-                              min_agent_version=args.min_agent_version)
+                              min_agent_version=args.min_agent_version, golden=golden)
     print(f"{args.out}: {manifest.name} {manifest.version} sha256 {manifest.sha256} "
-          f"signed by {signing.key_id(signing.public_key_of(args.key))}")
+          f"signed by {signing.key_id(signing.public_key_of(args.key))}"
+          + "".join(f"; golden {g.file} for route {g.route} (floor {g.min_accuracy:g})"
+                    for g in manifest.golden))
     return 0
 
 
@@ -195,11 +264,16 @@ def _allow_rollback(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    manifest = json.loads((args.package / modelpkg.MANIFEST).read_bytes())
     body: dict[str, Any] = {
-        "manifest": json.loads((args.package / modelpkg.MANIFEST).read_bytes()),
+        "manifest": manifest,
         "signature": (args.package / modelpkg.SIGNATURE).read_text().strip(),
         "url": args.url,
     }
+    golden = manifest.get("golden") if isinstance(manifest, dict) else None
+    if golden:  # small JSONL files: carried in the command, checked against the manifest
+        body["golden"] = {entry["file"]: (args.package / entry["file"]).read_text("utf-8")
+                          for entry in golden}
     if (args.package / directive.DIRECTIVE).exists():
         body["rollback"] = {
             "directive": json.loads((args.package / directive.DIRECTIVE).read_bytes()),
@@ -253,7 +327,7 @@ def _install(args: argparse.Namespace) -> int:
     hidden = incoming / f".install-{manifest.name}-{manifest.version}-{os.getpid()}"
     shutil.rmtree(hidden, ignore_errors=True)  # our own leftover of an earlier try, if any
     hidden.mkdir()
-    names = [manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE]
+    names = [*modelpkg.package_files(manifest), modelpkg.MANIFEST, modelpkg.SIGNATURE]
     if directive.read(args.package, settings.ota.trusted_keys) is not None:
         names += [directive.DIRECTIVE, directive.DIRECTIVE_SIGNATURE]
     for name in names:

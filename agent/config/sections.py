@@ -169,6 +169,15 @@ class StoreSection(Section):
         "again when the store has room for it. The WAL is folded into the database at a "
         "quarter of it, so that releasing it always covers that. 0: none.",
     )
+    history_max_rows: int = Field(
+        default=10_000,
+        ge=0,
+        description="Answered readings kept after delivery for `edge-agent queue export` (the "
+        "route, topic, reading, output and model of each ok result: 243 bytes a row with a "
+        "70-byte reading, 2.4 MB at the default): the oldest beyond this are deleted, and the "
+        "history is dropped first, before anything durable, when the store's room falls under "
+        "twice reserve_bytes. 0: none kept.",
+    )
     max_page_count: int | None = Field(
         default=None,
         ge=16,
@@ -289,6 +298,16 @@ class OtaSection(Section):
         default=10_000.0, gt=0,
         description="A canary answer slower than this fails the candidate model (a manifest "
         "may only tighten it).",
+    )
+    golden_max_items: int = Field(
+        default=200, ge=1,
+        description="The canary asks at most this many items of each golden set a package "
+        "carries (an even spread of a larger set).",
+    )
+    probation_golden_items: int = Field(
+        default=20, ge=0,
+        description="At the end of probation this many items of each golden set (an even "
+        "spread) are asked again through the serving worker, one at a time; 0 skips it.",
     )
     probation_requests: int = Field(
         default=50, ge=1, description="Probation ends after this many requests on the new model."

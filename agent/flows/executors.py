@@ -20,7 +20,7 @@ from agent.base.records import Completion, Generation, ModelInfo
 from agent.config.settings import Route
 from agent.flows.offload import CircuitBreaker, Executor, LatencyWindow, Plan, plan, preferred
 from agent.inference.cloud import CloudError, CloudModel, CloudUnavailable
-from agent.routing.prompts import prompt_version
+from agent.routing.prompts import prefix_key as prefix_key  # re-exported: specialize, tools
 
 log = structlog.get_logger()
 
@@ -47,12 +47,6 @@ class Outcome:
     reason: str | None
     model: ModelInfo
     next_plan: Plan
-
-
-def prefix_key(route: Route) -> str:
-    """Names a route's fixed prompt prefix for the worker's prefix cache; a changed prompt gets
-    a new key, so a stale state is never restored for it."""
-    return f"{route.name}:{prompt_version(route)}"
 
 
 class Executors:

@@ -6,6 +6,12 @@ Verification runs in this order and stops at the first failure, so llama.cpp nev
 file that is not exactly the one a trusted key signed: signature -> declared size -> sha256
 (all in a thread, off the event loop).
 
+A package may carry golden sets (the optional manifest field "golden"): per route a JSONL file
+of readings with their expected outputs (`edge-agent model specialize` writes eval.jsonl in that
+shape) and the accuracy floor the candidate must reach on it (agent/ota/trial.py). Each golden
+file is checked like the GGUF (declared size, then sha256) before anything loads; `load_golden`
+parses one.
+
 Versions are dotted numbers ("3", "1.2", "2024.11.5"): compared number by number, a missing
 number counts as 0, so "1.2" == "1.2.0" < "1.10". Owns no state; agent/ota/state.py does.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ FORMAT = 1
 _VERSION = re.compile(r"^\d{1,9}(\.\d{1,9}){0,5}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _FILE = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.gguf$")
+_GOLDEN_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.jsonl$")
 
 
 class PackageRejected(PermanentError):
@@ -59,6 +67,32 @@ class Canary:
 
 
 @dataclass(frozen=True, slots=True)
+class Golden:
+    """A golden set: a JSONL file of readings and expected outputs for one route, and the
+    accuracy (exact match of the parsed output) the candidate must reach on it."""
+
+    route: str
+    file: str
+    sha256: str
+    size: int
+    min_accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"route": self.route, "file": self.file, "sha256": self.sha256,
+                "size": self.size, "min_accuracy": self.min_accuracy}
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenItem:
+    """One reading of a golden set: the topic and payload text the pipeline would see, and the
+    output the model must give."""
+
+    topic: str
+    payload: str
+    expected: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     version: str
@@ -68,6 +102,7 @@ class Manifest:
     n_ctx: int
     canary: tuple[Canary, ...]
     min_agent_version: str | None
+    golden: tuple[Golden, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -79,7 +114,14 @@ class Manifest:
         }
         if self.min_agent_version is not None:
             body["min_agent_version"] = self.min_agent_version
+        if self.golden:
+            body["golden"] = [g.to_json() for g in self.golden]
         return body
+
+
+def package_files(manifest: Manifest) -> list[str]:
+    """The names of the files a package's manifest signs for: the GGUF, then golden sets."""
+    return [manifest.file, *(golden.file for golden in manifest.golden)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +184,41 @@ def parse_manifest(body: Any, where: str) -> Manifest:
     minimum = body.get("min_agent_version")
     if minimum is not None and (not isinstance(minimum, str) or not is_version(minimum)):
         raise PackageRejected(f"{where}: field 'min_agent_version' must be dotted numbers")
-    return Manifest(name, version, file, sha256, size, n_ctx, tuple(canaries), minimum)
+    golden = _parse_golden(body, where, file)
+    return Manifest(name, version, file, sha256, size, n_ctx, tuple(canaries), minimum, golden)
+
+
+def _parse_golden(body: dict[str, Any], where: str, gguf: str) -> tuple[Golden, ...]:
+    if "golden" not in body:
+        return ()
+    items = body["golden"]
+    if not isinstance(items, list):
+        raise PackageRejected(f"{where}: field 'golden' must be a list")
+    sets: list[Golden] = []
+    names = {gguf, MANIFEST, SIGNATURE}
+    for index, item in enumerate(items):
+        at = f"{where}: golden[{index}]"
+        if not isinstance(item, dict):
+            raise PackageRejected(f"{at} must be an object")
+        route = _field(item, "route", str, at)
+        file = _field(item, "file", str, at)
+        sha256 = _field(item, "sha256", str, at)
+        size = _field(item, "size", int, at)
+        floor = item.get("min_accuracy")
+        if not _GOLDEN_FILE.match(file):
+            raise PackageRejected(f"{at}: field 'file' must be a plain *.jsonl file name")
+        if file in names:
+            raise PackageRejected(f"{at}: file {file!r} is named twice in the package")
+        names.add(file)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise PackageRejected(f"{at}: field 'sha256' must be 64 lowercase hex digits")
+        if size <= 0:
+            raise PackageRejected(f"{at}: field 'size' must be positive")
+        if (not isinstance(floor, int | float) or isinstance(floor, bool)
+                or not 0 <= floor <= 1):
+            raise PackageRejected(f"{at}: field 'min_accuracy' must be a number from 0 to 1")
+        sets.append(Golden(route, file, sha256, size, float(floor)))
+    return tuple(sets)
 
 
 def read_signed(directory: Path, trusted: list[str]) -> tuple[Manifest, str]:
@@ -167,15 +243,54 @@ def read_signed(directory: Path, trusted: list[str]) -> tuple[Manifest, str]:
 
 def check_file(path: Path, manifest: Manifest) -> None:
     """Size first (cheap, catches truncation and appended bytes), then sha256. Blocking."""
+    _check(path, "model file", manifest.size, manifest.sha256)
+
+
+def check_golden(directory: Path, manifest: Manifest) -> None:
+    """Each golden file's size, then its sha256, as for the GGUF. Blocking."""
+    for golden in manifest.golden:
+        _check(directory / golden.file, "golden file", golden.size, golden.sha256)
+
+
+def _check(path: Path, what: str, declared_size: int, declared_sha256: str) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise PackageRejected(f"{path}: cannot read the model file: {exc.strerror}") from exc
-    if size != manifest.size:
-        raise PackageRejected(f"{path}: size {size} bytes, the manifest says {manifest.size}")
+        raise PackageRejected(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    if size != declared_size:
+        raise PackageRejected(f"{path}: size {size} bytes, the manifest says {declared_size}")
     actual = sha256_file(path)
-    if actual != manifest.sha256:
+    if actual != declared_sha256:
         raise PackageRejected(f"{path}: sha256 {actual} does not match the manifest")
+
+
+def load_golden(path: Path) -> list[GoldenItem]:
+    """The items of a golden JSONL file: one {"topic": ..., "reading": ..., "output": ...} per
+    line (a reading that is a JSON string is the payload text itself; anything else is sent
+    as json.dumps of it, as `edge-agent model specialize` trains and evaluates). Blocking;
+    PackageRejected naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PackageRejected(f"{path}: cannot read the golden file: {exc}") from exc
+    items: list[GoldenItem] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise PackageRejected(f"{path}:{number}: not JSON: {exc}") from exc
+        if (not isinstance(item, dict) or not isinstance(item.get("topic"), str)
+                or "reading" not in item or "output" not in item):
+            raise PackageRejected(f"{path}:{number}: needs 'topic' (a string), 'reading' "
+                                  "and 'output'")
+        reading = item["reading"]
+        payload = reading if isinstance(reading, str) else json.dumps(reading)
+        items.append(GoldenItem(item["topic"], payload, item["output"]))
+    if not items:
+        raise PackageRejected(f"{path}: the golden file has no items")
+    return items
 
 
 async def verify(directory: Path, trusted: list[str]) -> Verified:
@@ -186,15 +301,21 @@ async def verify(directory: Path, trusted: list[str]) -> Verified:
 def verify_blocking(directory: Path, trusted: list[str]) -> Verified:
     """The same checks for the command line (no event loop) and for `verify`'s thread."""
     manifest, key = read_signed(directory, trusted)
+    check_golden(directory, manifest)
     check_file(directory / manifest.file, manifest)
     return Verified(directory, manifest, key)
 
 
 def build(gguf: Path, out_dir: Path, *, name: str, version: str, n_ctx: int,
-          canary: list[dict[str, Any]], key: Path, min_agent_version: str | None = None
-          ) -> Manifest:
-    """Write a signed package: the GGUF copied into `out_dir`, manifest.json, manifest.sig."""
+          canary: list[dict[str, Any]], key: Path, min_agent_version: str | None = None,
+          golden: Sequence[tuple[str, Path, float]] = ()) -> Manifest:
+    """Write a signed package: the GGUF copied into `out_dir`, manifest.json, manifest.sig;
+    with `golden` ((route, JSONL file, min_accuracy) each) the golden files too, each checked
+    to parse first."""
     import shutil
+
+    for _, path, _ in golden:
+        load_golden(path)
 
     body: dict[str, Any] = {
         "format": FORMAT, "name": name, "version": version, "file": gguf.name,
@@ -203,10 +324,15 @@ def build(gguf: Path, out_dir: Path, *, name: str, version: str, n_ctx: int,
     }
     if min_agent_version is not None:
         body["min_agent_version"] = min_agent_version
+    if golden:
+        body["golden"] = [{"route": route, "file": path.name, "sha256": sha256_file(path),
+                           "size": path.stat().st_size, "min_accuracy": floor}
+                          for route, path, floor in golden]
     manifest = parse_manifest(body, "the new manifest")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / gguf.name).resolve() != gguf.resolve():
-        shutil.copyfile(gguf, out_dir / gguf.name)
+    for source in [gguf, *(path for _, path, _ in golden)]:
+        if (out_dir / source.name).resolve() != source.resolve():
+            shutil.copyfile(source, out_dir / source.name)
     (out_dir / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     (out_dir / SIGNATURE).write_text(signing.sign(canonical(body), key) + "\n")
     return manifest

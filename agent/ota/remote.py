@@ -5,7 +5,9 @@ persistent session, PUBACK only after the command is recorded) and the download 
 A command is JSON: {"manifest": {...}, "signature": "<base64>", "url": "https://..."}, the
 manifest and signature being exactly a package's manifest.json and manifest.sig, plus, to go
 back to an older version, "rollback": {"directive": {...}, "signature": "<base64>"} (a
-package's rollback.json and rollback.sig, agent/ota/directive.py). Before anything is downloaded
+package's rollback.json and rollback.sig, agent/ota/directive.py), and for a package with golden
+sets "golden": {"<file>": "<its text>", ...} (small JSONL files carried in the command, checked
+against the signed manifest's size and sha256 at once). Before anything is downloaded
 the signatures must verify with `[ota].trusted_keys`, the version must pass the pipeline's
 anti-rollback check (or the directive's) and the size must be within `download_max_bytes`;
 a refused command is reported (`command_refused`, with the reason) and acked so it cannot loop.
@@ -70,6 +72,8 @@ class Command:
     url: str
     # The rollback directive's body and signature, and the directive they verify as.
     rollback: tuple[dict[str, Any], str, directive.Directive] | None
+    # The golden files the manifest signs for, by file name (their bytes checked).
+    golden: dict[str, bytes]
 
 
 def parse_command(payload: bytes, trusted: list[str]) -> Command:
@@ -94,16 +98,38 @@ def parse_command(payload: bytes, trusted: list[str]) -> Command:
     except signing.SignatureError as exc:
         raise CommandRefused(f"command manifest: {exc}") from exc
     manifest = modelpkg.parse_manifest(manifest_body, "command manifest")
+    golden = golden_files(body.get("golden"), manifest)
     rollback = body.get("rollback")
     if rollback is None:
-        return Command(manifest_body, signature, manifest, url, None)
+        return Command(manifest_body, signature, manifest, url, None, golden)
     if not isinstance(rollback, dict):
         raise CommandRefused("command field 'rollback' must be {\"directive\": {...}, "
                              "\"signature\": \"...\"}")
     allowed_by = directive.parse(rollback.get("directive"), rollback.get("signature"), trusted,
                                  "command")
     return Command(manifest_body, signature, manifest, url,
-                   (rollback["directive"], rollback["signature"], allowed_by))
+                   (rollback["directive"], rollback["signature"], allowed_by), golden)
+
+
+def golden_files(carried: Any, manifest: modelpkg.Manifest) -> dict[str, bytes]:
+    """The golden files a command carries, each the size and sha256 the manifest signs;
+    CommandRefused naming the file that is missing or differs."""
+    if not manifest.golden:
+        return {}
+    if not isinstance(carried, dict):
+        raise CommandRefused("command field 'golden' must map each golden file of the "
+                             "manifest to its text")
+    files: dict[str, bytes] = {}
+    for golden in manifest.golden:
+        text = carried.get(golden.file)
+        if not isinstance(text, str):
+            raise CommandRefused(f"command field 'golden' lacks {golden.file!r}")
+        data = text.encode()
+        if len(data) != golden.size or hashlib.sha256(data).hexdigest() != golden.sha256:
+            raise CommandRefused(f"command golden file {golden.file!r} is not the one the "
+                                 "manifest signs (size or sha256)")
+        files[golden.file] = data
+    return files
 
 
 class ModelCommands:
@@ -199,6 +225,8 @@ class ModelCommands:
         durable.write_file(temp / modelpkg.MANIFEST,
                json.dumps(command.manifest_body, indent=2, sort_keys=True).encode())
         durable.write_file(temp / modelpkg.SIGNATURE, command.signature.encode() + b"\n")
+        for name, data in command.golden.items():
+            durable.write_file(temp / name, data)
         if command.rollback is not None:
             body, signature, _ = command.rollback
             durable.write_file(temp / directive.DIRECTIVE,

@@ -146,13 +146,15 @@ class ModelStore:
             staging = self.models / f".staging-{manifest.version}-{os.getpid()}"
             remove_tree(staging, "staging copy of an earlier try")
             staging.mkdir(parents=True)
-            for name in (manifest.file, modelpkg.MANIFEST, modelpkg.SIGNATURE):
+            for name in (*modelpkg.package_files(manifest), modelpkg.MANIFEST,
+                         modelpkg.SIGNATURE):
                 durable.copy_file(package.directory / name, staging / name)
             durable.fsync_dir(staging)
             remove_tree(final, "model copy that is not the signed package")
             os.replace(staging, final)
             durable.fsync_dir(self.models)
         # The copy must still be the signed bytes (a disk error, or a writer racing us).
+        modelpkg.check_golden(final, manifest)
         modelpkg.check_file(final / manifest.file, manifest)
 
         trial = Trial(manifest.version, BASE, "canary")
@@ -207,6 +209,7 @@ class ModelStore:
 def _intact(directory: Path, package: modelpkg.Verified) -> bool:
     """Does `directory` already hold exactly this package's signed GGUF and manifest?"""
     try:
+        modelpkg.check_golden(directory, package.manifest)
         modelpkg.check_file(directory / package.manifest.file, package.manifest)
         stored = json.loads((directory / modelpkg.MANIFEST).read_bytes())
         offered = json.loads((package.directory / modelpkg.MANIFEST).read_bytes())

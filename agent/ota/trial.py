@@ -2,23 +2,30 @@
 verdict after. The canary talks to the candidate's worker; the verdict is pure logic over
 agent/inference/switch.py's figures. Decides nothing about state or switching; agent/ota/updates.py
 does.
+
+Golden sets (agent/ota/modelpkg.py) check expected answers, not only their form: each item is
+asked with the route's prompt exactly as the pipeline builds it (agent/routing/prompts.py, the
+route's prefix key), greedy, under the route's schema; accuracy is the share whose parsed output
+equals the expected output. `run_golden` runs for the canary (the candidate's own worker) and
+again at the end of probation (the serving worker), and fails under the manifest's floor.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.base.errors import AgentError
-from agent.base.records import Generation
+from agent.base.records import Completion, Generation
 from agent.base.validation import check_output
 from agent.config.settings import OtaSection, Route
 from agent.inference.switch import Figures, Served
-from agent.ota.modelpkg import Canary
-from agent.routing.prompts import build_messages
+from agent.ota.modelpkg import Canary, Golden, GoldenItem, Manifest, check_golden, load_golden
+from agent.routing.prompts import build_messages, prefix_key
 
 CANARY_TOPIC = "canary/{route}"
 
@@ -68,6 +75,80 @@ async def run_canary(
             return Verdict(False, f"canary on route {route.name} took {latency_ms} ms, "
                            f"over the {budget} ms budget", {"answers": answers})
     return Verdict(True, "canary passed", {"answers": answers})
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenSet:
+    """A golden set of the package, for a route this agent has, with its items."""
+
+    golden: Golden
+    route: Route
+    items: list[GoldenItem]
+
+
+Complete = Callable[[list[dict[str, str]], Generation], Awaitable[Completion]]
+MISSES_SHOWN = 3
+
+
+def golden_sets(directory: Path, manifest: Manifest, routes: Sequence[Route]
+                ) -> tuple[list[GoldenSet], list[str]]:
+    """The package's golden sets for routes this agent has (each file's size and sha256
+    checked again, then parsed), and the routes of those it has not. Blocking; PackageRejected
+    naming the file."""
+    by_name = {route.name: route for route in routes}
+    check_golden(directory, manifest)
+    sets = [GoldenSet(g, by_name[g.route], load_golden(directory / g.file))
+            for g in manifest.golden if g.route in by_name]
+    skipped = [g.route for g in manifest.golden if g.route not in by_name]
+    return sets, skipped
+
+
+def spread(items: Sequence[GoldenItem], limit: int) -> list[GoldenItem]:
+    """At most `limit` items, evenly spread over the set (the same ones every time)."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+async def run_golden(complete: Complete, sets: Sequence[GoldenSet], limit: int, seed: int
+                     ) -> Verdict:
+    """Ask up to `limit` items of each set, one at a time; fail the first set under its floor.
+    An item whose request fails counts as a miss. Figures: per set, n, right, accuracy, floor
+    and the first few misses."""
+    results: list[dict[str, Any]] = []
+    for golden_set in sets:
+        route, golden = golden_set.route, golden_set.golden
+        asked = spread(golden_set.items, limit)
+        generation = Generation(route.max_tokens, 0.0, seed, route.output_schema,
+                                prefix_key(route))
+        right = 0
+        misses: list[dict[str, Any]] = []
+        for item in asked:
+            try:
+                completion = await complete(build_messages(route, item.topic, item.payload),
+                                            generation)
+            except AgentError as exc:
+                answer: Any = None
+                problem: str | None = f"request failed: {exc}"
+            else:
+                answer, problem = check_output(completion.text, route.output_schema or {})
+                if problem is not None:
+                    answer = completion.text[:200]
+            if problem is None and answer == item.expected:
+                right += 1
+            elif len(misses) < MISSES_SHOWN:
+                misses.append({"topic": item.topic, "reading": item.payload[:200],
+                               "expected": item.expected, "answer": answer,
+                               **({} if problem is None else {"problem": problem})})
+        accuracy = right / len(asked)
+        results.append({"route": route.name, "file": golden.file, "n": len(asked),
+                        "right": right, "accuracy": round(accuracy, 4),
+                        "floor": golden.min_accuracy, "misses": misses})
+        if accuracy < golden.min_accuracy:
+            return Verdict(False, f"accuracy {round(accuracy, 3):g} on {len(asked)} golden "
+                           f"readings of route {route.name}, under the manifest's floor "
+                           f"{golden.min_accuracy:g}", {"golden": results})
+    return Verdict(True, "golden sets passed", {"golden": results})
 
 
 def probation_verdict(

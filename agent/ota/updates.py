@@ -38,7 +38,15 @@ from agent.inference.switch import Figures, Served, WorkerSwitch
 from agent.ota import directive, modelpkg
 from agent.ota.startup import describe, model_for
 from agent.ota.state import BASE, ModelStore, OtaState, Trial
-from agent.ota.trial import Verdict, canaries_for, probation_verdict, run_canary
+from agent.ota.trial import (
+    Complete,
+    Verdict,
+    canaries_for,
+    golden_sets,
+    probation_verdict,
+    run_canary,
+    run_golden,
+)
 from agent.routing.outbound import Topics, model_event_row, model_status_row
 from agent.store.writer import Store
 
@@ -77,7 +85,9 @@ class Ota:
                 "active": {"name": info.name, "version": info.version, "sha256": info.sha256},
                 "state_active": state.active, "previous": state.previous,
                 "trial": None if state.trial is None else state.trial.version,
-                "failed": sorted(state.failed)}
+                "failed": sorted(state.failed),
+                # The active model's golden-set figures (canary, probation), when it had any.
+                "golden": state.installed.get(state.active, {}).get("golden")}
         await self._store.enqueue(model_status_row(self._topics, uuid.uuid4().hex, body))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -200,6 +210,11 @@ class Ota:
         verdict = await run_canary(candidate, self._settings.routes,
                                    canaries_for(self._settings.routes, manifest.canary),
                                    self._ota, self._settings.model.seed)
+        if verdict.passed and manifest.golden:
+            golden = await self._golden(trial, manifest, candidate.complete,
+                                        self._ota.golden_max_items, "canary")
+            verdict = Verdict(golden.passed, verdict.reason if golden.passed else golden.reason,
+                              {**verdict.figures, **golden.figures})
         if not verdict.passed:
             await candidate.worker.close()
             await self._fail(trial, "canary", verdict)
@@ -332,6 +347,18 @@ class Ota:
             return None
         verdict = probation_verdict(served.window.figures(), baseline, self._ota,
                                     self._ota.canary_latency_budget_ms)
+        if verdict.passed and not operator and self._ota.probation_golden_items:
+            manifest = await self._staged_manifest(trial)
+            if manifest is None or manifest.golden:
+                # Through the serving worker itself (its prefix cache, after live traffic),
+                # not its window: the live figures stay the live readings'.
+                golden = await self._golden(trial, manifest, served.worker.complete,
+                                            self._ota.probation_golden_items, "probation")
+                verdict = Verdict(golden.passed,
+                                  verdict.reason if golden.passed else golden.reason,
+                                  {**verdict.figures, **golden.figures})
+        if stop.is_set():
+            return None
         if operator:
             verdict = Verdict(False, "operator rollback during probation", verdict.figures)
         if verdict.passed:
@@ -360,6 +387,46 @@ class Ota:
         await served.idle.wait()
         await served.worker.close()
         return False
+
+    async def _staged_manifest(self, trial: Trial) -> modelpkg.Manifest | None:
+        """The signed manifest of the staged copy of `trial`; None if it no longer reads (the
+        golden check then fails probation with the reason)."""
+        try:
+            manifest, _ = await asyncio.to_thread(
+                modelpkg.read_signed, self._models.model_dir(trial.version),
+                self._ota.trusted_keys)
+        except modelpkg.PackageRejected as exc:
+            log.error("model_golden_unreadable", version=trial.version, error=str(exc))
+            return None
+        return manifest
+
+    async def _golden(self, trial: Trial, manifest: modelpkg.Manifest | None,
+                      complete: Complete, limit: int, stage: str) -> Verdict:
+        """Ask the package's golden sets (up to `limit` items each) through `complete`; the
+        figures are recorded with the installed version, so `edge-agent model list` and the
+        status show them."""
+        try:
+            if manifest is None:
+                raise modelpkg.PackageRejected(
+                    f"the staged manifest of version {trial.version} does not verify")
+            sets, skipped = await asyncio.to_thread(
+                golden_sets, self._models.model_dir(trial.version), manifest,
+                self._settings.routes)
+        except modelpkg.PackageRejected as exc:
+            return Verdict(False, f"golden set: {exc}", {})
+        verdict = await run_golden(complete, sets, limit, self._settings.model.seed)
+        figures: dict[str, Any] = {**verdict.figures,
+                                   **({"golden_skipped": skipped} if skipped else {})}
+        await self.report("golden_checked", version=trial.version, stage=stage,
+                          passed=verdict.passed, figures=figures)
+
+        def record(state: OtaState) -> None:
+            installed = state.installed.get(trial.version)
+            if installed is not None:
+                installed.setdefault("golden", {})[stage] = figures["golden"]
+
+        await asyncio.to_thread(self._models.update, record)
+        return Verdict(verdict.passed, verdict.reason, figures)
 
     async def _fail(self, trial: Trial, step: str, verdict: Verdict, **extra: Any) -> None:
         """Mark the version failed and make its predecessor the active model again."""

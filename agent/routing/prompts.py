@@ -30,6 +30,12 @@ def build_messages(route: Route, topic: str, payload_text: str) -> list[dict[str
     return [{"role": "system", "content": route.system_prompt}, {"role": "user", "content": user}]
 
 
+def prefix_key(route: Route) -> str:
+    """Names a route's fixed prompt prefix for the worker's prefix cache; a changed prompt gets
+    a new key, so a stale state is never restored for it."""
+    return f"{route.name}:{prompt_version(route)}"
+
+
 def prompt_version(route: Route) -> str:
     """A short hash of everything that shapes the prompt, recorded in each result's provenance."""
     material = json.dumps(

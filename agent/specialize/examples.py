@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,8 @@ def _window_reading(where: str, entry: Any, default_topic: str) -> tuple[str, di
     return topic, entry["reading"]
 
 
-def split(examples: list[Sample], n_eval: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+def split(examples: Sequence[Sample], n_eval: int, seed: int
+          ) -> tuple[list[Sample], list[Sample]]:
     """(training, evaluation): a seeded sample of min(n_eval, a fifth) for evaluation; training
     lines whose topics and payloads an evaluation line has are dropped."""
     n_eval = min(n_eval, max(1, len(examples) // 5))
@@ -228,7 +230,7 @@ def split(examples: list[Sample], n_eval: int, seed: int) -> tuple[list[Sample],
     return train, held
 
 
-def write_jsonl(path: Path, examples: list[Sample]) -> None:
+def write_jsonl(path: Path, examples: Sequence[Sample]) -> None:
     path.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples), encoding="utf-8")
 
 

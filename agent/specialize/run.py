@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config.settings import Route, Settings, load
-from agent.specialize import examples, llamacpp, rules, student
+from agent.specialize import examples, llamacpp, rules, student, teacher
 from agent.specialize.evaluate import Scores, evaluate, table
 from agent.specialize.examples import Sample
 from agent.specialize.export import write_gguf
 from agent.specialize.recipe import Recipe
+from agent.specialize.teacher import Teacher
 from agent.specialize.vocab import route_vocab
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -42,6 +44,7 @@ class Request:
     threads: int = 2  # training's; evaluation uses the worker's, from the configuration
     base: Path | None = None  # a GGUF evaluated beside the student, e.g. the pretrained base
     quants: tuple[str, ...] = QUANTS
+    teacher: Teacher | None = None  # labels by a teacher model (agent/specialize/teacher.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +65,16 @@ def find_route(config: Path, name: str) -> tuple[Settings, Route]:
                      f"{', '.join(r.name for r in settings.routes)}")
 
 
-def labelled(request: Request, route: Route) -> tuple[list[Sample], list[Sample], Any]:
+def labelled(request: Request, route: Route,
+             say: Callable[[str], None] = print) -> tuple[list[Sample], list[Sample], Any]:
     """(training, held-out, what the recipe records about the labels)."""
     recipe = request.recipe
+    if request.teacher is not None:
+        every, source = teacher.labels(request.teacher, route, request.out, span=request.span,
+                                       n=recipe.train_examples + recipe.eval_examples,
+                                       seed=recipe.seed, say=say)
+        train, held = examples.split(every, recipe.eval_examples, recipe.seed)
+        return train, held, source
     if request.rule is not None:
         rule = rules.parse_rule(request.rule, route)
         span = request.span or rules.default_range(rule)
@@ -73,9 +83,9 @@ def labelled(request: Request, route: Route) -> tuple[list[Sample], list[Sample]
         return train, held, {"rule": rule.text, "range": list(span)}
     if request.labels is None:
         raise ValueError("give --labels FILE or --rule RULE")
-    every = examples.load_labels(request.labels, route)
-    train, held = examples.split(every, recipe.eval_examples, recipe.seed)
-    return train, held, {"labels": str(request.labels), "lines": len(every)}
+    loaded = examples.load_labels(request.labels, route)
+    train, held = examples.split(loaded, recipe.eval_examples, recipe.seed)
+    return train, held, {"labels": str(request.labels), "lines": len(loaded)}
 
 
 def specialize(request: Request, log: TextIO | None = None) -> Outcome:
@@ -92,7 +102,7 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
     recipe = request.recipe
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
-    train, held, source = labelled(request, route)
+    train, held, source = labelled(request, route, say)
     say(f"route {route.name}: {len(train)} training and {len(held)} held-out examples")
     keys = sorted({k for e in train for k in e.reading_keys})[:MAX_READING_KEYS]
     vocab = route_vocab(route, keys)

@@ -1,11 +1,12 @@
-"""The student's vocabulary and chat template: tools/make_tiny_model.py's SentencePiece-style
-("llama") vocabulary with byte fallback, extended with the words of one route's prompt.
+"""The student's vocabulary and chat template: a SentencePiece-style ("llama") vocabulary with
+byte fallback, extended with the words of one route's prompt.
 
-The base part is make_tiny_model's, token for token (same ids, scores and types; a test holds
-the two together), so the student tokenizes like the test models. The route's fixed text (system
-prompt, instruction, the data block's frame, the output schema's keys and values, the readings'
-keys) is appended as whole-word pieces, so that the ~500 characters of the prompt come to ~150
-tokens instead of ~450: that is what makes training from scratch fit in minutes on 2 cores.
+The base part is also the vocabulary of the test models (tools/make_tiny_model.py writes
+them with base_vocab() and export.write_gguf), so the student tokenizes like them. The route's
+fixed text (system prompt, instruction, the data block's frame, the output schema's keys and
+values, the readings' keys) is appended as whole-word pieces, so that the ~500 characters of the
+prompt come to ~150 tokens instead of ~450: that is what makes training from scratch fit in
+minutes on 2 cores.
 Digits get no pieces: a number reaches the model one digit per token, which is what lets a small
 model read it. Pure data; no gguf, no torch.
 """
@@ -27,7 +28,7 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # gguf.TokenType values (llama.cpp's llama_token_type), spelled out to keep gguf out of here.
 TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_BYTE = 1, 2, 3, 6
 
-# As in tools/make_tiny_model.py ("_" stands for SPACE).
+# "_" stands for SPACE.
 BASE_PIECE_TEXT = (
     '_the _a _is _of _to in er on {" ": ", "} _" _{ _} _[ ], '
     "level normal warning critical <| |> system user assistant"

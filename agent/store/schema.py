@@ -84,7 +84,7 @@ OUTBOX_ADDED_COLUMNS: tuple[tuple[str, type, object], ...] = (
 
 # Every table of a store this module has opened: the writer thread's own reads need not look.
 TABLES = frozenset({"inbox", "outbox", "dead_letter", "counters", "drops", "clock", "sizes",
-                    "last_reading"})
+                    "last_reading", "history"})
 
 # Kept by triggers so that the bound check and the status sampler cost O(1) whatever the
 # backlog (a count(*) over 200k rows held the writer thread 68 ms). Counted only when a table's
@@ -221,6 +221,22 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     # this one it was answered already (ingest skips it). One row per topic.
     db.table("last_reading").create({"topic": str, "id": str}, pk="topic", not_null={"id"},
                                     if_not_exists=True)
+    # Answered readings kept after their result is delivered, for `edge-agent queue export`
+    # (agent/store/transactions.py record_history): bounded by [store] history_max_rows and
+    # the first thing the store gives up when room runs short. `seq` is the rowid (no
+    # AUTOINCREMENT: a seq given again after the table emptied costs nothing, nothing points
+    # at it), so the bound deletes a range of it. No size triggers: the bound counts rows,
+    # and without triggers a DELETE of every row is SQLite's truncate, a few pages written
+    # even on a full disk. `id` is indexed for the export, which leaves out an outbox row
+    # whose reading is in the history.
+    history = db.table("history")
+    history.create({"seq": int, "id": str, "route": str, "topic": str, "reading": str,
+                    "output": str, "model_name": str, "model_version": str, "executor": str,
+                    "received_at": float, "created_at": float}, pk="seq",
+                   not_null={"id", "route", "topic", "reading", "output", "model_name",
+                             "model_version", "executor", "received_at", "created_at"},
+                   if_not_exists=True)
+    history.create_index(["id"], index_name="history_id", if_not_exists=True)
 
 
 def _keep_sizes(db: sqlite_utils.Database, untracked: list[str]) -> None:

@@ -2,7 +2,8 @@
 transaction.
 
 Owns the SQL of each stage's hand-off: ingest (readings and dead letters), leases and their
-release, completion into the outbox, the outbox bound and its drops, TTL expiry, drop reports,
+release, completion into the outbox (and the history of answered readings, its bound and its
+yielding to a full store), the outbox bound and its drops, TTL expiry, drop reports,
 delivery, and the writer's own reads (depths, stats, integrity). Each function takes the writer
 thread's connection as its first argument and is submitted by `Store._call`; none may be called
 from the event loop, open a connection of its own, or translate SQLite's errors (the writer
@@ -214,15 +215,95 @@ def _insert_dead_letter(conn: sqlite3.Connection, d: DeadLetter, report: NewOutb
 
 
 def _insert_outbox(conn: sqlite3.Connection, row: NewOutboxRow,
-                   bounds: StoreSection | None = None) -> None:
-    conn.execute(
+                   bounds: StoreSection | None = None, created_at: float | None = None) -> bool:
+    """Add `row` (unless the outbox has its kind and id already: False), then keep the bound."""
+    added = conn.execute(
         "INSERT INTO outbox (id, kind, topic, payload, priority, created_at, route, "
         "created_mono) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO NOTHING",
-        (row.id, row.kind, row.topic, row.payload, row.priority, time.time(), row.route,
-         schema.monotonic()),
-    )
+        (row.id, row.kind, row.topic, row.payload, row.priority,
+         time.time() if created_at is None else created_at, row.route, schema.monotonic()),
+    ).rowcount > 0
     if bounds is not None and bounds.when_full == "drop_oldest":
         _drop_over_bound(conn, bounds)
+    return added
+
+
+# The history's bound is enforced every this many rows (at most), by one range delete: a
+# delete at every insert would add a page or two to every completion's commit.
+HISTORY_PRUNE_EVERY = 64
+
+
+def record_history(conn: sqlite3.Connection, row: NewOutboxRow, created_at: float,
+                   max_rows: int) -> bool:
+    """Keep the answered reading of a result row in `history` (in the caller's transaction),
+    and every HISTORY_PRUNE_EVERY rows delete the oldest beyond `max_rows`, so the table never
+    holds more. Only a single reading's ok result: not a failed one (no output), a window's
+    (no one reading's answer) or anything else in the outbox. True if a row was added."""
+    if max_rows <= 0 or row.kind != "result":
+        return False
+    try:
+        body = json.loads(row.payload)
+    except ValueError:
+        return False
+    if not isinstance(body, dict) or body.get("status") != "ok" or "output" not in body:
+        return False
+    source, model = body.get("source"), body.get("model")
+    if not isinstance(source, dict) or "payload" not in source:
+        return False
+    if not isinstance(model, dict):
+        model = {}
+    received_at = source.get("received_at")
+    seq = conn.execute(
+        "INSERT INTO history (id, route, topic, reading, output, model_name, model_version, "
+        "executor, received_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (row.id, row.route, str(source.get("topic") or ""), _json(source["payload"]),
+         _json(body["output"]), str(model.get("name") or ""), str(model.get("version") or ""),
+         str(body.get("executor") or ""),
+         float(received_at) if isinstance(received_at, int | float) else 0.0, created_at),
+    ).lastrowid
+    every = max(1, min(HISTORY_PRUNE_EVERY, max_rows // 8))
+    if seq is not None and seq % every == 0:
+        # Down to max_rows - every + 1: the next every - 1 rows fill it up to the bound again.
+        conn.execute("DELETE FROM history WHERE seq <= ?", (seq - max_rows + every - 1,))
+    return True
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def has_history(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM history LIMIT 1").fetchone() is not None
+
+
+def prune_history(conn: sqlite3.Connection, max_rows: int) -> int:
+    """Delete the oldest history rows beyond `max_rows` (all of them for 0): at open, where
+    the bound may have been lowered since the rows were written. The rows deleted."""
+    with Transaction(conn):
+        if max_rows <= 0:
+            return int(conn.execute("DELETE FROM history").rowcount)
+        return int(conn.execute(
+            "DELETE FROM history WHERE seq <= (SELECT max(seq) FROM history) - ?",
+            (max_rows,)).rowcount)
+
+
+def drop_history(conn: sqlite3.Connection, everything: bool) -> int:
+    """Give the history's room back to the store (free pages, which count as room): the older
+    half of it, or `everything`. The history is the one thing the store holds that nobody was
+    promised, so it yields before input is refused or the drain reserve is spent. The rows
+    deleted; 0 if there were none or the delete itself failed."""
+    try:
+        with Transaction(conn):
+            if everything:
+                # No WHERE and no triggers: SQLite's truncate, a few pages to write.
+                return int(conn.execute("DELETE FROM history").rowcount)
+            return int(conn.execute(
+                "DELETE FROM history WHERE seq <= "
+                "(SELECT (min(seq) + max(seq)) / 2 FROM history)").rowcount)
+    except sqlite3.Error:
+        # Whatever stopped it (a disk too full even for these pages, an older store opening
+        # without the table yet) the caller's own write meets again and reports.
+        return 0
 
 
 def _drop_over_bound(conn: sqlite3.Connection, bounds: StoreSection) -> None:
@@ -292,11 +373,16 @@ def release(conn: sqlite3.Connection, reading_id: str, refund: bool) -> None:
 
 
 def complete(conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow,
-              bounds: StoreSection) -> None:
+             bounds: StoreSection, keep_history: bool = True) -> None:
+    """Retire the reading, queue its result and (an ok result, `keep_history`, a bound above
+    0) keep the answered reading in the history, all in one transaction."""
+    now = time.time()
     with Transaction(conn):
         # Retire the reading first: the outbox bound then sees its room in the same transaction.
         conn.execute("DELETE FROM inbox WHERE id = ?", (reading_id,))
-        _insert_outbox(conn, row, bounds)
+        # A result the outbox holds already (the same id) is in the history already too.
+        if _insert_outbox(conn, row, bounds, now) and keep_history:
+            record_history(conn, row, now, bounds.history_max_rows)
 
 
 _LEASED_COLUMNS = "id, topic, payload, received_at, route, priority, attempts"

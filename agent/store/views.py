@@ -1,11 +1,12 @@
-"""Read-only views of the store for the operator's commands (`edge-agent status`, `queue`).
+"""Read-only views of the store for the operator's commands (`edge-agent status`, `queue`,
+`queue export`).
 
 Owns the `read_*` functions, each on a separate read-only connection (`mode=ro`) opened and
-closed per call, so they are safe while the agent runs, and each translating any SQLite error
-into StoreUnreadable; and the counting queries they share with the writer thread
-(`snapshot_counts`, `queue_stats`), which only read, through whichever connection they are
-given. Nothing here may write or open a read-write connection: agent/store/writer.py's writer
-thread is the only writer.
+closed per call (`read_route`: per block, for `edge-agent queue export`), so they are safe
+while the agent runs, and each translating any SQLite error into StoreUnreadable; and the
+counting queries they share with the writer thread (`snapshot_counts`, `queue_stats`), which
+only read, through whichever connection they are given. Nothing here may write or open a
+read-write connection: agent/store/writer.py's writer thread is the only writer.
 
 A store the writer thread opened has every table of agent/store/schema.py (its `TABLES`), so
 the writer's reads (the 2-s status sampler, the offload policy's depth) never look at the
@@ -20,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Set
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,105 @@ def read_oldest(path: Path, table: str, limit: int = 10) -> list[dict[str, Any]]
     columns = _OLDEST_COLUMNS[table]
     with _read_only(path) as db:
         return list(db.table(table).rows_where(select=columns, order_by="seq", limit=limit))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A result row of the outbox as the agent queued it: its body is the JSON it publishes."""
+
+    seq: int
+    created_at: float
+    body: bytes
+    id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredReading:
+    """A row of the history: one reading's ok result, kept after its delivery. `reading` and
+    `output` are JSON text."""
+
+    seq: int
+    created_at: float
+    id: str
+    topic: str
+    reading: str
+    output: str
+    received_at: float
+    model_name: str
+    model_version: str
+    executor: str
+
+
+class RouteReader:
+    """One route's rows, on the single read-only connection of `read_route`."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self._conn = db.conn
+        # A store an older agent made and the current one has not opened yet has none.
+        self.has_history = db.table("history").exists()
+
+    def _pages(self, table: str, select: str, where: str, params: tuple[Any, ...],
+               page: int) -> Iterator[Any]:
+        """Rows of `table` by seq, up to the last seq it has now, in pages of `page` rows,
+        each page its own short read, so that a long export never pins the WAL a running
+        agent's checkpoints need; rows added after the first page are left for the next
+        export (the export ends) and rows deleted meanwhile are gone from it."""
+        last = self._conn.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]
+        after = 0
+        while True:
+            rows = self._conn.execute(
+                f"SELECT seq, {select} FROM {table} WHERE {where} AND seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?", (*params, after, last, page)).fetchall()
+            yield from rows
+            if len(rows) < page:
+                return
+            after = int(rows[-1][0])
+
+    def results(self, route: str, since: float | None = None,
+                page: int = 500) -> Iterator[StoredResult]:
+        """The route's results still in the outbox (queued, not yet delivered) whose reading
+        is not in the history, oldest first, made at or after `since` (epoch seconds)."""
+        where = "kind = 'result' AND route = ? AND created_at >= ?"
+        if self.has_history:
+            where += " AND NOT EXISTS (SELECT 1 FROM history WHERE history.id = outbox.id)"
+        for seq, created_at, payload, id_ in self._pages(
+                "outbox", "created_at, payload, id", where, (route, _since(since)), page):
+            yield StoredResult(int(seq), float(created_at), bytes(payload), str(id_))
+
+    def history(self, route: str, since: float | None = None,
+                page: int = 500) -> Iterator[AnsweredReading]:
+        """The route's answered readings in the history (delivered or not), oldest first, made
+        at or after `since`; none from a store without a history."""
+        if not self.has_history:
+            return
+        for row in self._pages(
+                "history", "created_at, id, topic, reading, output, received_at, model_name, "
+                "model_version, executor", "route = ? AND created_at >= ?",
+                (route, _since(since)), page):
+            yield AnsweredReading(int(row[0]), float(row[1]), str(row[2]), str(row[3]),
+                                  str(row[4]), str(row[5]), float(row[6]), str(row[7]),
+                                  str(row[8]), str(row[9]))
+
+    def waiting(self, route: str) -> int:
+        """The route's readings still in the inbox (no result yet)."""
+        row = self._conn.execute("SELECT count(*) FROM inbox WHERE route = ?",
+                                 (route,)).fetchone()
+        return int(row[0])
+
+    def dead_letter_topics(self, since: float | None = None) -> list[str]:
+        """The topic of every dead letter made at or after `since` (the table keeps no route:
+        the caller matches the topics to its route's filters)."""
+        return [str(topic) for (topic,) in self._conn.execute(
+            "SELECT topic FROM dead_letter WHERE created_at >= ?", (_since(since),))]
+
+
+def _since(since: float | None) -> float:
+    return since if since is not None else float("-inf")
+
+
+@contextmanager
+def read_route(path: Path) -> Iterator[RouteReader]:
+    """A RouteReader over one read-only connection to the store at `path`: safe while the agent
+    runs; any SQLite error inside the block becomes StoreUnreadable."""
+    with _read_only(path) as db:
+        yield RouteReader(db)

@@ -85,6 +85,9 @@ class Store:
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                             asyncio.Future[Any], _Use] | None] = queue.SimpleQueue()
         self._reserve = DrainReserve(path, self.bounds.drain_reserve_bytes)
+        # Whether completions keep their answered readings in the history: off while the
+        # store's room is under the history's floor (see _yield_history), writer thread only.
+        self._keep_history = self.bounds.history_max_rows > 0
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         # Set on the loop after a transaction adds rows; the pipeline and uplink wait on these.
@@ -155,14 +158,23 @@ class Store:
         Input first retakes the drain reserve if the store has room for it again, and is held
         `drain_reserve_bytes` further from the edge while the reserve is spent. A write that
         finds the filesystem full folds the WAL into the database, truncates it and runs once
-        more; if it is still full, the reserve is spent (the file goes, the WAL is folded
-        again) and it runs a last time. While the reserve is spent, results and other writes
+        more; if it is still full, the history of answered readings is deleted (nobody was
+        promised it) and it runs again; then the reserve is spent (the file goes, the WAL is
+        folded again) and it runs a last time. While the reserve is spent, results and other writes
         stop at half of it: the other half (twice the WAL's bound) stays for the drain's
         leases and deletes, so a store whose inbox filled the disk can still turn readings
         into results, and those can still be delivered and deleted."""
         if use == "input":
             self._retake_reserve(conn, self.bounds.reserve_bytes // 2)
             held_back = 0 if self._reserve.held else self._reserve.size
+            self._yield_history(conn, held_back)
+            try:
+                return fn(conn, *args, held_back)
+            except sqlite3.Error as exc:
+                # Full before the floor saw it (reserve_bytes 0, or one large batch): the
+                # history goes before any input is refused.
+                if _code(exc) not in _FULL or not self._drop_all_history(conn, fn, exc):
+                    raise
             return fn(conn, *args, held_back)
         if use == "write" and not self._reserve.held and self._reserve.size:
             self._keep_for_the_drain(conn)
@@ -175,14 +187,66 @@ class Store:
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
-            if _code(exc) not in _FULL or not self._reserve.release():
+            if _code(exc) not in _FULL:
                 raise
-            error = f"{getattr(exc, 'sqlite_errorname', '')}: {exc}"
+            full = exc
+        # The history goes before the drain reserve: it holds nothing anyone was promised.
+        if self._drop_all_history(conn, fn, full):
+            try:
+                return fn(conn, *args)
+            except sqlite3.Error as exc:
+                if _code(exc) not in _FULL:
+                    raise
+                full = exc
+        if not self._reserve.release():
+            raise full
+        error = f"{getattr(full, 'sqlite_errorname', '')}: {full}"
         folded = transactions.checkpoint(conn)
         log.warning("store_reserve_released", released_bytes=self._reserve.size,
                     wal_truncated=folded, free_bytes=free_bytes(self.path.parent),
                     job=getattr(fn, "__name__", "?"), error=error)
         return fn(conn, *args)
+
+    def _drop_all_history(self, conn: sqlite3.Connection, fn: Callable[..., Any],
+                          full: sqlite3.Error) -> bool:
+        """Delete the whole history for a write the full store refused; False if there was
+        none (or even its delete could not be written)."""
+        dropped = transactions.drop_history(conn, everything=True)
+        if not dropped:
+            return False
+        self._keep_history = False
+        transactions.checkpoint(conn)
+        log.warning("store_history_dropped", rows=dropped, everything=True,
+                    job=getattr(fn, "__name__", "?"),
+                    error=f"{getattr(full, 'sqlite_errorname', '')}: {full}")
+        return True
+
+    def _yield_history(self, conn: sqlite3.Connection, held_back: int) -> None:
+        """Before each input job: the history may use the store's room only above its floor,
+        twice the input reserve (plus what input is held back by). Under it, the older half of
+        the history is deleted (its pages become room) at each input job until the store is
+        back above the floor or the history is empty, and completions keep no history
+        meanwhile: the history yields long before input is refused (under one reserve) or the
+        drain reserve is spent."""
+        if self.bounds.history_max_rows == 0:
+            return
+        floor = 2 * self.bounds.reserve_bytes + held_back
+        room = transactions.room_bytes(conn)
+        if room < floor and transactions.has_history(conn):
+            if transactions.checkpoint(conn):  # the WAL's file is room too
+                room = transactions.room_bytes(conn)
+            if room < floor:
+                dropped = transactions.drop_history(conn, everything=False)
+                room = transactions.room_bytes(conn)
+                if dropped:
+                    log.warning("store_history_dropped", rows=dropped, everything=False,
+                                room_bytes=room, floor_bytes=floor)
+        self._keep_history = room >= floor
+
+    def _history_wanted(self) -> bool:
+        """Whether a completion now keeps its answered reading: not while the store's room is
+        under the history's floor, nor while the drain reserve is spent."""
+        return self._keep_history and (self._reserve.held or self._reserve.size == 0)
 
     def _keep_for_the_drain(self, conn: sqlite3.Connection) -> None:
         """While the reserve is spent, a write other than the drain's goes ahead only with half
@@ -230,6 +294,10 @@ class Store:
         once if the filesystem is full (less free than the WAL's bound), because the start
         itself must write (the OTA state's start count, the leases freed, the first lease)."""
         open_schema(conn)
+        pruned = transactions.prune_history(conn, self.bounds.history_max_rows)
+        if pruned:
+            log.info("store_history_pruned", rows=pruned,
+                     history_max_rows=self.bounds.history_max_rows)
         if not self._reserve.adopt() and not self._reserve.spent:
             self._retake_reserve(conn, 0)
         elif free_bytes(self.path.parent) < self._reserve.size // 4:
@@ -289,9 +357,13 @@ class Store:
         self.inbox_changed.set()
 
     async def complete(self, reading_id: str, row: NewOutboxRow) -> None:
-        """In one transaction: add the result to the outbox and retire the reading."""
-        await self._call(transactions.complete, reading_id, row, self.bounds, use="write")
+        """In one transaction: add the result to the outbox, retire the reading and (an ok
+        result) keep the answered reading in the history."""
+        await self._call(self._complete, reading_id, row, use="write")
         self.outbox_changed.set()
+
+    def _complete(self, conn: sqlite3.Connection, reading_id: str, row: NewOutboxRow) -> None:
+        transactions.complete(conn, reading_id, row, self.bounds, self._history_wanted())
 
     async def lease_window(self, windows: dict[str, tuple[int, int]],
                            exclude: Sequence[str] = ()) -> list[Reading]:
