@@ -186,8 +186,8 @@ def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_pipelines_window_p
 
 # Sustained vibration above 7.1 mm/s (every reading of the window) or a spike above 11: the rule
 # measured in docs/specialize.md ("Measurements of the wear route"). One training thread: on the
-# loaded shared machine two spent far more CPU for the same steps. 69 s of training CPU; 8.5 min
-# of wall time and 23 in all at load average 12.
+# loaded shared machine two spent far more CPU for the same steps. 69 s of training CPU; 23 min
+# end to end at load average 12, 8 min at load average 4 to 7.
 TRAINED_RULE = "min(rms)>7.1 or max(rms)>11:true,else:false"
 SMALL = Recipe(n_embd=64, n_layer=2, n_head=4, n_ff=128, steps=1000, batch=16, lr=4e-3,
                warmup_steps=20, train_examples=6000, eval_examples=200, seed=0)
