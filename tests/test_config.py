@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_in_the_repository_is_valid() -> None:
     settings = load(Path(__file__).parent.parent / "configs" / "agent.toml")
-    assert [route.name for route in settings.routes] == ["temperature", "vibration"]
+    assert [route.name for route in settings.routes] == ["temperature", "vibration", "wear"]
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:

@@ -258,4 +258,5 @@ def test_specialize_for_a_route_the_config_lacks_names_the_routes(
     code = main(["model", "specialize", "--config", str(CONFIG), "--route", "humidity",
                  "--rule", RULE, "--out", str(tmp_path / "o")])
     assert code == 1
-    assert "no route named 'humidity'; routes: temperature, vibration" in capsys.readouterr().err
+    assert ("no route named 'humidity'; routes: temperature, vibration, wear"
+            in capsys.readouterr().err)

@@ -100,7 +100,8 @@ def _add_specialize(sub: Any) -> None:
     source.add_argument("--labels", type=Path,
                         help='JSONL: {"reading": {...}, "output": {...}} per line')
     source.add_argument("--rule", help="a labelling rule for synthetic readings, e.g. "
-                        "'celsius<60:normal,celsius<85:warning,else:critical'")
+                        "'celsius<60:normal,celsius<85:warning,else:critical'; for a windowed "
+                        "route, of the window: 'mean(rms)>7.1 or rise(rms)>3:true,else:false'")
     source.add_argument("--teacher", metavar="URL", help="an OpenAI-compatible endpoint "
                         "(base URL including /v1) whose model labels the readings of "
                         "--readings, or synthetic ones over --range (knowledge distillation)")

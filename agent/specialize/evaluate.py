@@ -19,9 +19,8 @@ from typing import Any
 from agent.base.validation import check_output
 from agent.config.settings import Route
 from agent.flows.executors import prefix_key
-from agent.routing.prompts import build_messages
 from agent.specialize import llamacpp
-from agent.specialize.examples import Example
+from agent.specialize.examples import Sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ class Scores:
                 "p50_ms": self.p50_ms, "p95_ms": self.p95_ms}
 
 
-def evaluate(label: str, path: Path, route: Route, held: list[Example], *, n_ctx: int,
+def evaluate(label: str, path: Path, route: Route, held: list[Sample], *, n_ctx: int,
              n_threads: int | None = None, n_threads_batch: int | None = None,
              note: Callable[[str], None] = lambda _: None) -> Scores:
     """Score the GGUF at `path` on `held`, with the worker's thread counts (the agent
@@ -60,7 +59,7 @@ def evaluate(label: str, path: Path, route: Route, held: list[Example], *, n_ctx
     valid = 0
     for index, example in enumerate(held):
         response = engine.complete({
-            "messages": build_messages(route, example.topic, example.payload),
+            "messages": example.messages(route),
             "max_tokens": route.max_tokens, "temperature": route.temperature, "seed": 0,
             "schema": route.output_schema, "prefix_key": prefix_key(route)})
         if not response.get("ok", True):

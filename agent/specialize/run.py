@@ -22,10 +22,9 @@ from typing import Any, TextIO
 
 from agent.config.settings import Route, Settings, load
 from agent.ota import modelpkg
-from agent.routing.prompts import build_messages
 from agent.specialize import examples, llamacpp, rules, student, teacher
 from agent.specialize.evaluate import Scores, evaluate, table
-from agent.specialize.examples import Example
+from agent.specialize.examples import Sample
 from agent.specialize.export import write_gguf
 from agent.specialize.recipe import Recipe
 from agent.specialize.teacher import Teacher
@@ -72,7 +71,7 @@ class Outcome:
     files: dict[str, Path]
     scores: list[Scores]
     torch_texts: list[str]
-    held: list[Example]
+    held: list[Sample]
     times_s: dict[str, float]
     package: Path | None = None  # <out>/package/ when asked for
 
@@ -87,7 +86,7 @@ def find_route(config: Path, name: str) -> tuple[Settings, Route]:
 
 
 def labelled(request: Request, route: Route,
-             say: Callable[[str], None] = print) -> tuple[list[Example], list[Example], Any]:
+             say: Callable[[str], None] = print) -> tuple[list[Sample], list[Sample], Any]:
     """(training, held-out, what the recipe records about the labels)."""
     recipe = request.recipe
     if request.teacher is not None:
@@ -104,9 +103,9 @@ def labelled(request: Request, route: Route,
         return train, held, {"rule": rule.text, "range": list(span)}
     if request.labels is None:
         raise ValueError("give --labels FILE or --rule RULE")
-    every = examples.load_labels(request.labels, route)
-    train, held = examples.split(every, recipe.eval_examples, recipe.seed)
-    return train, held, {"labels": str(request.labels), "lines": len(every)}
+    loaded = examples.load_labels(request.labels, route)
+    train, held = examples.split(loaded, recipe.eval_examples, recipe.seed)
+    return train, held, {"labels": str(request.labels), "lines": len(loaded)}
 
 
 def specialize(request: Request, log: TextIO | None = None) -> Outcome:
@@ -125,12 +124,11 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     train, held, source = labelled(request, route, say)
     say(f"route {route.name}: {len(train)} training and {len(held)} held-out examples")
-    keys = sorted({k for e in train for k in e.reading})[:MAX_READING_KEYS]
+    keys = sorted({k for e in train for k in e.reading_keys})[:MAX_READING_KEYS]
     vocab = route_vocab(route, keys)
     tokenizer = llamacpp.Tokenizer(write_gguf(out / "vocab.gguf", recipe, vocab, [],
                                               name=f"{route.name}-vocab"))
-    data = [student.Tokens(*tokenizer.example_ids(
-        build_messages(route, e.topic, e.payload), e.answer)) for e in train]
+    data = [student.Tokens(*tokenizer.example_ids(e.messages(route), e.answer)) for e in train]
     longest = max(len(d.ids) for d in data)
     if longest > recipe.n_ctx:
         recipe = replace(recipe, n_ctx=longest)
@@ -156,7 +154,7 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
 
     mark = time.monotonic()
     torch_texts = [tokenizer.detokenize(student.greedy(
-        model, tokenizer.prompt_ids(build_messages(route, e.topic, e.payload)),
+        model, tokenizer.prompt_ids(e.messages(route)),
         eos_id=tokenizer.eos_id, max_new=route.max_tokens)) for e in held]
     times["torch_greedy_s"] = time.monotonic() - mark
     scores: list[Scores] = []
@@ -179,8 +177,7 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
     (out / "report.json").write_text(json.dumps(
         {"scores": [s.to_json() | {"agrees_with_torch": s.agreement(torch_texts)}
                     for s in scores], "times_s": times,
-         "misses": [{"topic": e.topic, "reading": e.reading, "expected": e.output,
-                     "got": text}
+         "misses": [{**e.source, "expected": e.output, "got": text}
                     for e, text, hit in zip(held, scores[0].texts, scores[0].hits, strict=True)
                     if not hit][:50]}, indent=2) + "\n")
     (out / "vocab.gguf").unlink()

@@ -18,8 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.base.records import Reading
 from agent.config.settings import Route
 from agent.routing.prompts import build_messages
+from agent.routing.windows import build_window_messages
 
 SPACE = "\u2581"  # SentencePiece's "▁", stands for a space inside tokens
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -95,8 +97,13 @@ def _with_prefixes(pieces: Iterable[str]) -> dict[str, None]:
 
 
 def _frame_text(route: Route) -> str:
-    """Everything the route's prompt says around a reading, rendered through the template."""
-    messages = build_messages(route, "sensors/a/b", "{}")
+    """Everything the route's prompt says around a reading (around a window's readings, with
+    a window line's keys, for a windowed route), rendered through the template."""
+    if route.windowed:
+        messages = build_window_messages(route, [Reading("r", "sensors/a/b", b"{}", 0.0,
+                                                         route.name, 0)])
+    else:
+        messages = build_messages(route, "sensors/a/b", "{}")
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
