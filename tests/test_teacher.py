@@ -214,3 +214,17 @@ enum = ["normal", "warning", "critical"]
     labelled = load_labels(out / teacher.LABELS_FILE, route())
     assert len(labelled) == recipe["labels"]["lines"]
     assert "teacher: 48/48 answered" in capsys.readouterr().out
+
+
+def test_a_windowed_route_is_refused_before_the_teacher_is_asked(tmp_path: Path) -> None:
+    """The teacher labels single readings; a route of windows would learn prompts the agent
+    never sends. Nothing listens at the URL: the refusal must come first."""
+    from agent.specialize.run import Request, find_route, labelled
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "agent.toml"
+    _, wear = find_route(config, "wear")
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    request = Request(config=config, route="wear", out=tmp_path,
+                      teacher=teacher.Teacher(url=url))
+    with pytest.raises(ValueError, match=r"route wear answers windows of readings"):
+        labelled(request, wear, say=quiet)

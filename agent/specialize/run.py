@@ -90,6 +90,10 @@ def labelled(request: Request, route: Route,
     """(training, held-out, what the recipe records about the labels)."""
     recipe = request.recipe
     if request.teacher is not None:
+        if route.windowed:
+            raise ValueError(f"route {route.name} answers windows of readings; the teacher labels "
+                             "single readings, so label its windows with --labels FILE "
+                             "({\"window\": [...], \"output\": {...}} lines) instead")
         every, source = teacher.labels(request.teacher, route, request.out, span=request.span,
                                        n=recipe.train_examples + recipe.eval_examples,
                                        seed=recipe.seed, say=say)
