@@ -179,10 +179,12 @@ class Tuned(nn.Module):
         if not shape.tied:
             self.register_buffer("output", tensor("output.weight"))
         first = shape.n_layer - layers if 0 < layers <= shape.n_layer else 0
-        self.blocks = nn.ModuleList(
-            _Block(shape, lambda n, i=i: tensor(f"blk.{i}.{n}.weight"),
-                   rank if i >= first else 0, alpha, targets)
-            for i in range(shape.n_layer))
+
+        def block(i: int) -> _Block:
+            return _Block(shape, lambda name: tensor(f"blk.{i}.{name}.weight"),
+                          rank if i >= first else 0, alpha, targets)
+
+        self.blocks = nn.ModuleList(block(i) for i in range(shape.n_layer))
         half = shape.head_dim // 2
         freqs = shape.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / shape.head_dim)
         self._freqs = freqs

@@ -52,7 +52,10 @@ class Shape:
 def read_llama(path: Path) -> tuple[Shape, dict[str, Tensor]]:
     """The model in a llama-architecture GGUF: its shape and every tensor as float32, in numpy
     order (ggml's ne reversed: a weight is (out, in), as a torch Linear holds it)."""
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError) as exc:  # gguf's errors for a file that is not GGUF
+        raise ValueError(f"{path}: not a GGUF file ({exc})") from exc
 
     def value(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)
@@ -67,10 +70,10 @@ def read_llama(path: Path) -> tuple[Shape, dict[str, Tensor]]:
         raise ValueError(f"{path}: architecture {arch!r}, only 'llama' can be fine-tuned")
     tensors: dict[str, Tensor] = {}
     for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape))
+        dims = tuple(int(n) for n in reversed(tensor.shape))
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         # A copy: a float32 tensor's data is a read-only view of the memory-mapped file.
-        tensors[tensor.name] = np.array(data, dtype=np.float32, copy=True).reshape(shape)
+        tensors[tensor.name] = np.array(data, dtype=np.float32, copy=True).reshape(dims)
     n_embd = int(value("llama.embedding_length"))
     n_head = int(value("llama.attention.head_count"))
     shape = Shape(
