@@ -9,6 +9,8 @@ fixture skips, with pip's reason, when no package index answers)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -147,3 +149,16 @@ def test_only_a_llama_gguf_is_read(tiny_model: Path, tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ValueError, match="not.gguf"):
         pretrained.read_llama(bad)
+
+
+def test_specialize_from_a_file_that_is_no_llama_gguf_fails_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "base.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "model", "specialize", "--config",
+         str(ROOT / "configs" / "agent.toml"), "--route", "temperature", "--rule",
+         "celsius<60:normal,else:critical", "--out", str(tmp_path / "out"), "--from-base",
+         str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert str(bad) in done.stderr and "GGUF" in done.stderr
+    assert not (tmp_path / "out").exists()

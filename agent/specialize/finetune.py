@@ -369,6 +369,7 @@ def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = Non
     started = time.monotonic()
     times: dict[str, float] = {}
     settings, route = find_route(request.config, request.route)
+    model = load(base, plan)  # first: a file that is no llama GGUF is refused before any work
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(train_examples=plan.train_examples, eval_examples=plan.eval_examples,
@@ -380,7 +381,6 @@ def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = Non
     data = [Tokens(*tokenizer.example_ids(build_messages(route, e.topic, e.payload), e.answer))
             for e in train_set]
     torch.set_num_threads(request.threads)
-    model = load(base, plan)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     times["data_s"] = time.monotonic() - started
     say(f"base {base.name}: {model.shape.n_layer} layers x {model.shape.n_embd}; sequences up "
