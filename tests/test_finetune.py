@@ -61,7 +61,8 @@ def test_the_dequantized_base_is_the_model_llama_cpp_runs(smollm2: Path, tmp_pat
     model = finetune.load(smollm2, finetune.Plan(rank=4, layers=2))
     shape = model.shape
     assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv) == (30, 576, 9, 3)
-    assert shape.tied and shape.rope_base == 100000.0
+    assert shape.tied
+    assert shape.rope_base == 100000.0
     f32 = pretrained.write_like(smollm2, tmp_path / "base-f32.gguf", model.tensors(), name="b")
     base_tokens, tokens = llamacpp.Tokenizer(smollm2), llamacpp.Tokenizer(f32)
     llm = Llama(model_path=str(f32), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
@@ -143,11 +144,12 @@ def test_only_a_llama_gguf_is_read(tiny_model: Path, tmp_path: Path) -> None:
     """A GGUF is read with the hyper-parameters of its metadata; anything else is refused
     naming the file."""
     shape, tensors = pretrained.read_llama(tiny_model)
-    assert shape.n_head_kv == shape.n_head and not shape.tied
+    assert shape.n_head_kv == shape.n_head
+    assert not shape.tied
     assert tensors["token_embd.weight"].shape == (shape.n_vocab, shape.n_embd)
     bad = tmp_path / "not.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(ValueError, match="not.gguf"):
+    with pytest.raises(ValueError, match=r"not\.gguf"):
         pretrained.read_llama(bad)
 
 
@@ -160,5 +162,6 @@ def test_specialize_from_a_file_that_is_no_llama_gguf_fails_naming_it(tmp_path: 
          "celsius<60:normal,else:critical", "--out", str(tmp_path / "out"), "--from-base",
          str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1, done.stderr
-    assert str(bad) in done.stderr and "GGUF" in done.stderr
+    assert str(bad) in done.stderr
+    assert "GGUF" in done.stderr
     assert not (tmp_path / "out").exists()

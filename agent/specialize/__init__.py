@@ -7,6 +7,7 @@ on a held-out set before anything ships.
 An offline tool with its own optional dependencies (the `[train]` extra: torch, gguf, numpy),
 never part of the daemon's runtime: nothing below imports it. Only agent/specialize/student.py
 and finetune.py import torch, only export.py and pretrained.py import gguf, and only
-agent/specialize/llamacpp.py imports llama_cpp. Sits beside app, above flows and ota: may import every package below it
-(base, config, routing, inference, flows ...); only cli imports it, lazily.
+agent/specialize/llamacpp.py imports llama_cpp. Sits beside app, above flows and ota: may
+import every package below it (base, config, routing, inference, flows ...); only cli imports
+it, lazily.
 """
