@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -353,7 +353,6 @@ class Outcome:
     torch_texts: list[str]
     held: list[examples.Example]
     times_s: dict[str, float]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = None, *,
