@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,9 @@ def _add_specialize(sub: Any) -> None:
                       help="training threads (evaluation uses the [model] section's)")
     spec.add_argument("--base", type=Path, default=None,
                       help="a GGUF to evaluate beside the student (e.g. the pretrained base)")
+    spec.add_argument("--from-base", type=Path, default=None, metavar="GGUF",
+                      help="fine-tune this pretrained llama GGUF with LoRA (its own tokenizer "
+                      "and chat template) instead of training a student from scratch")
     package = spec.add_argument_group(
         "package (with --package-key): <out>/package/, signed as by `model sign`, with "
         "eval.jsonl as the route's golden set")
@@ -179,12 +183,19 @@ def _specialize(args: argparse.Namespace) -> int:
             print(f"edge-agent: --range {args.span!r} is not LO:HI", file=sys.stderr)
             return 2
         span = (low, high)
-    recipe = Recipe(**overrides)
-    specialize.specialize(specialize.Request(
-        config=args.config, route=args.route, out=args.out, labels=args.labels,
-        rule=args.rule, span=span, recipe=recipe, threads=args.threads, base=args.base,
-        teacher=teacher,
-        package=None if package is None else specialize.Packaging(**package)))
+    request = specialize.Request(
+        config=args.config, route=args.route, out=args.out, labels=args.labels, rule=args.rule,
+        span=span, threads=args.threads, base=args.base, teacher=teacher,
+        package=None if package is None else specialize.Packaging(**package))
+    if args.from_base is not None:
+        from agent.specialize import finetune
+
+        if request.package is not None:
+            raise ValueError("--package-key does not go with --from-base yet: package the "
+                             "fine-tuned file with `model sign`")
+        finetune.fine_tune(request, args.from_base, finetune.Plan(**overrides))
+        return 0
+    specialize.specialize(replace(request, recipe=Recipe(**overrides)))
     return 0
 
 
