@@ -8,7 +8,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -115,22 +114,21 @@ def test_same_arguments_make_a_byte_identical_model(tmp_path: Path, tiny_model: 
 
 
 def crashing_model(path: Path) -> Path:
-    """A model that loads but aborts llama.cpp on its first token: one float64 norm tensor."""
+    """A model that loads but aborts llama.cpp on its first token: one float64 norm tensor.
+    Written through export's inner writer, since write_gguf itself refuses float64."""
     import numpy as np
 
     import tools.make_tiny_model as maker
+    from agent.specialize import export, recipe, vocab
 
-    original = maker.build_tensors
-
-    def with_float64(*args: Any) -> Any:
-        return [(name, arr.astype(np.float64) if name == "output_norm.weight" else arr)
-                for name, arr in original(*args)]
-
-    maker.build_tensors = with_float64  # type: ignore[assignment]
-    try:
-        return maker.make_model(path)
-    finally:
-        maker.build_tensors = original  # type: ignore[assignment]
+    cfg = maker.PRESETS["tiny"]
+    base = vocab.base_vocab()
+    tensors = [(name, arr.astype(np.float64) if name == "output_norm.weight" else arr)
+               for name, arr in maker.build_tensors(cfg, len(base.tokens), 0)]
+    shape = recipe.Recipe(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_ff=cfg.n_ff, n_ctx=cfg.n_ctx)
+    export._write(path, shape, base, tensors, cfg.name)  # type: ignore[arg-type]
+    return path
 
 
 def test_a_worker_that_crashes_on_every_request_backs_off_between_restarts(
