@@ -54,6 +54,9 @@ def test_a_model_damaged_on_disk_keeps_readings_waiting_until_it_is_repaired(
     with model.open("r+b") as handle:  # damaged on disk: the tensor data cut off
         handle.truncate(len(good) // 2)
     os.kill(worker, signal.SIGKILL)
+    # Published once the agent has reaped the dead worker: a reading sent to a worker whose
+    # death the agent has not yet seen is charged the crash (it may have caused it).
+    wait_until(lambda: not Path(f"/proc/{worker}").exists(), 30, "the killed worker reaped")
     publish_readings(rig.local.port, readings(5, 3))
     wait_until(lambda: len(inbox_attempts(rig.store)) == 5, 60, "5 readings in the inbox")
     wait_until(lambda: sum(e.get("event") == "worker_restarting" for e in agent.events()) >= 3,

@@ -221,8 +221,12 @@ class InferenceWorker:
                 waiting.reply.set_result(reply)
 
     async def _send(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One exchange with the worker: a request line, or a batch line for several."""
-        if self._proc is None or self._proc.returncode is not None:
+        """One exchange with the worker: a request line, or a batch line for several.
+
+        A worker already gone before the request is written (killed from outside, its pipes
+        seen closed, not yet reaped) is restarted first: its death is not this request's
+        fault, so it must not cost the reading an attempt."""
+        if self._proc is None or self._proc.returncode is not None or _pipes_closed(self._proc):
             await self._restart()
         proc = self._proc
         assert proc is not None
@@ -349,6 +353,12 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
     our worker's group, or nothing once that group is empty (ESRCH)."""
     with suppress(ProcessLookupError, PermissionError):  # the group is already empty
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _pipes_closed(proc: asyncio.subprocess.Process) -> bool:
+    """The event loop has seen the worker's stdin or stdout close: the worker is gone."""
+    return ((proc.stdin is not None and proc.stdin.is_closing())
+            or (proc.stdout is not None and proc.stdout.at_eof()))
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> int | None:
