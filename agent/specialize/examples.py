@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,13 +158,9 @@ def _draw_windows(route: Route, rule: Any, span: tuple[float, float], n: int,
     return out
 
 
-def load_labels(path: Path, route: Route) -> list[Sample]:
-    """The examples of a labels file: one {"reading": {...}, "output": {...}} per line, with an
-    optional "topic" (default: the route's first filter, wildcards filled with "sensor-1");
-    for a windowed route one {"window": [{"topic": ..., "reading": {...}}, ...], "output": ...}
-    per window. A bad line is an error naming the file, the line and the problem."""
-    examples: list[Sample] = []
-    default_topic = topic_for(route, "sensor-1")
+def jsonl_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line of a JSONL file as ("FILE:LINE", its JSON value); a line that is not
+    JSON is a ValueError naming the file and the line."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -174,21 +170,32 @@ def load_labels(path: Path, route: Route) -> list[Sample]:
                 item = json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{where}: not JSON: {exc}") from exc
-            if route.windowed:
-                if not isinstance(item, dict) or not isinstance(item.get("window"), list):
-                    raise ValueError(
-                        f'{where}: route {route.name!r} answers windows of readings: expected '
-                        '{"window": [{"topic": ..., "reading": {...}}, ...], "output": {...}}')
-                readings = tuple(_window_reading(where, entry, default_topic)
-                                 for entry in item["window"])
-                if not readings:
-                    raise ValueError(f"{where}: an empty window")
-                examples.append(WindowExample(readings, _output(where, item, route)))
-                continue
-            if not isinstance(item, dict) or not isinstance(item.get("reading"), dict):
-                raise ValueError(f'{where}: expected {{"reading": {{...}}, "output": {{...}}}}')
-            topic, reading = _window_reading(where, item, default_topic)
-            examples.append(Example(topic, reading, _output(where, item, route)))
+            yield where, item
+
+
+def load_labels(path: Path, route: Route) -> list[Sample]:
+    """The examples of a labels file: one {"reading": {...}, "output": {...}} per line, with an
+    optional "topic" (default: the route's first filter, wildcards filled with "sensor-1");
+    for a windowed route one {"window": [{"topic": ..., "reading": {...}}, ...], "output": ...}
+    per window. A bad line is an error naming the file, the line and the problem."""
+    examples: list[Sample] = []
+    default_topic = topic_for(route, "sensor-1")
+    for where, item in jsonl_items(path):
+        if route.windowed:
+            if not isinstance(item, dict) or not isinstance(item.get("window"), list):
+                raise ValueError(
+                    f'{where}: route {route.name!r} answers windows of readings: expected '
+                    '{"window": [{"topic": ..., "reading": {...}}, ...], "output": {...}}')
+            readings = tuple(_window_reading(where, entry, default_topic)
+                             for entry in item["window"])
+            if not readings:
+                raise ValueError(f"{where}: an empty window")
+            examples.append(WindowExample(readings, _output(where, item, route)))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("reading"), dict):
+            raise ValueError(f'{where}: expected {{"reading": {{...}}, "output": {{...}}}}')
+        topic, reading = _window_reading(where, item, default_topic)
+        examples.append(Example(topic, reading, _output(where, item, route)))
     if not examples:
         raise ValueError(f"{path}: no labelled examples")
     return examples

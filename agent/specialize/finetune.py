@@ -39,7 +39,15 @@ from agent.specialize.evaluate import Scores, evaluate, table
 from agent.specialize.pretrained import Shape
 from agent.specialize.recipe import Recipe
 from agent.specialize.run import Request, find_route, labelled
-from agent.specialize.student import IGNORE, Progress, Tokens, _batch, _rope
+from agent.specialize.student import (
+    IGNORE,
+    Progress,
+    Tokens,
+    _batch,
+    _rope,
+    batches,
+    warmup_cosine,
+)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
@@ -272,21 +280,11 @@ def train(model: Tuned, plan: Plan, data: Sequence[Tokens],
     optimizer = torch.optim.AdamW(params, lr=plan.lr, betas=(0.9, 0.99),
                                   weight_decay=plan.weight_decay)
 
-    def rate(step: int) -> float:
-        if step < plan.warmup_steps:
-            return (step + 1) / plan.warmup_steps
-        done = (step - plan.warmup_steps) / max(1, plan.steps - plan.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    order = torch.randperm(len(data), generator=generator).tolist()
-    cursor, started, cpu, running = 0, time.monotonic(), time.process_time(), 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(plan.warmup_steps, plan.steps))
+    started, cpu, running = time.monotonic(), time.process_time(), 0.0
     model.train()
-    for step in range(plan.steps):
-        if cursor + plan.batch > len(order):
-            order, cursor = torch.randperm(len(data), generator=generator).tolist(), 0
-        picked = [data[i] for i in order[cursor:cursor + plan.batch]]
-        cursor += plan.batch
+    for step, picked in enumerate(batches(data, plan.batch, plan.steps, generator)):
         inputs, shared, at, targets = _batch(picked)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan.bf16):
             logits = answer_logits(model, inputs, shared, at)

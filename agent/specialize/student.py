@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +228,28 @@ def _batch(items: Sequence[Tokens]) -> tuple[torch.Tensor, int, torch.Tensor, to
     return inputs, max(1, shared), at, targets
 
 
+def warmup_cosine(warmup_steps: int, steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of a step: linear warm-up, then cosine decay to 5%."""
+    def rate(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+    return rate
+
+
+def batches(data: Sequence[Tokens], batch: int, steps: int, generator: torch.Generator
+            ) -> Iterator[list[Tokens]]:
+    """`steps` batches of `batch` sequences drawn without replacement, reshuffled each pass."""
+    order = torch.randperm(len(data), generator=generator).tolist()
+    cursor = 0
+    for _ in range(steps):
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(data), generator=generator).tolist(), 0
+        yield [data[i] for i in order[cursor:cursor + batch]]
+        cursor += batch
+
+
 def train(recipe: Recipe, n_vocab: int, data: Sequence[Tokens],
           progress: Callable[[Progress], None], *, progress_every: int = 25) -> Student:
     """Train a new student on `data` for recipe.steps steps of recipe.batch sequences drawn
@@ -245,21 +267,11 @@ def train(recipe: Recipe, n_vocab: int, data: Sequence[Tokens],
         [{"params": decay, "weight_decay": recipe.weight_decay},
          {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), fused=True)
 
-    def rate(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        done = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    order = torch.randperm(len(data), generator=generator).tolist()
-    cursor, started, cpu, running = 0, time.monotonic(), time.process_time(), 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(recipe.warmup_steps, recipe.steps))
+    started, cpu, running = time.monotonic(), time.process_time(), 0.0
     model.train()
-    for step in range(recipe.steps):
-        if cursor + recipe.batch > len(order):
-            order, cursor = torch.randperm(len(data), generator=generator).tolist(), 0
-        picked = [data[i] for i in order[cursor:cursor + recipe.batch]]
-        cursor += recipe.batch
+    for step, picked in enumerate(batches(data, recipe.batch, recipe.steps, generator)):
         inputs, shared, at, targets = _batch(picked)
         logits = model.forward_train(inputs, shared, at)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.view(-1),

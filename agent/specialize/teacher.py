@@ -39,7 +39,7 @@ from agent.base.validation import check_output
 from agent.config.settings import CloudModelSection, Route
 from agent.inference.cloud import CloudError, CloudModel, CloudUnavailable
 from agent.routing.prompts import build_messages
-from agent.specialize.examples import Example, write_jsonl
+from agent.specialize.examples import Example, jsonl_items, write_jsonl
 from agent.specialize.rules import synthetic_reading, topic_for
 
 LABELS_FILE = "teacher-labels.jsonl"  # written to the output directory: review, correct, reuse
@@ -103,21 +103,13 @@ def load_readings(path: Path, route: Route) -> list[Unlabelled]:
     the route's first filter, wildcards filled with "sensor-1"); any other key is ignored. A bad
     line is an error naming the file and the line."""
     found: list[Unlabelled] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{where}: not JSON: {exc}") from exc
-            if not isinstance(item, dict) or not isinstance(item.get("reading"), dict):
-                raise ValueError(f'{where}: expected {{"topic": ..., "reading": {{...}}}}')
-            topic = item.get("topic", topic_for(route, "sensor-1"))
-            if not isinstance(topic, str):
-                raise ValueError(f"{where}: topic must be a string")
-            found.append(Unlabelled(topic, item["reading"]))
+    for where, item in jsonl_items(path):
+        if not isinstance(item, dict) or not isinstance(item.get("reading"), dict):
+            raise ValueError(f'{where}: expected {{"topic": ..., "reading": {{...}}}}')
+        topic = item.get("topic", topic_for(route, "sensor-1"))
+        if not isinstance(topic, str):
+            raise ValueError(f"{where}: topic must be a string")
+        found.append(Unlabelled(topic, item["reading"]))
     if not found:
         raise ValueError(f"{path}: no readings")
     return found
