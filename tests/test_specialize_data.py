@@ -125,17 +125,10 @@ def test_the_tiny_model_file_carries_the_base_vocabulary_the_student_extends(
     assert not [t for t in pieces if any(c.isdigit() for c in t)]  # numbers go digit by digit
 
 
-def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_agents_prompt(
-        tmp_path: Path) -> None:
-    """The tokenizer the trainer uses (a vocabulary-only load) gives, for a reading, exactly
-    the ids the worker's Engine evaluates for that reading's prompt; the answer's ids follow
-    them unchanged, and detokenize to the JSON the model is taught."""
-    from llama_cpp import Llama
 
-    the_route = route()
-    recipe = Recipe(n_embd=64, n_layer=1, n_head=4, n_ff=64)
-    words = vocab.route_vocab(the_route, ["sensor", "seq", "ts", "celsius"])
-    tokenizer = Tokenizer(write_gguf(tmp_path / "vocab.gguf", recipe, words, [], name="v"))
+def random_model(path: Path, recipe: Recipe, words: vocab.Vocab) -> Path:
+    """A one-layer, 64-wide llama GGUF with random weights over `words`: llama.cpp runs it
+    through the student's tokenizer and template (its answers are nonsense)."""
     rng = np.random.default_rng(0)
     shapes = [("token_embd.weight", (len(words.tokens), 64)),
               *[(f"blk.0.{n}.weight", (64, 64)) for n in ("attn_q", "attn_k", "attn_v",
@@ -147,7 +140,20 @@ def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_agents_prompt(
     tensors += [(n, np.ones(64, dtype=np.float32)) for n in ("blk.0.attn_norm.weight",
                                                               "blk.0.ffn_norm.weight",
                                                               "output_norm.weight")]
-    model = write_gguf(tmp_path / "random.gguf", recipe, words, tensors, name="r")
+    return write_gguf(path, recipe, words, tensors, name="r")
+
+def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_agents_prompt(
+        tmp_path: Path) -> None:
+    """The tokenizer the trainer uses (a vocabulary-only load) gives, for a reading, exactly
+    the ids the worker's Engine evaluates for that reading's prompt; the answer's ids follow
+    them unchanged, and detokenize to the JSON the model is taught."""
+    from llama_cpp import Llama
+
+    the_route = route()
+    recipe = Recipe(n_embd=64, n_layer=1, n_head=4, n_ff=64)
+    words = vocab.route_vocab(the_route, ["sensor", "seq", "ts", "celsius"])
+    tokenizer = Tokenizer(write_gguf(tmp_path / "vocab.gguf", recipe, words, [], name="v"))
+    model = random_model(tmp_path / "random.gguf", recipe, words)
     llm = Llama(model_path=str(model), n_ctx=512, n_threads=1, verbose=False)
     engine = Engine(llm)
     rule = rules.parse_rule(RULE, the_route)

@@ -9,7 +9,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent.base.records import Reading
@@ -20,6 +19,7 @@ from agent.specialize import examples, rules, vocab
 from agent.specialize.export import write_gguf
 from agent.specialize.llamacpp import Tokenizer
 from agent.specialize.recipe import Recipe
+from tests.test_specialize_data import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "agent.toml"
@@ -152,18 +152,7 @@ def test_training_ids_are_the_ids_llama_cpp_evaluates_for_the_pipelines_window_p
     for word in ("\u2581holds", "index", "topic", "reading", "bearing", "rms"):
         assert word in words.tokens
     tokenizer = Tokenizer(write_gguf(tmp_path / "vocab.gguf", recipe, words, [], name="v"))
-    rng = np.random.default_rng(0)
-    shapes = [("token_embd.weight", (len(words.tokens), 64)),
-              *[(f"blk.0.{n}.weight", (64, 64)) for n in ("attn_q", "attn_k", "attn_v",
-                                                            "attn_output", "ffn_gate",
-                                                            "ffn_up", "ffn_down")],
-              ("output.weight", (len(words.tokens), 64))]
-    tensors = [(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
-               for name, shape in shapes]
-    tensors += [(n, np.ones(64, dtype=np.float32)) for n in ("blk.0.attn_norm.weight",
-                                                              "blk.0.ffn_norm.weight",
-                                                              "output_norm.weight")]
-    model = write_gguf(tmp_path / "random.gguf", recipe, words, tensors, name="r")
+    model = random_model(tmp_path / "random.gguf", recipe, words)
     llm = Llama(model_path=str(model), n_ctx=1024, n_threads=1, verbose=False)
     engine = Engine(llm)
     for number, example in enumerate(held):

@@ -20,7 +20,7 @@ from agent.cli.main import main
 from agent.config.settings import Route
 from agent.specialize import teacher
 from agent.specialize.examples import load_labels
-from tests.harness import LlamaServer, free_port
+from tests.harness import TEST_ROUTES, LlamaServer, free_port
 
 SCHEMA = {"type": "object", "required": ["level"], "additionalProperties": False,
           "properties": {"level": {"enum": ["normal", "warning", "critical"]}}}
@@ -188,18 +188,7 @@ state_dir = "{tmp_path / 'state'}"
 [model]
 path = "model.gguf"
 n_threads = 1
-[[routes]]
-name = "temperature"
-topics = ["sensors/+/temperature"]
-instruction = "Classify the temperature reading as normal, warning or critical."
-max_tokens = 24
-[routes.output_schema]
-type = "object"
-required = ["level"]
-additionalProperties = false
-[routes.output_schema.properties.level]
-enum = ["normal", "warning", "critical"]
-""")
+{TEST_ROUTES}""")
     key = tmp_path / "teacher.key"
     key.write_text(server.api_key)
     out = tmp_path / "student"

@@ -38,7 +38,7 @@ from agent.specialize import examples, llamacpp, pretrained
 from agent.specialize.evaluate import Scores, evaluate, table
 from agent.specialize.pretrained import Shape
 from agent.specialize.recipe import Recipe
-from agent.specialize.run import Request, find_route, labelled
+from agent.specialize.run import Request, find_route, labelled, printer, write_report
 from agent.specialize.student import (
     IGNORE,
     Progress,
@@ -360,10 +360,7 @@ def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = Non
     the quantized files first, the float32 one last; report.json is rewritten after each.
     Evaluation uses the configuration's thread counts unless `eval_threads` is given."""
     log = log or sys.stdout
-
-    def say(text: str) -> None:
-        print(f"specialize: {text}", file=log, flush=True)
-
+    say = printer(log)
     started = time.monotonic()
     times: dict[str, float] = {}
     settings, route = find_route(request.config, request.route)
@@ -419,7 +416,8 @@ def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = Non
         say(f"{label}: accuracy {scores[-1].accuracy:.3f}")
         times["eval_s"] = time.monotonic() - mark
         times["total_s"] = time.monotonic() - started
-        _report(out / "report.json", scores, torch_texts, held, times)
+        write_report(out / "report.json", scores, [agrees(s, torch_texts) for s in scores],
+                     held, times, torch_checked=len(torch_texts))
     agreement = {s.label: agrees(s, torch_texts) for s in scores}
     print(table(scores, None), file=log)
     say("= torch (first {}): {}".format(len(torch_texts), ", ".join(
@@ -428,16 +426,6 @@ def fine_tune(request: Request, base: Path, plan: Plan, log: TextIO | None = Non
         f"(cpu {times['train_cpu_s']:.0f} s), export {times['export_s']:.0f} s, evaluation "
         f"{times['eval_s']:.0f} s, total {times['total_s']:.0f} s; written to {out}")
     return Outcome(files, scores, torch_texts, held, times)
-
-
-def _report(path: Path, scores: list[Scores], torch_texts: list[str],
-            held: list[examples.Sample], times: dict[str, float]) -> None:
-    path.write_text(json.dumps(
-        {"scores": [s.to_json() | {"agrees_with_torch": agrees(s, torch_texts)} for s in scores],
-         "torch_checked": len(torch_texts), "times_s": times,
-         "misses": [{**e.source, "expected": e.output, "got": text}
-                    for e, text, hit in zip(held, scores[0].texts, scores[0].hits, strict=True)
-                    if not hit][:50]}, indent=2) + "\n")
 
 
 def torch_answers(model: Tuned, tokenizer: llamacpp.Tokenizer, route: Route,

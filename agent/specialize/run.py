@@ -112,14 +112,31 @@ def labelled(request: Request, route: Route,
     return train, held, {"labels": str(request.labels), "lines": len(loaded)}
 
 
+def printer(log: TextIO) -> Callable[[str], None]:
+    """The progress line writer of specialize and fine_tune: "specialize: ..." to `log`."""
+    def say(text: str) -> None:
+        print(f"specialize: {text}", file=log, flush=True)
+    return say
+
+
+def write_report(path: Path, scores: list[Scores], agreements: list[float],
+                 held: list[Sample], times: dict[str, float], **extra: Any) -> None:
+    """report.json: each file's scores with its agreement with the torch model, the times and
+    the first 50 misses of the first file."""
+    path.write_text(json.dumps(
+        {"scores": [s.to_json() | {"agrees_with_torch": a}
+                    for s, a in zip(scores, agreements, strict=True)],
+         **extra, "times_s": times,
+         "misses": [{**e.source, "expected": e.output, "got": text}
+                    for e, text, hit in zip(held, scores[0].texts, scores[0].hits, strict=True)
+                    if not hit][:50]}, indent=2) + "\n")
+
+
 def specialize(request: Request, log: TextIO | None = None) -> Outcome:
     """Run every step for `request`, printing progress and the table to `log` (default: the
     sys.stdout of the moment, not of import time)."""
     log = log or sys.stdout
-
-    def say(text: str) -> None:
-        print(f"specialize: {text}", file=log, flush=True)
-
+    say = printer(log)
     started = time.monotonic()
     times: dict[str, float] = {}
     settings, route = find_route(request.config, request.route)
@@ -178,12 +195,8 @@ def specialize(request: Request, log: TextIO | None = None) -> Outcome:
     (out / "recipe.json").write_text(json.dumps(
         {"route": route.name, "recipe": recipe.to_json(), "labels": source,
          "vocab_tokens": len(vocab.tokens), "reading_keys": keys}, indent=2) + "\n")
-    (out / "report.json").write_text(json.dumps(
-        {"scores": [s.to_json() | {"agrees_with_torch": s.agreement(torch_texts)}
-                    for s in scores], "times_s": times,
-         "misses": [{**e.source, "expected": e.output, "got": text}
-                    for e, text, hit in zip(held, scores[0].texts, scores[0].hits, strict=True)
-                    if not hit][:50]}, indent=2) + "\n")
+    write_report(out / "report.json", scores, [s.agreement(torch_texts) for s in scores], held,
+                 times)
     (out / "vocab.gguf").unlink()
     print(table(scores, torch_texts), file=log)
     say(f"data {times['data_s']:.0f} s, training {times['train_s']:.0f} s "
