@@ -17,10 +17,9 @@ shared machines:
              a time; and the latency at one reading per second, batching worker against not;
   neighbour  publish -> result latency (p50/p95) of a plain route beside a window route whose
              window always waits for more readings, against the same plain stream alone.
-Hot swap and prefix cache figures arrive with the issues that build those features.
 
-Usage: tools/bench.py [--quick] [--json FILE]. --quick uses small sizes: a smoke test of the
-suite, not of the figures.
+Usage: tools/bench.py [--quick] [--json FILE] [--only SECTION ...]. --quick uses small sizes: a
+smoke test of the suite, not of the figures. --only measures one section (repeatable).
 """
 
 from __future__ import annotations
@@ -727,99 +726,130 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def run(sizes: Sizes, work: Path) -> dict[str, Any]:
+# The rows `--only` can pick, in the order a full run measures them.
+SECTIONS = ("inference", "catch_up", "ingest", "uplink", "footprint", "hot_swap", "prefix_cache",
+            "window_neighbour", "backlog")
+
+
+def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) -> dict[str, Any]:
+    """Measure the sections in `only` (all of them by default) and return their figures."""
     model = make_model(work / f"{sizes.model_preset}.gguf", preset=sizes.model_preset)
     rig = Rig(work, model)
-    try:
-        raw_inf = _timed("inference, raw llama-cpp-python", lambda: raw_inference(model,
-                                                                                sizes.inference))
-        agent_inf = _timed("inference, through the agent", lambda: agent_inference(
-            rig, sizes.inference))
-        catch = _timed("catching up on a backlog", lambda: catch_up(model, sizes.catch_up,
-                                                                   sizes.paced))
-        raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
-        agent_in = _timed("ingest, agent", lambda: agent_ingest(rig, sizes.ingest))
-        raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
-            rig, sizes.uplink, 600, 64))
-        agent_up = _timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
-        foot = _timed("footprint", lambda: footprint(rig))
-        # The tiny model for the swap whatever the preset: the figure is the switch's cost, and
-        # the stream must stay below what the model sustains on a busy 2-core machine.
-        swap = _timed("hot swap", lambda: hot_swap(rig, 0.1, "tiny"))
-        prefix = _timed("prefix cache", lambda: prefix_cache(model, sizes.prefix_readings))
-        neighbour = _timed("plain route beside a waiting window", lambda: window_neighbour(
-            rig, sizes.neighbour))
-        backlog = _timed("commits behind the status sampler", lambda: backlog_commits(
-            work, sizes.backlog))
-    finally:
-        rig.close()
-    return {
+    results: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "model": sizes.model_preset,
                     "model_bytes": model.stat().st_size, "threads": THREADS},
         "sizes": sizes.__dict__,
-        "inference": {"agent": agent_inf, "raw": raw_inf,
-                      "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"],
-                      "target": 0.90},
-        "catch_up": catch,
-        "ingest": {"agent_per_s": agent_in, "raw_per_s": raw_in,
-                   "ratio": agent_in / raw_in, "target": 0.5, "target_abs_per_s": 5000},
-        "uplink": {"agent_per_s": agent_up, "raw_per_s": raw_up,
-                   "ratio": agent_up / raw_up, "target": 0.5},
-        "footprint": foot,
-        "hot_swap": swap,
-        "prefix_cache": prefix,
-        "backlog": backlog,
-        "window_neighbour": neighbour,
     }
+    try:
+        if "inference" in only:
+            raw_inf = _timed("inference, raw llama-cpp-python", lambda: raw_inference(
+                model, sizes.inference))
+            agent_inf = _timed("inference, through the agent", lambda: agent_inference(
+                rig, sizes.inference))
+            results["inference"] = {"agent": agent_inf, "raw": raw_inf, "target": 0.90,
+                                    "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"]}
+        if "catch_up" in only:
+            results["catch_up"] = _timed("catching up on a backlog", lambda: catch_up(
+                model, sizes.catch_up, sizes.paced))
+        if "ingest" in only:
+            raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
+            agent_in = _timed("ingest, agent", lambda: agent_ingest(rig, sizes.ingest))
+            results["ingest"] = {"agent_per_s": agent_in, "raw_per_s": raw_in,
+                                 "ratio": agent_in / raw_in, "target": 0.5,
+                                 "target_abs_per_s": 5000}
+        if "uplink" in only:
+            raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
+                rig, sizes.uplink, 600, 64))
+            agent_up = _timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
+            results["uplink"] = {"agent_per_s": agent_up, "raw_per_s": raw_up,
+                                 "ratio": agent_up / raw_up, "target": 0.5}
+        if "footprint" in only:
+            results["footprint"] = _timed("footprint", lambda: footprint(rig))
+        if "hot_swap" in only:
+            # The tiny model for the swap whatever the preset: the figure is the switch's cost,
+            # and the stream must stay below what the model sustains on a busy 2-core machine.
+            results["hot_swap"] = _timed("hot swap", lambda: hot_swap(rig, 0.1, "tiny"))
+        if "prefix_cache" in only:
+            results["prefix_cache"] = _timed("prefix cache", lambda: prefix_cache(
+                model, sizes.prefix_readings))
+        if "window_neighbour" in only:
+            results["window_neighbour"] = _timed(
+                "plain route beside a waiting window", lambda: window_neighbour(
+                    rig, sizes.neighbour))
+        if "backlog" in only:
+            results["backlog"] = _timed("commits behind the status sampler", lambda:
+                                        backlog_commits(work, sizes.backlog))
+    finally:
+        rig.close()
+    return results
+
+
+def _ratio_row(name: str, agent: float, raw: float, ratio: float, target: str) -> str:
+    return f"| {name} | {agent:,.1f} | {raw:,.1f} | {ratio:.2f} | {target} |"
+
+
+def _rows(section: str, r: dict[str, Any]) -> list[str]:
+    """The table's rows for one section's figures."""
+    if section == "inference":
+        return [_ratio_row("inference results/s", r["agent"]["results_per_s"],
+                           r["raw"]["results_per_s"], r["ratio"], ">= 0.90"),
+                _ratio_row("inference tokens/s", r["agent"]["tokens_per_s"],
+                           r["raw"]["tokens_per_s"],
+                           r["agent"]["tokens_per_s"] / r["raw"]["tokens_per_s"], "")]
+    if section == "ingest":
+        return [_ratio_row("durable ingest readings/s", r["agent_per_s"], r["raw_per_s"],
+                           r["ratio"], ">= 0.5 and >= 5000/s")]
+    if section == "uplink":
+        return [_ratio_row("uplink drain results/s", r["agent_per_s"], r["raw_per_s"],
+                           r["ratio"], ">= 0.5")]
+    if section == "catch_up":
+        n = f"{r['readings']:.0f}"
+        return [
+            f"| backlog of {n}: results/s, batched (up to {r['max_batch']:.0f}) | "
+            f"{r['batched_per_s']:,.2f} | {r['raw_per_s']:,.2f} | {r['ratio_to_raw']:.2f} | "
+            ">= 1.5 |",
+            f"| backlog of {n}: results/s, worker one at a time | {r['alone_per_s']:,.2f} | "
+            f"{r['raw_per_s']:,.2f} | {r['alone_per_s'] / r['raw_per_s']:.2f} | batched/alone "
+            f"{r['ratio_to_alone']:.2f}, same answers {r['same_answers']:.0f} |",
+            f"| latency at 1 reading/s, p50 / p95 | {r['paced_p50_ms']:,.0f} / "
+            f"{r['paced_p95_ms']:,.0f} ms | {r['paced_alone_p50_ms']:,.0f} / "
+            f"{r['paced_alone_p95_ms']:,.0f} ms (no batching) | | not worse |"]
+    if section == "footprint":
+        return [f"| agent RSS without worker | {r['agent_rss_mib']:.1f} MiB | | | |",
+                f"| worker RSS less model file | {r['worker_rss_less_model_mib']:.1f} MiB | | | |",
+                f"| start to READY | {r['start_to_ready_s']:.2f} s | | | |"]
+    if section == "hot_swap":
+        return [f"| hot swap: largest added latency | {r['largest_added_latency_ms']:.0f} ms | | "
+                f"| failed {r['failed_or_missing']:.0f} of {r['readings']:.0f} (target 0) |"]
+    if section == "prefix_cache":
+        return [f"| prefix cache ms/reading (2 routes) | {r['with_ms']:,.0f} | "
+                f"{r['without_ms']:,.0f} (no cache) | {r['speedup']:.1f}x | |"]
+    if section == "backlog":
+        return [f"| status sample, {r['outbox_rows']:,.0f} rows waiting | "
+                f"{r['sizes_sample_ms']:.2f} ms | {r['scan_sample_ms']:.2f} ms (count(*) "
+                "scans, before) | | O(1) in the backlog |",
+                f"| commit queued behind a status sample | {r['sizes_commit_ms']:.2f} ms | "
+                f"{r['scan_commit_ms']:.2f} ms (before) | | no sample ahead: "
+                f"{r['none_commit_ms']:.2f} ms |"]
+    if section == "window_neighbour":
+        return [f"| plain route p50/p95 beside a waiting window | {r['beside_p50_ms']:.0f}/"
+                f"{r['beside_p95_ms']:.0f} ms | {r['alone_p50_ms']:.0f}/"
+                f"{r['alone_p95_ms']:.0f} ms (alone) | {r['p95_ratio']:.2f} | "
+                f"p95 <= 2x alone (a reading every {r['interval_s']:.2f} s) |"]
+    raise ValueError(section)
+
+
+# The order of the table's rows.
+TABLE_ORDER = ("inference", "ingest", "uplink", "catch_up", "footprint", "hot_swap",
+               "prefix_cache", "backlog", "window_neighbour")
 
 
 def table(results: dict[str, Any]) -> str:
-    inf, ing, up, foot = (results[k] for k in ("inference", "ingest", "uplink", "footprint"))
-    swap, prefix, backlog = results["hot_swap"], results["prefix_cache"], results["backlog"]
-    neighbour = results["window_neighbour"]
-    rows = [
-        ("inference results/s", inf["agent"]["results_per_s"], inf["raw"]["results_per_s"],
-         inf["ratio"], ">= 0.90"),
-        ("inference tokens/s", inf["agent"]["tokens_per_s"], inf["raw"]["tokens_per_s"],
-         inf["agent"]["tokens_per_s"] / inf["raw"]["tokens_per_s"], ""),
-        ("durable ingest readings/s", ing["agent_per_s"], ing["raw_per_s"], ing["ratio"],
-         ">= 0.5 and >= 5000/s"),
-        ("uplink drain results/s", up["agent_per_s"], up["raw_per_s"], up["ratio"], ">= 0.5"),
-    ]
     lines = ["| measure | edge-agent | raw | ratio | target |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {name} | {a:,.1f} | {r:,.1f} | {ratio:.2f} | {target} |"
-              for name, a, r, ratio, target in rows]
-    catch = results["catch_up"]
-    lines += [
-        f"| backlog of {catch['readings']:.0f}: results/s, batched (up to "
-        f"{catch['max_batch']:.0f}) | {catch['batched_per_s']:,.2f} | "
-        f"{catch['raw_per_s']:,.2f} | {catch['ratio_to_raw']:.2f} | >= 1.5 |",
-        f"| backlog of {catch['readings']:.0f}: results/s, worker one at a time | "
-        f"{catch['alone_per_s']:,.2f} | {catch['raw_per_s']:,.2f} | "
-        f"{catch['alone_per_s'] / catch['raw_per_s']:.2f} | batched/alone "
-        f"{catch['ratio_to_alone']:.2f}, same answers {catch['same_answers']:.0f} |",
-        f"| latency at 1 reading/s, p50 / p95 | {catch['paced_p50_ms']:,.0f} / "
-        f"{catch['paced_p95_ms']:,.0f} ms | {catch['paced_alone_p50_ms']:,.0f} / "
-        f"{catch['paced_alone_p95_ms']:,.0f} ms (no batching) | | not worse |",
-        f"| agent RSS without worker | {foot['agent_rss_mib']:.1f} MiB | | | |",
-        f"| worker RSS less model file | {foot['worker_rss_less_model_mib']:.1f} MiB | | | |",
-        f"| start to READY | {foot['start_to_ready_s']:.2f} s | | | |",
-        f"| hot swap: largest added latency | {swap['largest_added_latency_ms']:.0f} ms | | | "
-        f"failed {swap['failed_or_missing']:.0f} of {swap['readings']:.0f} (target 0) |",
-        f"| prefix cache ms/reading (2 routes) | {prefix['with_ms']:,.0f} | "
-        f"{prefix['without_ms']:,.0f} (no cache) | {prefix['speedup']:.1f}x | |",
-        f"| status sample, {backlog['outbox_rows']:,.0f} rows waiting | "
-        f"{backlog['sizes_sample_ms']:.2f} ms | {backlog['scan_sample_ms']:.2f} ms (count(*) "
-        "scans, before) | | O(1) in the backlog |",
-        f"| commit queued behind a status sample | {backlog['sizes_commit_ms']:.2f} ms | "
-        f"{backlog['scan_commit_ms']:.2f} ms (before) | | no sample ahead: "
-        f"{backlog['none_commit_ms']:.2f} ms |",
-        f"| plain route p50/p95 beside a waiting window | {neighbour['beside_p50_ms']:.0f}/"
-        f"{neighbour['beside_p95_ms']:.0f} ms | {neighbour['alone_p50_ms']:.0f}/"
-        f"{neighbour['alone_p95_ms']:.0f} ms (alone) | {neighbour['p95_ratio']:.2f} | "
-        f"p95 <= 2x alone (a reading every {neighbour['interval_s']:.2f} s) |",
-    ]
+    for section in TABLE_ORDER:
+        if section in results:
+            lines += _rows(section, results[section])
     return "\n".join(lines)
 
 
@@ -831,10 +861,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="llama.cpp threads, the same for the raw run and the agent")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"measure only this section (repeatable): {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     THREADS = args.threads
     with TemporaryDirectory(prefix="edge-bench-") as tmp:
-        results = run(QUICK if args.quick else FULL, Path(tmp))
+        results = run(QUICK if args.quick else FULL, Path(tmp),
+                      frozenset(args.only or SECTIONS))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\nwritten to {args.json}")
