@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -204,14 +205,30 @@ def raw_ingest(rig: Rig, n: int) -> float:
     return n / max(last - first, 1e-9)
 
 
-def agent_ingest(rig: Rig, n: int) -> float:
-    agent = rig.agent("ingest", log_level="debug").start()
+def agent_ingest(rig: Rig, n: int, paused: bool) -> float:
+    """Readings/s the agent commits and acks draining a backlog of `n` queued for its persistent
+    session, from SUBACK (the broker has started delivering) to the last commit. `paused`: the
+    inference worker is stopped (SIGSTOP) as soon as it reports ready, so ingest has the cores
+    to itself, as the bare subscriber does (it is stopped after its start-up probe answer; the
+    backlog may start flowing a few milliseconds before the stop lands, which can only lower
+    the figure). Otherwise the pipeline infers on the
+    bench model meanwhile, as on a gateway catching up."""
+    name = "ingest-paused" if paused else "ingest"
+    agent = rig.agent(name, log_level="debug").start()
     agent.wait_for_event("agent_ready", 120)  # creates the persistent session
     agent.terminate()
-    publish_readings(rig.local.port, [reading(i) for i in range(n)], client_id="bench-pub")
-    store = rig.work / "ingest" / "agent.db"
+    publish_readings(rig.local.port, [reading(i) for i in range(n)],
+                     client_id=f"bench-pub-{name}")
+    store = rig.work / name / "agent.db"
     agent.start()
+    worker = 0
     try:
+        if paused:
+            # After its probe answer (agent/app.py), which comes before ingest starts.
+            agent.wait_for_event("model_answered", 120)
+            worker = int(agent.wait_for_event("worker_ready", 10)["pid"])
+            os.kill(worker, signal.SIGSTOP)
+
         def accepted() -> int:
             counts = read_counts(store)
             return counts["inbox"] + counts["outbox"] + counts["delivered"]
@@ -222,6 +239,8 @@ def agent_ingest(rig: Rig, n: int) -> float:
         commits = [_stamp(e) for e in agent.events() if e.get("event") == "ingest_batch_committed"]
         return n / max(max(commits) - subscribed, 1e-9)
     finally:
+        if worker:
+            os.kill(worker, signal.SIGCONT)
         agent.terminate()
 
 
@@ -754,9 +773,14 @@ def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) ->
                 model, sizes.catch_up, sizes.paced))
         if "ingest" in only:
             raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
-            agent_in = _timed("ingest, agent", lambda: agent_ingest(rig, sizes.ingest))
-            results["ingest"] = {"agent_per_s": agent_in, "raw_per_s": raw_in,
-                                 "ratio": agent_in / raw_in, "target": 0.5,
+            alone = _timed("ingest, agent with its worker stopped", lambda: agent_ingest(
+                rig, sizes.ingest, paused=True))
+            loaded = _timed("ingest, agent while its worker infers", lambda: agent_ingest(
+                rig, sizes.ingest, paused=False))
+            results["ingest"] = {"agent_per_s": alone, "raw_per_s": raw_in,
+                                 "ratio": alone / raw_in, "target": 0.7,
+                                 "under_inference_per_s": loaded,
+                                 "under_inference_ratio": loaded / raw_in,
                                  "target_abs_per_s": 5000}
         if "uplink" in only:
             raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
@@ -798,8 +822,11 @@ def _rows(section: str, r: dict[str, Any]) -> list[str]:
                            r["raw"]["tokens_per_s"],
                            r["agent"]["tokens_per_s"] / r["raw"]["tokens_per_s"], "")]
     if section == "ingest":
-        return [_ratio_row("durable ingest readings/s", r["agent_per_s"], r["raw_per_s"],
-                           r["ratio"], ">= 0.5 and >= 5000/s")]
+        return [_ratio_row("durable ingest readings/s, worker stopped", r["agent_per_s"],
+                           r["raw_per_s"], r["ratio"], ">= 0.7"),
+                _ratio_row("durable ingest readings/s, while inferring",
+                           r["under_inference_per_s"], r["raw_per_s"],
+                           r["under_inference_ratio"], ">= 5000/s (not comparable)")]
     if section == "uplink":
         return [_ratio_row("uplink drain results/s", r["agent_per_s"], r["raw_per_s"],
                            r["ratio"], ">= 0.5")]
