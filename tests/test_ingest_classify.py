@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.base.errors import StoreUnavailable
-from agent.base.records import Delivery
+from agent.base.records import Delivery, reading_id
 from agent.config.settings import Settings
 from agent.flows import ingest
 from agent.routing.outbound import Topics
@@ -49,6 +49,33 @@ def test_a_check_that_raises_dead_letters_that_message_only(
     assert reasons["s/2"] == ("ingest could not check the payload: RecursionError: maximum "
                               "recursion depth exceeded")
     assert reasons["s/3"].startswith("payload fails the route's input schema")
+
+
+def test_reading_ids_stay_what_they_were_and_follow_a_reload(tmp_path: Path) -> None:
+    """A reading's id is the sha256 of length-prefixed device id, topic and payload, cut to 32
+    hex digits: pinned here, because the cloud drops duplicates by it across agent versions.
+    Ingest works out each topic's route and id prefix once; a reload that moves a topic to
+    another route is followed at once."""
+    assert reading_id("gw-1", "sensors/a/temperature", b'{"celsius": 21.5}') == \
+        "cb5845ac6705614341173cedece7ea08"
+
+    def settings(topics: list[str]) -> Settings:
+        return Settings(agent={"device_id": "gw-1", "state_dir": tmp_path},
+                        model={"path": tmp_path / "m.gguf"},
+                        routes=[{"name": "t", "topics": topics, "instruction": "Classify."}])
+
+    taker = ingest.Ingest(settings(["sensors/#"]), None,  # type: ignore[arg-type]
+                          Topics("edge", "gw-1"))
+    batch = [Delivery("sensors/a/temperature", b'{"celsius": 21.5}', 1, 1)] * 2
+    readings, dead = taker.classify(batch, 1.0)
+    assert [r.id for r in readings] == ["cb5845ac6705614341173cedece7ea08"] * 2
+    assert not dead
+    asyncio.run(taker.apply(settings(["other/#"])))
+    readings, dead = taker.classify(batch[:1], 1.0)
+    assert not readings
+    assert [letter.reason for letter, _ in dead] == [
+        "no route takes this topic"]
+    assert dead[0][0].id == "cb5845ac6705614341173cedece7ea08"
 
 
 def test_a_failing_store_paces_ingest_reconnects_by_the_link_backoff(

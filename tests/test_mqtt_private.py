@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 from pathlib import Path
 
 import aiomqtt
@@ -28,6 +29,8 @@ ALLOWED = {
     "_connack_wait": "_connected",
     "_pingreq_sent_at": "_ping_t",
     "_close_socket": "_sock_close",
+    "_queue_packet": "_packet_queue",
+    "_buffer_socket": "_sock",
 }
 
 HOLDERS = ("aiomqtt", "paho", "agent.transport")
@@ -84,9 +87,9 @@ def _reads(path: Path) -> list[tuple[int, str | None, str, str]]:
 
 
 def test_private_attributes_of_aiomqtt_and_paho_are_read_only_in_their_one_place() -> None:
-    """Outside the five functions of agent/transport/mqtt.py named in ALLOWED, no module that
-    can hold an aiomqtt or paho object reads another object's private attribute, and each of
-    the five reads exactly its own attribute, once."""
+    """Outside the functions of agent/transport/mqtt.py named in ALLOWED, no module that can
+    hold an aiomqtt or paho object reads another object's private attribute, and each of them
+    reads exactly its own attribute, once."""
     holders = [p for p in sorted(AGENT.rglob("*.py"))
                if _holds_transport_objects(ast.parse(p.read_text(), str(p)))]
     assert MQTT in holders
@@ -106,21 +109,20 @@ def test_private_attributes_of_aiomqtt_and_paho_are_read_only_in_their_one_place
 
 
 async def _inspect_a_client() -> None:
-    made: list[asyncio.Queue[aiomqtt.Message]] = []
-    client = aiomqtt.Client("127.0.0.1", queue_type=mqtt._recording_queue_type(made))
+    client = aiomqtt.Client("127.0.0.1")
     paho_client = mqtt._paho(client)
     assert isinstance(paho_client, paho.Client), "aiomqtt.Client._client"
     assert isinstance(mqtt._lost(client), asyncio.Future), "aiomqtt.Client._disconnected"
     assert isinstance(mqtt._connack_wait(client), asyncio.Future), "aiomqtt.Client._connected"
     assert mqtt._pingreq_sent_at(paho_client) == 0.0, "paho.Client._ping_t"
     mqtt._close_socket(paho_client)  # no socket yet: nothing to close, but it must exist
-    # The queue Link reads directly is the one aiomqtt's public `messages` counts.
-    [incoming] = made
-    incoming.put_nowait(aiomqtt.Message("sensors/a", b"x", 0, False, 1, None))
-    assert len(client.messages) == 1
+    # Before a connect paho has no socket; `_sock` is where it keeps the one it reads.
+    assert paho_client._sock is None, "paho.Client._sock"
+    # Queued behind nothing and written at the next write: the queue takes raw bytes.
+    assert inspect.signature(paho_client._packet_queue).parameters.keys() >= {
+        "command", "packet", "mid", "qos"}, "paho.Client._packet_queue"
 
 
 def test_each_private_attribute_still_exists_in_the_installed_aiomqtt_and_paho() -> None:
-    """A fresh client has every private attribute the section reads, of the expected kind,
-    and aiomqtt takes its message queue from the class given as its public `queue_type`."""
+    """A fresh client has every private attribute the section reads, of the expected kind."""
     asyncio.run(_inspect_a_client())

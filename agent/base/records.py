@@ -18,11 +18,25 @@ def reading_id(device_id: str, topic: str, payload: bytes) -> str:
     Sensors should put a timestamp or sequence number in the payload: two byte-identical
     readings on one topic are, by design, the same reading.
     """
+    return payload_id(topic_digest(device_id, topic), payload)
+
+
+def topic_digest(device_id: str, topic: str) -> Any:
+    """The hash of a reading id's (device, topic) part: ingest keeps one per topic and copies
+    it for each payload (`payload_id`), instead of hashing the same prefix for every reading."""
     digest = hashlib.sha256()
-    for part in (device_id.encode(), topic.encode(), payload):
+    for part in (device_id.encode(), topic.encode()):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
-    return digest.hexdigest()[:32]
+    return digest
+
+
+def payload_id(topic_hash: Any, payload: bytes) -> str:
+    """`reading_id` of `payload` on the topic whose `topic_digest` is `topic_hash`."""
+    digest = topic_hash.copy()
+    digest.update(len(payload).to_bytes(8, "big"))
+    digest.update(payload)
+    return str(digest.hexdigest()[:32])
 
 
 @dataclass(frozen=True, slots=True)

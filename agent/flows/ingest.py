@@ -19,13 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from agent.base.errors import OutboxFull, StoreFull, StoreUnavailable
 from agent.base.liveness import Liveness
-from agent.base.records import DeadLetter, Delivery, NewOutboxRow, Reading, reading_id
+from agent.base.records import (
+    DeadLetter,
+    Delivery,
+    NewOutboxRow,
+    Reading,
+    payload_id,
+    reading_id,
+    topic_digest,
+)
 from agent.base.retry import Backoff, OutageEvents, OutageLog
 from agent.base.validation import schema_violation
 from agent.base.waits import wait_or_timeout
@@ -44,6 +52,9 @@ log = structlog.get_logger()
 # While the store refuses input: the shortest and the longest pause between two looks at it.
 PAUSED_RECHECK_MIN_S = 0.5
 PAUSED_RECHECK_MAX_S = 30.0
+# Topics whose route and id prefix ingest remembers (a gateway has tens to thousands of sensor
+# topics; a flood of made-up topic names only makes the table start over).
+TOPICS_KEPT = 10_000
 
 
 class IngestObserver(Protocol):
@@ -69,6 +80,7 @@ class Ingest:
         # holds them until they are unsubscribed on the next connect.
         self._stale_filters: set[str] = set()
         self._limiter = _limiter(settings)
+        self._topics_seen: dict[str, tuple[Route | None, Any]] = {}
         self.shed = 0
         # Connects on which the local broker had lost the agent's persistent session.
         self.sessions_lost = 0
@@ -155,6 +167,7 @@ class Ingest:
         self._settings = settings
         self._broker = settings.local_broker
         self._limiter = _limiter(settings)
+        self._topics_seen.clear()
         removed = [f for f in before if f not in after]
         added = [f for f in after if f not in before]
         link = self._link
@@ -208,8 +221,7 @@ class Ingest:
         take = [message for message, done in zip(batch, answered, strict=True) if not done]
         readings, dead = self.classify(take, time.time())
         if not readings and not dead:  # only retained readings already answered: nothing to
-            for message in batch:      # commit, so a full store need not refuse them
-                link.ack(message)
+            link.ack_all(batch)        # commit, so a full store need not refuse them
             return
         try:
             outcome = await self._store.ingest(readings, dead)
@@ -221,8 +233,7 @@ class Ingest:
             await self._commit(link, batch[half:], answered[half:])
             return
         # MQTT 3.1.1 4.6: PUBACKs go out in the order the PUBLISH packets arrived.
-        for message in batch:
-            link.ack(message)
+        link.ack_all(batch)
         log.debug("ingest_batch_committed", messages=len(batch), accepted=outcome.accepted,
                   duplicates=outcome.duplicates, dead_lettered=outcome.dead_lettered)
 
@@ -256,10 +267,9 @@ class Ingest:
         """Split a batch into readings for a route and dead letters with their reasons."""
         readings: list[Reading] = []
         dead: list[tuple[DeadLetter, NewOutboxRow]] = []
-        device_id = self._settings.agent.device_id
         for message in batch:
-            rid = reading_id(device_id, message.topic, message.payload)
-            route = route_for(self._settings.routes, message.topic)
+            route, topic_hash = self._topic(message.topic)
+            rid = payload_id(topic_hash, message.payload)
             reason: str | None = None
             if route is None:
                 reason = "no route takes this topic"
@@ -284,6 +294,18 @@ class Ingest:
                 letter = DeadLetter(rid, message.topic, kept, reason or "", received_at)
                 dead.append((letter, dead_letter_row(self._topics, letter)))
         return readings, dead
+
+    def _topic(self, topic: str) -> tuple[Route | None, Any]:
+        """The route that takes `topic` and the hash of its reading ids' prefix, worked out once
+        per topic (until a reload; the whole table is dropped if it grows past TOPICS_KEPT)."""
+        seen = self._topics_seen.get(topic)
+        if seen is None:
+            if len(self._topics_seen) >= TOPICS_KEPT:
+                self._topics_seen.clear()
+            seen = (route_for(self._settings.routes, topic),
+                    topic_digest(self._settings.agent.device_id, topic))
+            self._topics_seen[topic] = seen
+        return seen
 
     def _refusal(self, message: Delivery, route: Route) -> str | None:
         """Why the payload cannot be a reading of `route`, or None."""

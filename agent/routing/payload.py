@@ -40,6 +40,11 @@ def _parse_float(text: str) -> float:
     return value
 
 
+# Made once: json.loads with these hooks builds a decoder for every payload.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int,
+                            parse_float=_parse_float)
+
+
 def parse(payload: bytes, *, max_bytes: int, max_depth: int) -> Any:
     """Return the decoded JSON value, or raise PayloadRejected with the reason."""
     if len(payload) > max_bytes:
@@ -49,8 +54,9 @@ def parse(payload: bytes, *, max_bytes: int, max_depth: int) -> Any:
     except UnicodeDecodeError as exc:
         raise PayloadRejected(f"payload is not UTF-8 (byte {exc.start})") from exc
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
-                           parse_float=_parse_float)
+        if text.startswith("\ufeff"):  # json.loads' own check, which `decode` does not make
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
     except RecursionError as exc:
         raise PayloadRejected(f"JSON nesting deeper than {max_depth}") from exc
     except json.JSONDecodeError as exc:

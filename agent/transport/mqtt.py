@@ -20,6 +20,12 @@ persistent session, nor a connection closed before CONNACK, which it waits out f
 connect timeout and then reports as "Operation timed out". Here such a close fails the connect
 at once, and every failure before CONNACK is a LinkDown saying what the broker probably refused.
 
+Receiving is paho's too, below aiomqtt (issue 16: ingest drained a backlog at 0.38 of a bare paho
+subscriber's rate): on a plain TCP link the socket is read in 64 KiB chunks that paho takes its
+packets from (`_BufferedSocket`, `_read_buffered`), messages become Delivery records in a deque
+(`_Deliveries`) instead of aiomqtt Messages for its iterator, and a committed batch's PUBACKs
+leave in one write (`Link.ack_all`). aiomqtt still connects, subscribes, pings and disconnects.
+
 A fresh `aiomqtt.Client` is made for every connection: re-entering one resends stale packets.
 Library errors leave this module as `LinkDown`.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -115,7 +122,95 @@ def _close_socket(paho_client: paho.Client) -> None:
     paho_client._sock_close()
 
 
+def _queue_packet(paho_client: paho.Client, command: int, packet: bytes) -> None:
+    """Queue raw bytes for paho to write after what it has queued already
+    (`paho.Client._packet_queue`).
+
+    paho's public `ack(mid, qos)` queues one PUBACK per call, and each queued packet costs a
+    write to paho's wake-up socket pair and a call back into the event loop to watch the
+    socket; acking a committed batch of hundreds of readings that way took a third of the
+    ingest's time. paho has no public call to send several packets at once (none of its issues
+    asks for one); this queues the batch's PUBACKs as one packet, written in one send.
+    """
+    paho_client._packet_queue(command, packet, 0, 0)
+
+
+def _buffer_socket(paho_client: paho.Client) -> _BufferedSocket:
+    """Put a `_BufferedSocket` in place of the plain TCP socket paho reads from
+    (`paho.Client._sock`).
+
+    paho reads a packet with three or more `recv` calls (the command byte, each byte of the
+    remaining length, the rest), one system call each, and handles one packet per readable event:
+    on a backlog of small readings that was most of a drain's time. paho has no way to read from
+    a buffer (https://github.com/eclipse-paho/paho.mqtt.python/issues/131 is the TLS side of the
+    same problem, which aiomqtt works around by looping while the TLS socket has data pending).
+    """
+    buffered = _BufferedSocket(paho_client.socket())
+    paho_client._sock = buffered
+    return buffered
+
+
 # --- end of the private attributes ---------------------------------------------------------------
+
+# PUBACK, MQTT 3.1.1 section 3.4: fixed header 0x40, remaining length 2, the packet identifier.
+_PUBACK = 0x40
+# How much one read of the socket takes at most: some 900 readings of 70 bytes.
+READ_CHUNK = 64 * 1024
+
+
+class _BufferedSocket:
+    """A non-blocking TCP socket read in chunks of up to READ_CHUNK bytes.
+
+    Only `fill` reads the socket, once per readable event (`_read_buffered`); `recv` serves
+    paho from what `fill` got and raises BlockingIOError, as the empty non-blocking socket
+    would, once that is used up, so paho keeps a packet split between two reads as it always
+    has. The end of the stream and a socket error are handed to paho by `recv` in their turn,
+    after the bytes that came before them. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+        self._closed = False  # the peer closed the stream: recv returns b"" once data is out
+        self._error: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet, or 1 while the end of the
+        stream or an error waits to be handed over."""
+        left = len(self._data) - self._pos
+        return left if left else int(self._closed or self._error is not None)
+
+    def fill(self) -> None:
+        """One read of the socket into the buffer (called with the buffer used up)."""
+        if self._closed or self._error is not None:
+            return
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._error = exc
+            return
+        if data:
+            self._data, self._pos = self._data[self._pos:] + data, 0
+        else:
+            self._closed = True
+
+    def recv(self, size: int) -> bytes:
+        if self._pos < len(self._data):
+            chunk = self._data[self._pos:self._pos + size]
+            self._pos += len(chunk)
+            return chunk
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            return b""
+        raise BlockingIOError
 
 
 class LinkDown(TransientError):
@@ -125,18 +220,16 @@ class LinkDown(TransientError):
 class Link:
     """One live connection to a broker."""
 
-    def __init__(self, client: aiomqtt.Client, received: asyncio.Queue[aiomqtt.Message], *,
+    def __init__(self, client: aiomqtt.Client, deliveries: _Deliveries, *,
                  manual_ack: bool, keepalive_s: int, session_present: bool = False) -> None:
         self._client = client
         self._paho = _paho(client)
-        # aiomqtt's queue of received messages (see `_recording_queue_type`).
-        self._received = received
+        self._deliveries = deliveries
         # The CONNACK's session-present flag: False after clean_session=0 means the broker
         # kept no session for this client id (a first connect, or a session it lost).
         self.session_present = session_present
         self._keepalive_s = keepalive_s
         self._manual_ack = manual_ack
-        self._messages = client.messages
         self._last_first_mono = float("-inf")  # when the last batch's first message came
         # PUBACK callbacks of `publish_nowait`, by message id. paho calls on_publish on the
         # event loop (aiomqtt drives its socket from there); other ids go on to aiomqtt.
@@ -179,24 +272,30 @@ class Link:
         ago. A reading that comes alone (the one before it more than `wait_s` earlier) is
         committed at once, since nothing is likely to join it; a steady stream still gathers
         batches, and a backlog never waits (what is queued is taken at once).
-        Waits are never cancelled mid-get (a cancelled get can swallow a message that was already
-        taken off aiomqtt's queue): after the first message the batch takes only what is queued.
+        Messages are taken off the queue only when the batch is returned, so a cancelled wait
+        loses none.
         """
-        try:
-            first = await anext(self._messages)
-        except aiomqtt.MqttError as exc:
-            raise LinkDown(f"connection lost: {exc}") from exc
-        batch = [_incoming(first)]
+        waiting, arrived = self._deliveries.waiting, self._deliveries.arrived
+        while not waiting:
+            arrived.clear()
+            lost = _lost(self._client)
+            if lost.done():
+                raise LinkDown("connection lost")
+            # The connection's end wakes this wait too (and `guard` cancels it anyway).
+            arrival: asyncio.Future[Any] = asyncio.ensure_future(arrived.wait())
+            lost_wait: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(lost))
+            try:
+                await asyncio.wait([arrival, lost_wait], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrival.cancel()
+                lost_wait.cancel()
         now = time.monotonic()
         in_stream = now - self._last_first_mono < wait_s
         self._last_first_mono = now
-        if len(self._messages) == 0 and wait_s > 0 and in_stream:
+        if len(waiting) == 1 and wait_s > 0 and in_stream:
             await asyncio.sleep(wait_s)
-        # aiomqtt's iterator spawns a task per message; messages already queued are taken
-        # directly from its queue, which is several times faster.
-        while len(batch) < max_messages and not self._received.empty():
-            batch.append(_incoming(self._received.get_nowait()))
-        return batch
+        count = min(max_messages, len(waiting))
+        return [waiting.popleft() for _ in range(count)]
 
     async def guard(self, work: Coroutine[Any, Any, T]) -> T:
         """Run `work`, but raise LinkDown as soon as the connection drops (paho's keepalive
@@ -244,6 +343,16 @@ class Link:
         if self._manual_ack and message.qos > 0:
             self._paho.ack(message.mid, message.qos)
 
+    def ack_all(self, messages: Sequence[Delivery]) -> None:
+        """Send the PUBACKs of `messages` in their order, in one write (see `_queue_packet`).
+        Only QoS 1 messages are acked; the link subscribes at QoS 1, so none is QoS 2."""
+        if not self._manual_ack:
+            return
+        packet = b"".join(_PUBACK.to_bytes(1, "big") + b"\x02" + m.mid.to_bytes(2, "big")
+                          for m in messages if m.qos == QOS_AT_LEAST_ONCE)
+        if packet:
+            _queue_packet(self._paho, _PUBACK, packet)
+
     async def publish(
         self, topic: str, payload: bytes, *, timeout_s: float, retain: bool = False
     ) -> None:
@@ -269,16 +378,6 @@ class Link:
             on_puback()
         else:
             self._pubacks[info.mid] = on_puback
-
-
-def _incoming(message: aiomqtt.Message) -> Delivery:
-    payload = message.payload
-    if isinstance(payload, str):
-        payload = payload.encode()
-    elif not isinstance(payload, bytes | bytearray):
-        payload = b"" if payload is None else str(payload).encode()
-    return Delivery(message.topic.value, bytes(payload), message.mid, message.qos,
-                           retain=bool(message.retain))
 
 
 def _refused(granted: int | ReasonCode) -> bool:
@@ -329,8 +428,10 @@ class _Handshake:
                        properties: Any = None) -> None:
             self.connack = True
             self.session_present = bool(flags.session_present)
-            # paho formats a line for on_log per packet: not on the publish path.
+            # paho formats a line for on_log, and for the logger aiomqtt gives it, per packet:
+            # not on the publish or receive path.
             paho_client.on_log = None
+            paho_client.disable_logger()
             if aiomqtt_on_connect is not None:
                 aiomqtt_on_connect(c, userdata, flags, reason, properties)
 
@@ -387,18 +488,62 @@ def _register_writes_while_open(client: aiomqtt.Client) -> None:
     paho_client.on_socket_register_write = on_socket_register_write
 
 
-def _recording_queue_type(
-    made: list[asyncio.Queue[aiomqtt.Message]],
-) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A queue class for aiomqtt's public `queue_type` that appends the queue aiomqtt makes
-    with it to `made`, so that Link can take already received messages from it directly."""
+def _read_buffered(client: aiomqtt.Client) -> None:
+    """Read a plain TCP link through a `_BufferedSocket`.
 
-    class Recorded(asyncio.Queue[aiomqtt.Message]):
-        def __init__(self, maxsize: int = 0) -> None:
-            super().__init__(maxsize)
-            made.append(self)
+    Takes the place of aiomqtt's socket-open callback, which watches the socket with a reader
+    that has paho handle one packet per readable event. This reader fills the buffer with one
+    read and has paho handle packets until the buffer is used up, then returns to the loop:
+    a readable event costs one system call and at most READ_CHUNK bytes of work, so other tasks
+    (the commit of the previous batch) keep running during a flood. Like aiomqtt's, it fails
+    the connection's future when paho raises (a broken connection), and starts aiomqtt's
+    periodic task (keepalive pings) on the loop.
+    """
+    loop = asyncio.get_running_loop()
+    paho_client = _paho(client)
+    aiomqtt_on_socket_open: Callable[..., None] | None = paho_client.on_socket_open
 
-    return Recorded
+    def read(buffered: _BufferedSocket) -> None:
+        try:
+            buffered.fill()
+            while paho_client.socket() is buffered:
+                paho_client.loop_read()
+                if not buffered.buffered:
+                    break
+        except Exception as exc:  # as aiomqtt's reader: paho raising means the link is broken
+            lost = _lost(client)
+            if not lost.done():
+                lost.set_exception(exc)
+
+    def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
+        # Called from aiomqtt's connect thread, before paho sends CONNECT.
+        if aiomqtt_on_socket_open is not None:
+            aiomqtt_on_socket_open(c, userdata, sock)  # its reader, and its periodic task
+        buffered = _buffer_socket(paho_client)
+        # Runs after aiomqtt's add_reader (callbacks run in order): replaces its reader.
+        loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), read, buffered)
+
+    paho_client.on_socket_open = on_socket_open
+
+
+class _Deliveries:
+    """Received messages as Delivery records, waiting for `Link.next_batch`.
+
+    paho calls `on_message` on the event loop (the reader runs there). It stands in for
+    aiomqtt's handler, which made an aiomqtt.Message (a validated Topic, a copy of the
+    payload) and queued it for an iterator that spawned a task per message.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: deque[Delivery] = deque()
+        self.arrived = asyncio.Event()
+
+    def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # A topic that is not UTF-8 raises here, as it did in aiomqtt's handler (brokers refuse
+        # to route one: MQTT 3.1.1 section 1.5.3).
+        self.waiting.append(Delivery(message.topic, bytes(message.payload), message.mid,
+                                     message.qos, bool(message.retain)))
+        self.arrived.set()
 
 
 def _refusal(broker: BrokerSection, name: str, exc: aiomqtt.MqttError,
@@ -462,7 +607,6 @@ async def connect(
         kwargs["username"] = broker.username
         if broker.password is not None:
             kwargs["password"] = broker.password.get_secret_value()
-    queues: list[asyncio.Queue[aiomqtt.Message]] = []
     client = aiomqtt.Client(
         broker.host,
         broker.port,
@@ -471,22 +615,24 @@ async def connect(
         keepalive=broker.keepalive_s,
         timeout=broker.connect_timeout_s,
         max_inflight_messages=max_inflight,
-        queue_type=_recording_queue_type(queues),
         **kwargs,
     )
-    [received] = queues  # aiomqtt makes its one queue in its constructor
     # aiomqtt logs a warning for every call while more than this many are pending; a full
     # publish window is normal here, not a warning.
     client.pending_calls_threshold = max(client.pending_calls_threshold, (max_inflight or 0) * 2)
     if manual_ack:
         # Must be set before CONNECT: the broker may deliver queued messages right after CONNACK.
         _paho(client).manual_ack_set(True)
+    deliveries = _Deliveries()
+    _paho(client).on_message = deliveries.on_message
     _register_writes_while_open(client)
+    if not broker.tls:  # aiomqtt's reader loops while a TLS socket has decrypted bytes pending
+        _read_buffered(client)
     handshake = _Handshake(client)
     try:
         async with client:
-            yield Link(client, received, manual_ack=manual_ack, keepalive_s=broker.keepalive_s,
-                       session_present=handshake.session_present)
+            yield Link(client, deliveries, manual_ack=manual_ack,
+                       keepalive_s=broker.keepalive_s, session_present=handshake.session_present)
     except aiomqtt.MqttError as exc:
         if not handshake.connack:
             # aiomqtt leaves the socket of a connect that timed out waiting for its CONNACK
