@@ -41,11 +41,12 @@ def test_leaving_idle_is_allowed_by_a_nice_limit_of_20_minus_nice() -> None:
 
 
 def test_only_a_candidate_worker_is_started_to_yield(tiny_model: Path) -> None:
-    """The --yield-cpu flag is on a candidate's command line and on no other worker's."""
+    """A candidate starts through agent.inference.priority (idle before the worker's imports);
+    every other worker starts the worker module directly."""
     section = ModelSection(path=tiny_model, n_ctx=256)
     info = ModelInfo(name="tiny", version="1", sha256="0" * 64, path=str(tiny_model))
-    assert "--yield-cpu" in InferenceWorker(section, info, yield_cpu=True).command()
-    assert "--yield-cpu" not in InferenceWorker(section, info).command()
+    assert "agent.inference.priority" in InferenceWorker(section, info, yield_cpu=True).command()
+    assert "agent.inference.priority" not in InferenceWorker(section, info).command()
 
 
 async def started(model: Path, yield_cpu: bool) -> InferenceWorker:
@@ -75,7 +76,7 @@ async def test_a_candidate_answers_under_sched_idle_and_serves_under_sched_other
         assert set(priority.thread_policies(worker.pid or 0).values()) == {priority.SCHED_OTHER}
         await worker.complete(MESSAGES, GENERATION)
         assert set(priority.thread_policies(worker.pid or 0).values()) == {priority.SCHED_OTHER}
-        assert "--yield-cpu" not in worker.command()  # a restart while serving: normal
+        assert "agent.inference.priority" not in worker.command()  # a restart: normal
     finally:
         await worker.close()
 

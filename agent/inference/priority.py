@@ -1,12 +1,13 @@
 """The CPU priority of a candidate worker (issue 16): SCHED_IDLE while it loads and answers its
 canary and golden set, SCHED_OTHER again before it takes traffic.
 
-A candidate shares the cores with the serving worker; at the same priority its load and its
+A candidate shares the cores with the serving worker; at the same priority its start, load and
 canary took turns with live readings, which waited up to a second. Under SCHED_IDLE the
 scheduler runs it only on a core nothing else wants, and a waking serving worker preempts it at
-once (a plain nice 19 task keeps a share and is not preempted at once). The policy is set on
-every thread of the worker before llama.cpp loads, and every thread llama.cpp creates later
-inherits it.
+once (a plain nice 19 task keeps a share and is not preempted at once). `python -m
+agent.inference.priority WORKER-ARGS` is the candidate's command: it goes idle before the
+worker's imports (llama_cpp, numpy: about 0.25 CPU-seconds) and runs the worker, whose threads
+all inherit the policy.
 
 Going idle is always allowed, but coming back is not: the kernel (sched_setscheduler(2), its
 can_nice()) lets a thread leave SCHED_IDLE only with CAP_SYS_NICE or RLIMIT_NICE >= 20 - nice,
@@ -15,15 +16,16 @@ come back would serve for ever at idle priority, so `go_idle` first tries the ro
 throw-away thread, under exactly this process's credentials, limits and seccomp filter, and
 stays at normal priority when it fails.
 
-Imported by the worker process (agent/inference/worker.py), which changes its own threads, and
-by the tests; reads /proc only for its own process (or the pid it is given), never another's
-state.
+Runs in the worker process (agent/inference/worker.py), which changes only its own threads;
+imports nothing heavy, so that it runs before llama_cpp is imported.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import runpy
+import sys
 import threading
 from pathlib import Path
 
@@ -91,10 +93,9 @@ def round_trip_refusal() -> str | None:
 
 
 def go_idle() -> str | None:
-    """Put every thread of this process under SCHED_IDLE (the worker calls it before llama.cpp
-    loads: the threads it creates later inherit the policy); None if it did, else why it stays
-    at normal priority. Importing llama_cpp already started a thread, so not only the calling
-    one."""
+    """Put every thread of this process under SCHED_IDLE (`main` calls it before the worker's
+    imports: threads started later inherit the policy); None if it did, else why it stays at
+    normal priority."""
     refused = round_trip_refusal()
     if refused is not None:
         return refused
@@ -124,3 +125,21 @@ def _set_all(policy: int) -> int:
     if left:
         raise OSError(f"threads {left} did not take scheduling policy {policy}")
     return len(policies)
+
+
+def scheduling() -> str:
+    """"idle" while a thread of this process is under SCHED_IDLE, else "normal"."""
+    return "idle" if SCHED_IDLE in thread_policies().values() else "normal"
+
+
+def main() -> None:
+    """Go idle, then run the worker with this command's arguments, and the reason when this
+    process could not go idle (the worker's ready line reports it)."""
+    refused = go_idle()
+    sys.argv = ["agent.inference.worker", *sys.argv[1:],
+                *(["--yield-refused", refused] if refused else [])]
+    runpy.run_module("agent.inference.worker", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

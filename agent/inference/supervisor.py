@@ -123,8 +123,10 @@ class InferenceWorker:
         self.went_unavailable = asyncio.Event()
 
     def command(self) -> list[str]:
-        """The worker's command line."""
-        args = [sys.executable, "-m", "agent.inference.worker", "--model", self.info.path,
+        """The worker's command line; a candidate's goes idle first
+        (agent/inference/priority.py)."""
+        module = "agent.inference.priority" if self._yield_cpu else "agent.inference.worker"
+        args = [sys.executable, "-m", module, "--model", self.info.path,
                 "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed),
                 "--parent-pid", str(os.getpid())]
         if self._model.n_threads:
@@ -135,8 +137,6 @@ class InferenceWorker:
             args += ["--memory-limit-mb", str(self._model.memory_limit_mb)]
         if self.max_batch > 1:
             args += ["--max-batch", str(self.max_batch)]
-        if self._yield_cpu:
-            args.append("--yield-cpu")
         return args
 
     async def start(self) -> None:

@@ -12,8 +12,10 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 A line {"id": ..., "batch": [request, ...]} carries several requests (issue 16: a backlog); its
 response {"id": ..., "batch": [response, ...]} answers them in order, each as it would have been
 answered alone (agent/inference/batch.py decodes them together).
-A candidate worker (agent/ota/updates.py) is started with --yield-cpu: it loads and answers its
-canary under SCHED_IDLE (agent/inference/priority.py), and the line {"id": ..., "control":
+A candidate worker (agent/ota/updates.py) is started through `python -m agent.inference.priority`,
+which puts it under SCHED_IDLE before this module's imports (a quarter of a CPU-second) run: it
+loads and answers its canary at idle priority, its ready line says `"scheduling": "idle"`, and
+the line {"id": ..., "control":
 "normal"} puts all its threads back under SCHED_OTHER before it takes traffic; the reply says
 whether that worked ({"ok": true, "threads": N}, or {"ok": false, "error": ...}).
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
@@ -268,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--max-batch", type=int, default=1,
                         help="requests of one batch line decoded together (1: one at a time)")
-    parser.add_argument("--yield-cpu", action="store_true",
-                        help="load and answer under SCHED_IDLE until a control line ends it")
+    parser.add_argument("--yield-refused", default=None,
+                        help="why agent.inference.priority could not start this worker idle")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with(args.parent_pid)
@@ -282,9 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         # it fails inside llama.cpp instead of the kernel's OOM killer choosing a victim.
         limit = args.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # Before llama.cpp starts a thread: its threads inherit the policy.
-    yield_refused = priority.go_idle() if args.yield_cpu else None
-    scheduling = "idle" if args.yield_cpu and yield_refused is None else "normal"
     try:
         llm = Llama(
             model_path=args.model,
@@ -306,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     # The thread counts llama.cpp's context actually got, for the supervisor's log.
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
                 "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
-                "threads_batch": llama_n_threads_batch(llm.ctx), "scheduling": scheduling,
-                **({"yield_refused": yield_refused} if yield_refused else {})})
+                "threads_batch": llama_n_threads_batch(llm.ctx),
+                "scheduling": priority.scheduling(),
+                **({"yield_refused": args.yield_refused} if args.yield_refused else {})})
     engine = Engine(llm, args.max_batch)
     for line in sys.stdin:
         request = json.loads(line)
