@@ -374,8 +374,10 @@ def test_an_update_candidate_yields_the_cpu_and_serves_at_normal_priority(live: 
     else:
         assert loaded["scheduling"] == "normal"
         [warning] = live.events("candidate_not_yielding")
+        # Going idle worked (the filter allows sched_setscheduler); coming back did not. The
+        # container inherits the nice of whoever booted it (LimitNICE=+N for nice N).
         assert "leaving SCHED_IDLE failed" in str(warning["reason"])
-        assert "LimitNICE=+0" in str(warning["reason"])
+        assert "LimitNICE=+" in str(warning["reason"])
     for i in range(5):  # probation: 3 readings on version 2
         live.sh(f"mosquitto_pub -p 1883 -q 1 -t sensors/s{i}/temperature "
                 f"-m '{{\"celsius\": 2{i}}}'")
