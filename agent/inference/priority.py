@@ -1,10 +1,12 @@
 """The CPU priority of a candidate worker (issue 16): SCHED_IDLE while it loads and answers its
 canary and golden set, SCHED_OTHER again before it takes traffic.
 
-A candidate shares the cores with the serving worker; at the same priority its start, load and
-canary took turns with live readings, which waited up to a second. Under SCHED_IDLE the
-scheduler runs it only on a core nothing else wants, and a waking serving worker preempts it at
-once (a plain nice 19 task keeps a share and is not preempted at once). `python -m
+A candidate shares the two cores with the serving worker; at the same priority the two workers'
+llama.cpp threads, spinning at OpenMP barriers, slowed each other down together, and readings
+waited seconds behind a canary that takes 10 ms alone. Under SCHED_IDLE the scheduler runs the
+candidate only on a core nothing else wants, and a waking serving thread preempts it at once (a
+nice 19 task keeps a share of a busy core). Idle threads still cost the serving worker some
+time (docs/ota.md has the figures). `python -m
 agent.inference.priority WORKER-ARGS` is the candidate's command: it goes idle before the
 worker's imports (llama_cpp, numpy: about 0.25 CPU-seconds) and runs the worker, whose threads
 all inherit the policy.

@@ -14,10 +14,10 @@ response {"id": ..., "batch": [response, ...]} answers them in order, each as it
 answered alone (agent/inference/batch.py decodes them together).
 A candidate worker (agent/ota/updates.py) is started through `python -m agent.inference.priority`,
 which puts it under SCHED_IDLE before this module's imports (a quarter of a CPU-second) run: it
-loads and answers its canary at idle priority, its ready line says `"scheduling": "idle"`, and
-the line {"id": ..., "control":
-"normal"} puts all its threads back under SCHED_OTHER before it takes traffic; the reply says
-whether that worked ({"ok": true, "threads": N}, or {"ok": false, "error": ...}).
+loads and answers its canary at idle priority, and its ready line says `"scheduling": "idle"`.
+The line {"id": ..., "control": "normal"} puts all its threads back under SCHED_OTHER before it
+takes traffic; the reply says whether that worked ({"ok": true, "threads": N}, or
+{"ok": false, "error": ...}).
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
 
