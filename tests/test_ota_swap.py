@@ -23,7 +23,8 @@ from agent.base.records import Generation, ModelInfo, Reading, reading_id
 from agent.cli.models import summary
 from agent.config.settings import Settings
 from agent.flows.pipeline import Pipeline
-from agent.inference.supervisor import InferenceWorker
+from agent.inference import priority
+from agent.inference.supervisor import InferenceWorker, PriorityNotRestored
 from agent.inference.switch import WorkerSwitch
 from agent.ota import directive, modelpkg
 from agent.ota.startup import decide_startup
@@ -272,6 +273,39 @@ async def test_a_successful_swap_under_a_stream_fails_nothing_and_names_each_mod
         state = rig.models.read()
         assert (state.active, state.previous, state.trial) == ("2", "base", None)
         assert [e["step"] for e in rig.outbox("model_event")][-1] == "committed"
+        # The candidate loaded and canaried under SCHED_IDLE (where this process may come back
+        # from it) and serves under SCHED_OTHER, every thread of it.
+        [loaded] = rig.events("loaded")
+        yields = priority.round_trip_refusal() is None
+        assert loaded["scheduling"] == ("idle" if yields else "normal")
+        serving = rig.switch.serving.worker
+        assert serving.pid == loaded["pid"]
+        assert set(priority.thread_policies(serving.pid).values()) == {priority.SCHED_OTHER}
+
+
+async def test_a_candidate_that_cannot_leave_idle_priority_is_refused(
+    kit: dict[str, Any], tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A candidate that passed its canary but could not return to normal priority never serves
+    (it would get only CPU time nothing else wants): refused at stage `priority` with the
+    reason, its worker stopped, the base model serving."""
+    async def stuck(self: InferenceWorker) -> None:
+        raise PriorityNotRestored("returning to SCHED_OTHER failed: threads [7] did not take "
+                                  "scheduling policy 0")
+
+    monkeypatch.setattr(InferenceWorker, "end_yield", stuck)
+    settings = make_settings(tmp_path, tiny_model, kit["public"])
+    pkg = fresh(kit, tmp_path, "2")
+    async with running(settings) as rig:
+        assert not await rig.ota.install(pkg, asyncio.Event())
+        [refused] = rig.events("refused")
+        assert refused["stage"] == "priority"
+        assert "did not return to normal CPU priority" in refused["reason"]
+        assert "threads [7]" in refused["reason"]
+        [loaded] = rig.events("loaded")
+        assert loaded["pid"] not in {rig.switch.serving.worker.pid}
+        assert rig.switch.info.version == "1"
+        assert "2" in rig.models.read().failed
 
 
 async def test_a_package_for_a_newer_agent_is_refused_before_staging(

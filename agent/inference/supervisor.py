@@ -17,6 +17,11 @@ off by default, see DEFAULT_MAX_BATCH);
 a request that finds the worker idle goes alone at once, so latency at low load does not grow.
 The batch forms here, from concurrent callers, rather than in the pipeline: each reading keeps
 its own retries, schema checks and commit, and callers need not know about batching.
+
+A candidate worker (`yield_cpu`, agent/ota/updates.py) loads and answers its canary under
+SCHED_IDLE (agent/inference/priority.py) so that it does not delay the serving worker's
+readings; `end_yield` returns it to normal priority before it serves, and a restart after that
+starts it at normal priority.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class InferenceFailed(PermanentError):
     """The worker answered but could not run this request (for example a prompt too long)."""
 
 
+class PriorityNotRestored(PermanentError):
+    """A candidate worker could not return from SCHED_IDLE: it must not serve."""
+
+
 async def identify(model: ModelSection, name: str) -> ModelInfo:
     """Name, version and sha256 of the configured model; hashing runs off the loop."""
     if not await asyncio.to_thread(model.path.is_file):
@@ -84,9 +93,12 @@ class InferenceWorker:
     """One llama.cpp worker process serving one request at a time."""
 
     def __init__(self, model: ModelSection, info: ModelInfo,
-                 max_batch: int = DEFAULT_MAX_BATCH
+                 max_batch: int = DEFAULT_MAX_BATCH, yield_cpu: bool = False
                  ) -> None:
         self.info = info
+        self._yield_cpu = yield_cpu
+        # What the worker reported: "idle" (SCHED_IDLE, a candidate) or "normal".
+        self.scheduling: str | None = None
         self._model = model
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -111,8 +123,10 @@ class InferenceWorker:
         self.went_unavailable = asyncio.Event()
 
     def command(self) -> list[str]:
-        """The worker's command line."""
-        args = [sys.executable, "-m", "agent.inference.worker", "--model", self.info.path,
+        """The worker's command line; a candidate's goes idle first
+        (agent/inference/priority.py)."""
+        module = "agent.inference.priority" if self._yield_cpu else "agent.inference.worker"
+        args = [sys.executable, "-m", module, "--model", self.info.path,
                 "--n-ctx", str(self._model.n_ctx), "--seed", str(self._model.seed),
                 "--parent-pid", str(os.getpid())]
         if self._model.n_threads:
@@ -148,10 +162,47 @@ class InferenceWorker:
         self.pid = proc.pid
         self.answering = True
         self.threads = (int(hello.get("threads", 0)), int(hello.get("threads_batch", 0)))
+        self.scheduling = str(hello.get("scheduling", "normal"))
         self.liveness.idle("no request")
         log.info("worker_ready", pid=proc.pid, model=self.info.name,
                  load_ms=round(float(hello.get("load_ms", 0)), 1),
-                 threads=self.threads[0], threads_batch=self.threads[1])
+                 threads=self.threads[0], threads_batch=self.threads[1],
+                 scheduling=self.scheduling)
+        if self._yield_cpu and self.scheduling != "idle":
+            log.warning("candidate_not_yielding", pid=proc.pid, model=self.info.name,
+                        reason=hello.get("yield_refused"),
+                        effect="the candidate loads and answers its canary at normal priority, "
+                        "competing with live readings",
+                        fix="LimitNICE=+0 and SystemCallFilter=sched_setscheduler in the unit "
+                        "(systemd/edge-agent.service)")
+
+    async def end_yield(self) -> None:
+        """Return a worker under SCHED_IDLE to normal priority, every thread of it, before it
+        serves; a worker at normal priority already is left alone. PriorityNotRestored if the
+        worker could not (it must not serve then); WorkerCrashed if it is gone."""
+        if self.scheduling != "idle":
+            self._yield_cpu = False
+            return
+        async with self._lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None or _pipes_closed(proc):
+                raise WorkerCrashed("the candidate worker is gone")
+            request_id = next(self._ids)
+            try:
+                reply = await asyncio.wait_for(
+                    self._exchange(proc, {"id": request_id, "control": "normal"}),
+                    self._model.request_timeout_s)
+            except (TimeoutError, BrokenPipeError, ConnectionResetError, WorkerCrashed) as exc:
+                self.answering = False
+                await self._kill()
+                raise WorkerCrashed(f"no answer to the priority change: {exc!r}") from exc
+        if reply.get("id") != request_id or not reply.get("ok"):
+            raise PriorityNotRestored(str(reply.get("error") or reply))
+        # A restart from here on (a crash while serving) starts at normal priority.
+        self._yield_cpu = False
+        self.scheduling = "normal"
+        log.info("worker_yield_ended", pid=proc.pid, model=self.info.name,
+                 threads=reply.get("threads"))
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[InferenceWorker]:

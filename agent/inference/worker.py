@@ -12,6 +12,12 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 A line {"id": ..., "batch": [request, ...]} carries several requests (issue 16: a backlog); its
 response {"id": ..., "batch": [response, ...]} answers them in order, each as it would have been
 answered alone (agent/inference/batch.py decodes them together).
+A candidate worker (agent/ota/updates.py) is started through `python -m agent.inference.priority`,
+which puts it under SCHED_IDLE before this module's imports (a quarter of a CPU-second) run: it
+loads and answers its canary at idle priority, and its ready line says `"scheduling": "idle"`.
+The line {"id": ..., "control": "normal"} puts all its threads back under SCHED_OTHER before it
+takes traffic; the reply says whether that worked ({"ok": true, "threads": N}, or
+{"ok": false, "error": ...}).
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
 
@@ -43,7 +49,7 @@ from llama_cpp import Llama, LlamaState
 from llama_cpp.llama_cpp import llama_n_threads, llama_n_threads_batch
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
-from agent.inference import batch
+from agent.inference import batch, priority
 from agent.inference.grammar import forbid_raw_control_chars
 
 
@@ -243,6 +249,16 @@ def _die_with(parent_pid: int) -> None:
         raise SystemExit(f"the agent (pid {parent_pid}) is gone")
 
 
+def _control(command: str) -> dict[str, Any]:
+    if command != "normal":
+        return {"ok": False, "error": f"unknown control {command!r}"}
+    try:
+        threads = priority.return_to_normal()
+    except OSError as exc:
+        return {"ok": False, "error": f"returning to SCHED_OTHER failed: {exc}"}
+    return {"ok": True, "threads": threads}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.inference.worker")
     parser.add_argument("--model", required=True)
@@ -254,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--max-batch", type=int, default=1,
                         help="requests of one batch line decoded together (1: one at a time)")
+    parser.add_argument("--yield-refused", default=None,
+                        help="why agent.inference.priority could not start this worker idle")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with(args.parent_pid)
@@ -287,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     # The thread counts llama.cpp's context actually got, for the supervisor's log.
     _send(out, {"event": "ready", "load_ms": (time.perf_counter() - started) * 1000,
                 "pid": os.getpid(), "threads": llama_n_threads(llm.ctx),
-                "threads_batch": llama_n_threads_batch(llm.ctx)})
+                "threads_batch": llama_n_threads_batch(llm.ctx),
+                "scheduling": priority.scheduling(),
+                **({"yield_refused": args.yield_refused} if args.yield_refused else {})})
     engine = Engine(llm, args.max_batch)
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            if "batch" in request:
+            if "control" in request:
+                response = _control(request["control"])
+            elif "batch" in request:
                 response = {"ok": True, "batch": engine.complete_many(request["batch"])}
             else:
                 response = engine.complete(request)

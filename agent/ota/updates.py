@@ -2,7 +2,8 @@
 
 incoming/<package>/ -> verify (signature, size, sha256; agent/ota/modelpkg.py) -> anti-rollback
 (newer than every installed or failed version) -> stage (ota/models/<version>/) -> a second
-inference worker loads it -> canary -> switch traffic (agent/inference/switch.py: the reading in
+inference worker loads it under SCHED_IDLE -> canary -> back to normal priority -> switch
+traffic (agent/inference/switch.py: the reading in
 flight finishes on the old worker) -> probation -> commit, or switch back to the still-running old
 worker and mark the version failed.
 
@@ -223,6 +224,14 @@ class Ota:
         if stop.is_set():  # stopping: no switch now; the next start resumes the trial
             await candidate.worker.close()
             return False
+        try:
+            await candidate.worker.end_yield()
+        except AgentError as exc:  # at idle priority it would serve only a core nobody wants
+            await candidate.worker.close()
+            await self._fail(trial, "priority", Verdict(
+                False, f"the candidate did not return to normal CPU priority: {exc}",
+                verdict.figures))
+            return False
         return await self._switch_and_judge(trial, candidate, baseline, stop)
 
     async def _resume(self, trial: Trial, stop: asyncio.Event) -> None:
@@ -295,13 +304,16 @@ class Ota:
         section, name = model_for(self._settings, state, self._models, trial.version)
         info = ModelInfo(name=name, version=trial.version, sha256=manifest.sha256,
                          path=str(section.path))
-        worker = InferenceWorker(section, info)
+        # Under SCHED_IDLE until it passes (agent/inference/priority.py): its load, canary and
+        # golden set take only CPU time the serving worker leaves unused.
+        worker = InferenceWorker(section, info, yield_cpu=True)
         try:
             await worker.start()
         except ModelLoadError as exc:
             await self._fail(trial, "load", Verdict(False, str(exc), {}))
             return None
-        await self.report("loaded", version=trial.version, pid=worker.pid)
+        await self.report("loaded", version=trial.version, pid=worker.pid,
+                          scheduling=worker.scheduling)
         return Served(worker)
 
     async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures | None,
