@@ -21,7 +21,9 @@ its own retries, schema checks and commit, and callers need not know about batch
 A candidate worker (`yield_cpu`, agent/ota/updates.py) loads and answers its canary under
 SCHED_IDLE (agent/inference/priority.py) so that it does not delay the serving worker's
 readings; `end_yield` returns it to normal priority before it serves, and a restart after that
-starts it at normal priority.
+starts it at normal priority. Its `hold` (agent/inference/hold.py) stops it while the serving
+worker, which it `watch`es, has a request in flight; its deadlines then stand still, and the
+hold ends (SIGCONT) before anything here waits for the process.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -73,6 +75,29 @@ class _Waiting:
     reply: asyncio.Future[dict[str, Any]]
 
 
+class RequestWatcher(Protocol):
+    """Told when a request line goes to the worker and when its answer is back."""
+
+    def request_started(self) -> None: ...
+
+    def request_ended(self) -> None: ...
+
+
+class Hold(Protocol):
+    """Who stops a candidate worker's process group from outside (agent/inference/hold.py)."""
+
+    @property
+    def held_s(self) -> float: ...
+
+    def attach(self, pid: int) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def end(self) -> None: ...
+
+    def deadline(self, delay_s: float) -> AbstractAsyncContextManager[object]: ...
+
+
 class InferenceFailed(PermanentError):
     """The worker answered but could not run this request (for example a prompt too long)."""
 
@@ -93,10 +118,14 @@ class InferenceWorker:
     """One llama.cpp worker process serving one request at a time."""
 
     def __init__(self, model: ModelSection, info: ModelInfo,
-                 max_batch: int = DEFAULT_MAX_BATCH, yield_cpu: bool = False
-                 ) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, yield_cpu: bool = False,
+                 hold: Hold | None = None) -> None:
         self.info = info
         self._yield_cpu = yield_cpu
+        self._hold = hold
+        # A request line written and its answer not yet read, and who is told of each.
+        self.in_flight = False
+        self._watchers: list[RequestWatcher] = []
         # What the worker reported: "idle" (SCHED_IDLE, a candidate) or "normal".
         self.scheduling: str | None = None
         self._model = model
@@ -149,8 +178,11 @@ class InferenceWorker:
             limit=_LINE_LIMIT, start_new_session=True,
         )
         self._proc = proc
+        if self._hold is not None:
+            self._hold.attach(proc.pid)
         try:
-            hello = await asyncio.wait_for(self._read(proc), self._model.load_timeout_s)
+            async with self._deadline(self._model.load_timeout_s):
+                hello = await self._read(proc)
         except (TimeoutError, WorkerCrashed) as exc:
             self.liveness.idle("model failed to load")
             await self._kill()
@@ -180,6 +212,7 @@ class InferenceWorker:
         """Return a worker under SCHED_IDLE to normal priority, every thread of it, before it
         serves; a worker at normal priority already is left alone. PriorityNotRestored if the
         worker could not (it must not serve then); WorkerCrashed if it is gone."""
+        self._end_hold()
         if self.scheduling != "idle":
             self._yield_cpu = False
             return
@@ -203,6 +236,41 @@ class InferenceWorker:
         self.scheduling = "normal"
         log.info("worker_yield_ended", pid=proc.pid, model=self.info.name,
                  threads=reply.get("threads"))
+
+    @property
+    def held_s(self) -> float:
+        """Time this worker's process has spent stopped by its hold (0 without one)."""
+        return 0.0 if self._hold is None else self._hold.held_s
+
+    def watch(self, watcher: RequestWatcher) -> None:
+        """Tell `watcher` of each request from now on, and of the one in flight, if any."""
+        self._watchers.append(watcher)
+        if self.in_flight:
+            watcher.request_started()
+
+    def unwatch(self, watcher: RequestWatcher) -> None:
+        self._watchers.remove(watcher)
+
+    def _deadline(self, delay_s: float) -> AbstractAsyncContextManager[object]:
+        """A deadline that leaves out the time the worker is held, if it has a hold."""
+        if self._hold is None:
+            return asyncio.timeout(delay_s)
+        return self._hold.deadline(delay_s)
+
+    def _end_hold(self) -> None:
+        """Continue the process for good (it is promoted, closed or killed): a stopped worker
+        would not read its EOF, and nothing may wait for it stopped."""
+        if self._hold is not None:
+            self._hold.end()
+            self._hold = None
+
+    def _set_in_flight(self, in_flight: bool) -> None:
+        self.in_flight = in_flight
+        for watcher in list(self._watchers):
+            if in_flight:
+                watcher.request_started()
+            else:
+                watcher.request_ended()
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[InferenceWorker]:
@@ -286,10 +354,12 @@ class InferenceWorker:
                 else {"id": request_id, "batch": requests})
         timeout_s = self._model.request_timeout_s * len(requests)
         self.liveness.busy()
+        self._set_in_flight(True)
         try:
             # The deadline covers the write too: a hung worker stops reading its stdin, and
             # a request larger than the pipe buffer would wait in drain() for ever.
-            reply = await asyncio.wait_for(self._exchange(proc, line), timeout_s)
+            async with self._deadline(timeout_s):
+                reply = await self._exchange(proc, line)
         except TimeoutError as exc:
             self.answering = False
             await self._kill()
@@ -309,6 +379,7 @@ class InferenceWorker:
             self._abandon()
             raise
         finally:
+            self._set_in_flight(False)
             self.liveness.idle("no request")
         if reply.get("id") != request_id:
             await self._kill()
@@ -374,6 +445,8 @@ class InferenceWorker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if self._hold is not None:
+            self._hold.detach()
         # A SIGSTOPped worker ignores SIGTERM until continued; SIGKILL works regardless.
         _kill_group(proc)
         await _reap(proc)
@@ -383,11 +456,14 @@ class InferenceWorker:
         watcher reaps it and the next request starts a new worker."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            if self._hold is not None:
+                self._hold.detach()
             _kill_group(proc)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to exit (EOF on stdin), then kill it after `timeout_s`; either way
         nothing of its process group is left."""
+        self._end_hold()
         proc = self._proc
         if proc is None:
             return

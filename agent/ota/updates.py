@@ -2,7 +2,8 @@
 
 incoming/<package>/ -> verify (signature, size, sha256; agent/ota/modelpkg.py) -> anti-rollback
 (newer than every installed or failed version) -> stage (ota/models/<version>/) -> a second
-inference worker loads it under SCHED_IDLE -> canary -> back to normal priority -> switch
+inference worker loads it under SCHED_IDLE, stopped while the serving worker answers
+(agent/inference/hold.py) -> canary -> back to normal priority -> switch
 traffic (agent/inference/switch.py: the reading in
 flight finishes on the old worker) -> probation -> commit, or switch back to the still-running old
 worker and mark the version failed.
@@ -34,6 +35,7 @@ from agent.base.errors import AgentError, ModelLoadError
 from agent.base.records import ModelInfo
 from agent.base.waits import first_of
 from agent.config.settings import Settings
+from agent.inference.hold import CandidateHold
 from agent.inference.supervisor import InferenceWorker
 from agent.inference.switch import Figures, Served, WorkerSwitch
 from agent.ota import directive, modelpkg
@@ -205,33 +207,40 @@ class Ota:
         """Load, canary, switch and judge a staged trial; True if it was committed. Without a
         `baseline` (a trial resumed at start) probation judges p95 by the canary budget."""
         state = await asyncio.to_thread(self._models.read)
-        candidate = await self._start_candidate(state, trial, manifest)
-        if candidate is None:
-            return False
-        verdict = await run_canary(candidate, self._settings.routes,
-                                   canaries_for(self._settings.routes, manifest.canary),
-                                   self._ota, self._settings.model.seed)
-        if verdict.passed and manifest.golden:
-            golden = await self._golden(trial, manifest, candidate.complete,
-                                        self._ota.golden_max_items, "canary")
-            verdict = Verdict(golden.passed, verdict.reason if golden.passed else golden.reason,
-                              {**verdict.figures, **golden.figures})
-        if not verdict.passed:
-            await candidate.worker.close()
-            await self._fail(trial, "canary", verdict)
-            return False
-        await self.report("canary_passed", version=trial.version, figures=verdict.figures)
-        if stop.is_set():  # stopping: no switch now; the next start resumes the trial
-            await candidate.worker.close()
-            return False
-        try:
-            await candidate.worker.end_yield()
-        except AgentError as exc:  # at idle priority it would serve only a core nobody wants
-            await candidate.worker.close()
-            await self._fail(trial, "priority", Verdict(
-                False, f"the candidate did not return to normal CPU priority: {exc}",
-                verdict.figures))
-            return False
+        # Held at most for as long as its load may take: under a full backlog the update
+        # takes at most one load deadline longer than it would unheld (agent/inference/hold.py).
+        # Whatever ends the block (promotion, refusal, a stop, a cancel) continues it for good.
+        with CandidateHold(self._switch.serving.worker,
+                           self._settings.model.load_timeout_s) as hold:
+            candidate = await self._start_candidate(state, trial, manifest, hold)
+            if candidate is None:
+                return False
+            verdict = await run_canary(candidate, self._settings.routes,
+                                       canaries_for(self._settings.routes, manifest.canary),
+                                       self._ota, self._settings.model.seed)
+            if verdict.passed and manifest.golden:
+                golden = await self._golden(trial, manifest, candidate.complete,
+                                            self._ota.golden_max_items, "canary")
+                verdict = Verdict(golden.passed,
+                                  verdict.reason if golden.passed else golden.reason,
+                                  {**verdict.figures, **golden.figures})
+            if not verdict.passed:
+                await candidate.worker.close()
+                await self._fail(trial, "canary", verdict, candidate_held=hold.figures())
+                return False
+            await self.report("canary_passed", version=trial.version, figures=verdict.figures,
+                              candidate_held=hold.figures())
+            if stop.is_set():  # stopping: no switch now; the next start resumes the trial
+                await candidate.worker.close()
+                return False
+            try:
+                await candidate.worker.end_yield()  # ends the hold first
+            except AgentError as exc:  # at idle priority it would serve only a core nobody wants
+                await candidate.worker.close()
+                await self._fail(trial, "priority", Verdict(
+                    False, f"the candidate did not return to normal CPU priority: {exc}",
+                    verdict.figures))
+                return False
         return await self._switch_and_judge(trial, candidate, baseline, stop)
 
     async def _resume(self, trial: Trial, stop: asyncio.Event) -> None:
@@ -300,20 +309,23 @@ class Ota:
         discard(directory)
 
     async def _start_candidate(self, state: OtaState, trial: Trial,
-                               manifest: modelpkg.Manifest) -> Served | None:
+                               manifest: modelpkg.Manifest, hold: CandidateHold
+                               ) -> Served | None:
         section, name = model_for(self._settings, state, self._models, trial.version)
         info = ModelInfo(name=name, version=trial.version, sha256=manifest.sha256,
                          path=str(section.path))
         # Under SCHED_IDLE until it passes (agent/inference/priority.py): its load, canary and
-        # golden set take only CPU time the serving worker leaves unused.
-        worker = InferenceWorker(section, info, yield_cpu=True)
+        # golden set take only CPU time the serving worker leaves unused, and none while it
+        # answers (`hold`).
+        worker = InferenceWorker(section, info, yield_cpu=True, hold=hold)
         try:
             await worker.start()
         except ModelLoadError as exc:
-            await self._fail(trial, "load", Verdict(False, str(exc), {}))
+            await self._fail(trial, "load", Verdict(False, str(exc), {}),
+                             candidate_held=hold.figures())
             return None
         await self.report("loaded", version=trial.version, pid=worker.pid,
-                          scheduling=worker.scheduling)
+                          scheduling=worker.scheduling, candidate_held=hold.figures())
         return Served(worker)
 
     async def _switch_and_judge(self, trial: Trial, candidate: Served, baseline: Figures | None,
