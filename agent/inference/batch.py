@@ -14,11 +14,19 @@ loop of `_create_completion` (end of generation, stop strings, a UTF-8 character
 tokens, max_tokens), step for step. tests/test_worker_batch.py checks the outputs token for token
 against requests answered one at a time.
 
-The shared part of the prompts (a route's system prompt and instruction) lives in sequence 0,
-which is also the sequence `Llama` itself uses: it is evaluated once (or found already evaluated,
-the prefix cache of agent/inference/worker.py) and shared with each request's sequence by
-llama_memory_seq_cp, which in a unified cache only tags the cells. Afterwards sequence 0 holds
-exactly that prefix and `Llama` knows it, so the next request, batched or not, reuses it.
+What pays is the prompt evaluated, not the steps shared: one at a time, `Llama` evaluates only
+what a prompt does not share with the previous one, and a batch must do at least as well. So the
+sequences are kept between batches, each with the prompt it last answered (`Sequences`, as
+llama-server keeps its slots with cache_prompt), and a request starts from the longest part of
+its prompt that any sequence holds, shared by llama_memory_seq_cp (which in a unified cache
+only tags the cells). Readings of one topic differ only from their payload on: in a backlog
+each evaluates little more than its payload. Sequence 0 is `Llama`'s own (its prompt cache,
+and the prefix states of agent/inference/worker.py); a batch reads it and leaves its last
+prompt there, as if that request had been answered alone.
+
+Every sequence's token attends over all cells in use (llama.cpp's unified cache masks the
+others' cells but computes them), so kept sequences make each decoded token dearer; what they
+save in evaluated prompt outweighs that on the bench (docs/benchmarks.md).
 """
 
 from __future__ import annotations

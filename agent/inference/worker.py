@@ -11,7 +11,8 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 {"event": "error", "error": ...}; then for each request line it writes exactly one response line.
 A line {"id": ..., "batch": [request, ...]} carries several requests (issue 16: a backlog); its
 response {"id": ..., "batch": [response, ...]} answers them in order, each as it would have been
-answered alone (agent/inference/batch.py decodes them together).
+answered alone (agent/inference/batch.py decodes them together, in sequences it keeps from one
+batch line to the next; a request line drops them first, so it costs what it did without batching).
 The protocol uses a private copy of the original stdout; fd 1 is pointed at stderr so anything the
 C library prints cannot corrupt the protocol.
 
