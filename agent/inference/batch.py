@@ -221,10 +221,10 @@ class Sequences:
     only its own sequence holds it (the one free sequence that holds that much), else copied
     into an empty or the least recently used sequence, so the other prompts stay; or, longer
     still, from an earlier request of the same batch once that one's prompt is evaluated. It
-    evaluates only the rest. Readings of one topic differ only from
-    their payload on, so in a backlog each reading evaluates its payload instead of everything
-    after the route's prompt. Kept sequences that are not needed are evicted, least recently
-    used first, when the batch needs their cells.
+    evaluates only the rest. Readings of one topic differ only from their payload on, so in a
+    backlog each reading evaluates its payload instead of everything after the route's prompt.
+    Kept sequences that are not needed are evicted, least recently used first, when the batch
+    needs their cells.
 
     Sequence 0 is `Llama`'s own, and a source like the others; after a batch it holds the
     batch's last prompt, as after that request answered alone. `Llama`'s state saves and loads
@@ -251,9 +251,7 @@ class Sequences:
         packs them (the values are copied, not recomputed: answers do not change)."""
         if self.empty():
             return
-        for seq in self._held:
-            self._llm._ctx.kv_cache_seq_rm(seq, -1, -1)
-            self._held[seq] = _Held()
+        self._drop()
         ctx = self._llm._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         data = (ctypes.c_uint8 * size)()
@@ -261,6 +259,11 @@ class Sequences:
         self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
         if copied != size or llama_cpp.llama_state_seq_set_data(ctx, data, size, 0) != size:
             self._llm.reset()  # type: ignore[no-untyped-call]  # evaluated again, from the start
+
+    def _drop(self) -> None:
+        for seq in self._held:
+            self._llm._ctx.kv_cache_seq_rm(seq, -1, -1)
+            self._held[seq] = _Held()
 
     def decode(self, args: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer the first requests of `args` (rendered, each batchable, at most one per
@@ -301,7 +304,7 @@ class Sequences:
         except Exception:
             for request in requests:
                 request.sampler.close()  # type: ignore[no-untyped-call]
-            self.clear()
+            self._drop()
             llm.reset()  # type: ignore[no-untyped-call]
             raise
         self._clock += 1
