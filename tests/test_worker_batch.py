@@ -93,29 +93,84 @@ def test_a_batch_answers_every_reading_token_for_token_as_one_at_a_time(
     assert all(r["ok"] for r in expected + got), got
     assert answers(got) == answers(expected)
     assert answers(single) == answers(expected[:4])
-    # They really were decoded together (six of each route: 4, then 2).
+    # They really were decoded together, both routes in one batch, as many as fit at once.
     assert all("batch_error" not in r for r in got)
-    assert sorted(r.get("batch_size", 1) for r in got) == [2] * 4 + [4] * 8
+    assert all("batch_size" in r for r in got)
+    assert max(r["batch_size"] for r in got) == 4
     assert len({r["text"] for r in got}) > 2  # not one answer for all
 
 
 def test_a_batch_reuses_its_routes_prefix_and_leaves_it_for_the_next_request(
     tiny_model: Path,
 ) -> None:
-    """A second batch of a route finds the route's prompt already evaluated (in the prefix
-    cache or in sequence 0), and so does a single request of that route after it."""
+    """In a first batch only the first reading evaluates the route's prompt, the others copy
+    it; a second batch of the route, after one of another route, finds it in the sequences
+    kept from the first, and a single request of that route after it finds it in sequence 0."""
     worker = Worker(tiny_model, max_batch=4)
     try:
-        first = worker.send({"batch": [request(i) for i in (0, 2, 4, 6)]})["batch"]
-        worker.send({"batch": [request(i) for i in (1, 3, 5, 7)]})  # the other route between
-        second = worker.send({"batch": [request(i) for i in (8, 10, 12, 14)]})["batch"]
+        first = worker.send({"batch": [request(i) for i in (0, 2)]})["batch"]
+        worker.send({"batch": [request(i) for i in (1, 3)]})  # the other route between
+        second = worker.send({"batch": [request(i) for i in (8, 10)]})["batch"]
         after = worker.send(request(16))
     finally:
         worker.close()
-    assert all(r["reused_tokens"] == 0 for r in first)
+    assert first[0]["reused_tokens"] == 0
     # The route's prompt up to the reading's topic, most of each prompt.
-    for r in [*second, after]:
+    for r in [*first[1:], *second, after]:
         assert r["reused_tokens"] > 0.6 * r["prompt_tokens"], r
+
+
+def test_readings_of_one_topic_share_their_prompt_within_a_batch_and_across_batches(
+    tiny_model: Path,
+) -> None:
+    """Readings of one route and topic differ only from their payload on: in a first batch
+    the first evaluates its prompt and the others copy all of it up to the payload; in the
+    next batch each finds that much in a kept sequence. Both answer as alone."""
+    first = [request(i) for i in (0, 6, 12)]  # i % 6 == 0: route a, topic s/0
+    second = [request(i) for i in (18, 24, 30)]
+    alone = Worker(tiny_model, max_batch=1)
+    try:
+        expected = [alone.send(r) for r in first + second]
+    finally:
+        alone.close()
+    batched = Worker(tiny_model, max_batch=4)
+    try:
+        got = (batched.send({"batch": first})["batch"]
+               + batched.send({"batch": second})["batch"])
+    finally:
+        batched.close()
+    assert answers(got) == answers(expected)
+    assert [r["batch_size"] for r in got] == [3] * 6
+    assert got[0]["reused_tokens"] == 0
+    for r in got[1:]:
+        assert r["reused_tokens"] > 0.85 * r["prompt_tokens"], r
+
+
+def test_a_reading_whose_kept_sequence_was_evicted_answers_as_alone(tiny_model: Path) -> None:
+    """With a cache too small to keep every sequence, a batch evicts the kept sequence it does
+    not use (the least recently used); a later reading of that sequence's topic starts from
+    the route's prompt instead, evaluates more, and answers as alone."""
+    parts = [[0, 1, 2], [7, 8], [6, 12]]  # 7 and 8 match 1 and 2; 6 and 12 match 0
+    alone = Worker(tiny_model, max_batch=1, n_ctx=768)
+    try:
+        expected = [alone.send(request(i)) for part in parts for i in part]
+    finally:
+        alone.close()
+
+    def run(n_ctx: int) -> list[dict[str, Any]]:
+        worker = Worker(tiny_model, max_batch=3, n_ctx=n_ctx)
+        try:
+            return [r for part in parts
+                    for r in worker.send({"batch": [request(i) for i in part]})["batch"]]
+        finally:
+            worker.close()
+
+    tight, roomy = run(768), run(2048)
+    assert answers(tight) == answers(expected) == answers(roomy)
+    assert [r["batch_size"] for r in tight] == [3, 3, 3, 2, 2, 2, 2]
+    # Reading 6 finds its topic's prompt (reading 0's) kept in the roomy cache only.
+    assert tight[5]["reused_tokens"] < roomy[5]["reused_tokens"]
+    assert roomy[5]["reused_tokens"] > 0.85 * roomy[5]["prompt_tokens"]
 
 
 def test_a_batch_larger_than_the_context_holds_is_answered_in_parts(tiny_model: Path) -> None:

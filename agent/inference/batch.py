@@ -9,24 +9,34 @@ once per step for all of them instead of once per request.
 The answer must be the one the request gets from `Llama.create_chat_completion` alone. So nothing
 about a request is rebuilt here: the chat handler renders it and hands its arguments to
 `create_completion`, which we intercept (`render`); the sampler chain is the library's own
-(`Llama._init_sampler`, seeded as `_create_completion` seeds it); and `_Slot.take` is the token
+(`Llama._init_sampler`, seeded as `_create_completion` seeds it); and `_Request.take` is the token
 loop of `_create_completion` (end of generation, stop strings, a UTF-8 character split over
 tokens, max_tokens), step for step. tests/test_worker_batch.py checks the outputs token for token
 against requests answered one at a time.
 
-The shared part of the prompts (a route's system prompt and instruction) lives in sequence 0,
-which is also the sequence `Llama` itself uses: it is evaluated once (or found already evaluated,
-the prefix cache of agent/inference/worker.py) and shared with each request's sequence by
-llama_memory_seq_cp, which in a unified cache only tags the cells. Afterwards sequence 0 holds
-exactly that prefix and `Llama` knows it, so the next request, batched or not, reuses it.
+What pays is the prompt evaluated, not the steps shared: one at a time, `Llama` evaluates only
+what a prompt does not share with the previous one, and a batch must do at least as well. So the
+sequences are kept between batches, each with the prompt it last answered (`Sequences`, as
+llama-server keeps its slots with cache_prompt), and a request starts from the longest part of
+its prompt that any sequence holds, shared by llama_memory_seq_cp (which in a unified cache
+only tags the cells). Readings of one topic differ only from their payload on: in a backlog
+each evaluates little more than its payload. Sequence 0 is `Llama`'s own (its prompt cache,
+and the prefix states of agent/inference/worker.py); a batch reads it and leaves its last
+prompt there, as if that request had been answered alone.
+
+Every sequence's token attends over all cells in use (llama.cpp's unified cache masks the
+others' cells but computes them), so kept sequences make each decoded token dearer; what they
+save in evaluated prompt outweighs that on the bench (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,16 +106,20 @@ def batchable(args: dict[str, Any]) -> bool:
 
 
 @dataclass
-class _Slot:
-    """One request in the batch: its sequence and sampler, and `_create_completion`'s state."""
+class _Request:
+    """One request in the batch: its sequence and sampler, how much of its prompt is evaluated
+    (-1 while it waits for its leader), and `_create_completion`'s state."""
 
-    index: int
     seq: int
     prompt: list[int]
     max_tokens: int
     stop: list[bytes]
     criteria: Any
     sampler: LlamaSampler
+    reused: int
+    leader: int | None
+    cells: list[int]
+    evaluated: int
     completion: list[int] = field(default_factory=list)
     text: bytes = b""
     finish_reason: str = "length"
@@ -150,11 +164,11 @@ class _Slot:
         """Where the last sampled token goes in the sequence."""
         return len(self.prompt) + len(self.completion) - 1
 
-    def response(self, reused: int, started: float) -> dict[str, Any]:
+    def response(self, started: float) -> dict[str, Any]:
         return {"ok": True, "text": self.text.decode("utf-8", errors="ignore"),
                 "finish_reason": self.finish_reason, "prompt_tokens": len(self.prompt),
                 "completion_tokens": len(self.completion),
-                "latency_ms": (time.perf_counter() - started) * 1000, "reused_tokens": reused}
+                "latency_ms": (time.perf_counter() - started) * 1000, "reused_tokens": self.reused}
 
 
 def max_tokens_for(llm: Llama, prompt: Sequence[int], max_tokens: int | None) -> int:
@@ -167,111 +181,267 @@ def max_tokens_for(llm: Llama, prompt: Sequence[int], max_tokens: int | None) ->
     return max_tokens if max_tokens + len(prompt) < n_ctx else n_ctx - len(prompt)
 
 
-def cells_needed(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> int:
-    """KV cells a batch of these prompts may fill: the shared prefix once, then each request's
-    rest and answer (a UTF-8 character split over tokens may run 3 past max_tokens)."""
-    shared = common_prefix(prompts)
-    return shared + sum(len(p) - shared + m + 3 for p, m in zip(prompts, max_tokens, strict=True))
-
-
-def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving each at least one of its own: its last token's
-    logits are what its first sample reads."""
-    shortest = min(len(p) for p in prompts)
+def _shared(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Tokens `a` and `b` both start with, at most `limit`."""
     count = 0
-    while count < shortest - 1 and all(p[count] == prompts[0][count] for p in prompts):
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
         count += 1
     return count
 
 
-def decode_together(llm: Llama, args: list[dict[str, Any]],
-                    on_prefix: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Answer the rendered requests `args` (each batchable, all fitting the cache together) in
-    one set of llama_decode calls, and return their responses in order.
+@dataclass
+class _Held:
+    """What a sequence holds: a prompt's first tokens, and an id per position for the KV cell
+    behind it (sequences that share cells, by llama_memory_seq_cp, share ids)."""
 
-    `on_prefix()` runs once the shared prefix is in sequence 0 and nothing else is in the
-    cache (the worker saves its prefix state there). A failed decode raises RuntimeError after
-    the other sequences are removed and `llm` is reset; the caller answers the requests alone.
+    tokens: list[int] = field(default_factory=list)
+    cells: list[int] = field(default_factory=list)
+    used: int = 0  # when it last served a request (Sequences' clock)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a request's sequence starts from: `reused` cells of `source` (its own sequence's
+    kept prompt, sequence 0, or another kept sequence), or, when `leader` is set, the first
+    `reused` cells of that earlier request of the batch once its prompt is evaluated."""
+
+    seq: int
+    source: int
+    reused: int
+    leader: int | None
+
+
+class Sequences:
+    """Sequences 1..count of a context made by `with_sequences`, kept between batches as
+    llama-server keeps its slots (cache_prompt): each holds the prompt it last answered.
+
+    A request starts from the longest part of its prompt any sequence holds: in place when
+    only its own sequence holds it (the one free sequence that holds that much), else copied
+    into an empty or the least recently used sequence, so the other prompts stay; or, longer
+    still, from an earlier request of the same batch once that one's prompt is evaluated. It
+    evaluates only the rest. Readings of one topic differ only from their payload on, so in a
+    backlog each reading evaluates its payload instead of everything after the route's prompt.
+    Kept sequences that are not needed are evicted, least recently used first, when the batch
+    needs their cells.
+
+    Sequence 0 is `Llama`'s own, and a source like the others; after a batch it holds the
+    batch's last prompt, as after that request answered alone. `Llama`'s state saves and loads
+    (the worker's prefix states, agent/inference/worker.py) cover every sequence, so the worker
+    drops the kept ones (`clear`) before it answers a request alone.
     """
-    started = time.perf_counter()
-    prompts = [list(a["prompt"]) for a in args]
-    shared = common_prefix(prompts)
-    # Sequence 0: keep what is already evaluated of the shared prefix, evaluate the rest.
-    before = llm.input_ids[: llm.n_tokens].tolist()
-    reused = 0
-    for a, b in zip(before, prompts[0][:shared], strict=False):
-        if a != b:
-            break
-        reused += 1
-    slots: list[_Slot] = []
-    try:
-        llm.n_tokens = reused
-        llm.eval(prompts[0][reused:shared])  # removes seq 0's cells past `reused` first
-        if on_prefix is not None:
-            on_prefix()
-        for index, (a, prompt) in enumerate(zip(args, prompts, strict=True)):
-            # As _create_completion seeds it: the request's seed, else one drawn from the last.
-            seed = a.get("seed")
-            llm.set_seed(int(seed) if seed is not None
-                         else random.Random(llm._seed).randint(0, 2**32))
-            sampler = llm._init_sampler(
-                top_k=a.get("top_k", 40), top_p=a.get("top_p", 0.95),
-                min_p=a.get("min_p", 0.05), typical_p=a.get("typical_p", 1.0),
-                temp=a.get("temperature", 0.8), repeat_penalty=a.get("repeat_penalty", 1.0),
-                frequency_penalty=a.get("frequency_penalty", 0.0),
-                presence_penalty=a.get("presence_penalty", 0.0), tfs_z=a.get("tfs_z", 1.0),
-                grammar=a.get("grammar"))
-            stop = a.get("stop") or []
-            stop = [stop] if isinstance(stop, str) else stop
-            slots.append(_Slot(index=index, seq=index + 1, prompt=prompt,
-                               max_tokens=max_tokens_for(llm, prompt, a.get("max_tokens")),
-                               stop=[s.encode("utf-8") for s in stop],
-                               criteria=a.get("stopping_criteria"), sampler=sampler))
-            llm._ctx.kv_cache_seq_cp(0, index + 1, -1, -1)
-        _run(llm, slots, shared)
-    except Exception:
-        for slot in slots:
-            llm._ctx.kv_cache_seq_rm(slot.seq, -1, -1)
-        llm.reset()  # type: ignore[no-untyped-call]
-        raise
-    finally:
-        for slot in slots:
-            slot.sampler.close()  # type: ignore[no-untyped-call]
-    for slot in slots:
-        llm._ctx.kv_cache_seq_rm(slot.seq, -1, -1)
-    # Sequence 0 holds the shared prefix, but the context's logits are not its last token's.
-    llm._requires_eval = True
-    return [slot.response(reused, started) for slot in slots]
 
+    def __init__(self, llm: Llama, count: int) -> None:
+        self._llm = llm
+        self._held = {seq: _Held() for seq in range(1, count + 1)}
+        self._zero = _Held()
+        self._ids = itertools.count()
+        self._clock = 0
 
-def _run(llm: Llama, slots: list[_Slot], shared: int) -> None:
-    """Evaluate each slot's own part of its prompt, then decode one token of every unfinished
-    slot per llama_decode until all are done."""
-    n_batch = llm.n_batch
-    with contextlib.closing(LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1,
-                                       verbose=False)) as batch:
-        # The prompts' own parts, packed into as few decodes as n_batch allows; a slot's first
-        # token is sampled right after the decode that holds its last prompt token (the next
-        # decode overwrites the logits).
-        pending = [(slot, pos) for slot in slots for pos in range(shared, len(slot.prompt))]
-        for start in range(0, len(pending), n_batch):
-            chunk = pending[start:start + n_batch]
-            last = [(i, slot) for i, (slot, pos) in enumerate(chunk)
-                    if pos == len(slot.prompt) - 1]
-            _fill(batch, [(slot.prompt[pos], pos, slot.seq, pos == len(slot.prompt) - 1)
-                          for slot, pos in chunk])
-            llm._ctx.decode(batch)
-            for i, slot in last:
-                slot.take(llm, slot.sampler.sample(llm._ctx, i))
+    def empty(self) -> bool:
+        return not any(held.tokens for held in self._held.values())
+
+    def clear(self) -> None:
+        """Remove every kept sequence's cells, and move sequence 0's to the start of the cache.
+
+        llama.cpp attends over every cell up to the last one in use (n_kv), masked or not, so
+        a lone request after a batch would read about the whole cache for every token unless
+        its cells are packed at the start again; a copy out and back of sequence 0's state
+        packs them (the values are copied, not recomputed: answers do not change)."""
+        if self.empty():
+            return
+        self._drop()
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        data = (ctypes.c_uint8 * size)()
+        copied = llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)
+        self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
+        if copied != size or llama_cpp.llama_state_seq_set_data(ctx, data, size, 0) != size:
+            self._llm.reset()  # type: ignore[no-untyped-call]  # evaluated again, from the start
+
+    def _drop(self) -> None:
+        for seq in self._held:
+            self._llm._ctx.kv_cache_seq_rm(seq, -1, -1)
+            self._held[seq] = _Held()
+
+    def decode(self, args: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answer the first requests of `args` (rendered, each batchable, at most one per
+        sequence) that fit the cache together, at least one, in one set of llama_decode calls;
+        return their responses in order.
+
+        RuntimeError when even the first does not fit, or after a failed decode (the kept
+        sequences dropped and `llm` reset); the caller answers those requests alone.
+        """
+        started = time.perf_counter()
+        llm = self._llm
+        zero = llm.input_ids[: llm.n_tokens].tolist()
+        if zero != self._zero.tokens:  # Llama answered alone meanwhile (the kept ones are gone)
+            self._zero = _Held(zero, [next(self._ids) for _ in zero])
+        prompts = [list(a["prompt"]) for a in args]
+        count, evicted = len(args), set[int]()
         while True:
-            active = [slot for slot in slots if not slot.done]
-            if not active:
-                return
-            _fill(batch, [(slot.completion[-1], slot.position, slot.seq, True)
-                          for slot in active])
-            llm._ctx.decode(batch)
-            for i, slot in enumerate(active):
-                slot.take(llm, slot.sampler.sample(llm._ctx, i))
+            starts, cells = self._plan(prompts[:count], evicted)
+            if cells + sum(a["max_tokens"] + 3 for a in args[:count]) <= llm.n_ctx():
+                break
+            claimed = {start.seq for start in starts}
+            idle = sorted((held.used, seq) for seq, held in self._held.items()
+                          if held.tokens and seq not in claimed and seq not in evicted)
+            if idle:
+                evicted.add(idle[0][1])
+            elif count > 1:
+                count, evicted = count - 1, set()
+            else:
+                raise RuntimeError("the request does not fit the cache beside sequence 0")
+        requests: list[_Request] = []
+        try:
+            for seq in evicted:
+                llm._ctx.kv_cache_seq_rm(seq, -1, -1)
+                self._held[seq] = _Held()
+            for a, prompt, start in zip(args, prompts, starts, strict=False):
+                requests.append(self._request(a, prompt, start))
+            self._run(requests)
+        except Exception:
+            for request in requests:
+                request.sampler.close()  # type: ignore[no-untyped-call]
+            self._drop()
+            llm.reset()  # type: ignore[no-untyped-call]
+            raise
+        self._clock += 1
+        for request in requests:
+            request.sampler.close()  # type: ignore[no-untyped-call]
+            # Keep the prompt for the next batch; the answer's cells go.
+            llm._ctx.kv_cache_seq_rm(request.seq, len(request.prompt), -1)
+            self._held[request.seq] = _Held(request.prompt, request.cells, self._clock)
+        # Sequence 0 takes the last prompt (its cells shared), so a request answered alone after
+        # the backlog finds it evaluated, as after a request answered alone. The context's
+        # logits are not its last token's: `Llama` evaluates that token again.
+        last = requests[-1]
+        llm._ctx.kv_cache_seq_rm(0, -1, -1)
+        llm._ctx.kv_cache_seq_cp(last.seq, 0, 0, len(last.prompt))
+        llm.input_ids[: len(last.prompt)] = last.prompt
+        llm.n_tokens = len(last.prompt)
+        llm._requires_eval = True
+        self._zero = _Held(last.prompt, last.cells)
+        return [request.response(started) for request in requests]
+
+    def _plan(self, prompts: list[list[int]], evicted: set[int]
+              ) -> tuple[list[_Start], int]:
+        """Where each prompt starts from, and the cells in use once the sequences are set up
+        plus those the prompts' rest will take."""
+        held = {seq: _Held() if seq in evicted else h for seq, h in self._held.items()}
+        held[0] = self._zero
+        starts: list[_Start] = []
+        fresh = 0
+        for prompt in prompts:
+            # Its last token is always evaluated: its logits are what the first sample reads.
+            limit = len(prompt) - 1
+            shares = {seq: _shared(prompt, h.tokens, limit) for seq, h in held.items()}
+            best = max(shares.values())
+            free = [seq for seq in self._held if seq not in {s.seq for s in starts}]
+            holding = [seq for seq in self._held if shares[seq] == best]
+            if best > 0 and len(holding) == 1 and holding[0] in free:
+                seq = holding[0]  # the one kept sequence holding that much: reuse it in place
+            else:
+                # What it starts from is elsewhere too (copied, sharing the cells): take an
+                # empty sequence, else the least recently used, and keep the others' prompts.
+                seq = min(free, key=lambda s: (bool(held[s].tokens), held[s].used))
+            source, reused = seq, shares[seq]
+            for other, shared in shares.items():
+                if shared > reused:
+                    source, reused = other, shared
+            leader = None
+            for index, start in enumerate(starts):
+                shared = _shared(prompt, prompts[index], limit)
+                if start.leader is None and shared > reused:
+                    leader, reused = index, shared
+            if leader is None:
+                held[seq] = _Held(prompt[:reused], held[source].cells[:reused])
+            else:
+                held[seq] = _Held()
+            starts.append(_Start(seq, source, reused, leader))
+            fresh += len(prompt) - reused
+        in_use = set().union(*(h.cells for h in held.values()))
+        return starts, len(in_use) + fresh
+
+    def _request(self, a: dict[str, Any], prompt: list[int], start: _Start) -> _Request:
+        """Set up the request's sequence (unless it waits for a leader) and its sampler."""
+        llm = self._llm
+        if start.leader is None:
+            source = self._zero if start.source == 0 else self._held[start.source]
+            cells = source.cells[: start.reused]
+            if start.source == start.seq:
+                llm._ctx.kv_cache_seq_rm(start.seq, start.reused, -1)
+            else:
+                llm._ctx.kv_cache_seq_rm(start.seq, -1, -1)
+                llm._ctx.kv_cache_seq_cp(start.source, start.seq, 0, start.reused)
+            self._held[start.seq] = _Held(prompt[: start.reused], cells)
+        else:
+            # Filled from the leader's sequence once evaluated (_run); until then it holds
+            # nothing another request could start from.
+            llm._ctx.kv_cache_seq_rm(start.seq, -1, -1)
+            self._held[start.seq] = _Held()
+            cells = []
+        # As _create_completion seeds it: the request's seed, else one drawn from the last.
+        seed = a.get("seed")
+        llm.set_seed(int(seed) if seed is not None
+                     else random.Random(llm._seed).randint(0, 2**32))
+        sampler = llm._init_sampler(
+            top_k=a.get("top_k", 40), top_p=a.get("top_p", 0.95),
+            min_p=a.get("min_p", 0.05), typical_p=a.get("typical_p", 1.0),
+            temp=a.get("temperature", 0.8), repeat_penalty=a.get("repeat_penalty", 1.0),
+            frequency_penalty=a.get("frequency_penalty", 0.0),
+            presence_penalty=a.get("presence_penalty", 0.0), tfs_z=a.get("tfs_z", 1.0),
+            grammar=a.get("grammar"))
+        stop = a.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        return _Request(seq=start.seq, prompt=prompt, max_tokens=int(a["max_tokens"]),
+                        stop=[s.encode("utf-8") for s in stop],
+                        criteria=a.get("stopping_criteria"), sampler=sampler,
+                        reused=start.reused, leader=start.leader, cells=list(cells),
+                        evaluated=start.reused if start.leader is None else -1)
+
+    def _run(self, requests: list[_Request]) -> None:
+        """Per llama_decode: the last sampled token of every request generating, then as much
+        of the prompts' rest as n_batch allows; a request's first token is sampled right after
+        the decode that holds its last prompt token (the next decode overwrites the logits)."""
+        llm = self._llm
+        n_batch = llm.n_batch
+        with contextlib.closing(LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1,
+                                           verbose=False)) as batch:
+            while True:
+                for request in requests:
+                    if request.leader is not None and request.evaluated < 0:
+                        leader = requests[request.leader]
+                        if leader.evaluated == len(leader.prompt):
+                            llm._ctx.kv_cache_seq_cp(leader.seq, request.seq, 0, request.reused)
+                            request.cells = leader.cells[: request.reused]
+                            request.evaluated = request.reused
+                entries: list[tuple[int, int, int, bool]] = []
+                sampled: list[tuple[int, _Request]] = []
+                for request in requests:
+                    if not request.done and request.evaluated == len(request.prompt):
+                        sampled.append((len(entries), request))
+                        entries.append((request.completion[-1], request.position, request.seq,
+                                        True))
+                for request in requests:
+                    first = max(request.evaluated, 0)
+                    take = min(len(request.prompt) - first, n_batch - len(entries))
+                    if request.evaluated < 0 or take <= 0:
+                        continue
+                    for pos in range(first, first + take):
+                        last = pos == len(request.prompt) - 1
+                        if last:
+                            sampled.append((len(entries), request))
+                        entries.append((request.prompt[pos], pos, request.seq, last))
+                    request.cells += [next(self._ids) for _ in range(take)]
+                    request.evaluated += take
+                if not entries:
+                    return
+                _fill(batch, entries)
+                llm._ctx.decode(batch)
+                for index, request in sampled:
+                    request.take(llm, request.sampler.sample(llm._ctx, index))
 
 
 def _fill(batch: LlamaBatch, tokens: list[tuple[int, int, int, bool]]) -> None:

@@ -12,8 +12,7 @@ next request after a backoff, and `model_recovered` when it answers again. The p
 readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
 
 Requests that arrive while the worker is busy wait together and go to it as one batch line, up to
-`max_batch` (issue 16: a backlog is decoded several readings at once, agent/inference/batch.py;
-off by default, see DEFAULT_MAX_BATCH);
+`max_batch` (issue 16: a backlog is decoded several readings at once, agent/inference/batch.py);
 a request that finds the worker idle goes alone at once, so latency at low load does not grow.
 The batch forms here, from concurrent callers, rather than in the pipeline: each reading keeps
 its own retries, schema checks and commit, and callers need not know about batching.
@@ -60,11 +59,10 @@ _REAP_TIMEOUT_S = 5.0
 # prompt and answer take KV cells of the one context, so the worker decodes fewer at once when
 # they do not fit (agent/inference/worker.py), never more.
 MAX_BATCH = 8
-# Batching is off by default (one request per line, the context as before): on the shared 2-core
-# machine of issue 16 it did not yet beat one at a time on the bench model, and the batching
-# context (n_seq_max > 1, unified KV) may slow a lone request. Set to MAX_BATCH once
-# tools/bench.py's catch-up rows show the gain on a quiet machine.
-DEFAULT_MAX_BATCH = 1
+# On by default: a batch evaluates only what its readings' prompts do not share with the sequences
+# kept from earlier batches (agent/inference/batch.py), which is what makes it pay; a request that
+# finds the worker idle still goes alone, as before.
+DEFAULT_MAX_BATCH = MAX_BATCH
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ Protocol: one JSON object per line. After loading it writes {"event": "ready", .
 {"event": "error", "error": ...}; then for each request line it writes exactly one response line.
 A line {"id": ..., "batch": [request, ...]} carries several requests (issue 16: a backlog); its
 response {"id": ..., "batch": [response, ...]} answers them in order, each as it would have been
-answered alone (agent/inference/batch.py decodes them together).
+answered alone (agent/inference/batch.py decodes them together, in sequences it keeps from one
+batch line to the next; a request line drops them first, so it costs what it did without batching).
 A candidate worker (agent/ota/updates.py) is started through `python -m agent.inference.priority`,
 which puts it under SCHED_IDLE before this module's imports (a quarter of a CPU-second) run: it
 loads and answers its canary at idle priority, and its ready line says `"scheduling": "idle"`.
@@ -77,6 +78,8 @@ class Engine:
     def __init__(self, llm: Llama, max_batch: int = 1) -> None:
         self._llm = llm
         self._max_batch = max_batch
+        # Sequences kept between batches (the context made by batch.with_sequences).
+        self._sequences = batch.Sequences(llm, max_batch) if max_batch > 1 else None
         self._grammars: dict[str, LlamaGrammar] = {}
         # Prefix cache (issue 6): for each request's `prefix_key` (a route's fixed prompt), the
         # model state after its first request. llama-cpp-python already reuses the KV cache for
@@ -101,6 +104,7 @@ class Engine:
         if key is not None and key != self._last_key and key in self._prefix_states:
             self._llm.load_state(self._prefix_states[key])
             self._prefix_states.move_to_end(key)
+            self._last_key = key
 
     def _keep_prefix(self, key: str | None) -> None:
         if key is not None and key not in self._prefix_states:
@@ -112,6 +116,10 @@ class Engine:
         schema = request.get("schema")
         started = time.perf_counter()
         key = request.get("prefix_key")
+        if self._sequences is not None:
+            # Alone, `Llama` has the context to itself: its state saves and loads (the prefix
+            # states) cover every sequence, and a lone request must not pay for kept ones.
+            self._sequences.clear()
         self._restore_prefix(key)
         before = list(self._llm.input_ids)
         response: Any = self._llm.create_chat_completion(
@@ -139,49 +147,60 @@ class Engine:
     def complete_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer `requests` in order, each as `complete` would answer it alone.
 
-        Requests of one prefix key (one route's prompt) are decoded together, as many as fit
-        `max_batch` and the context; a part of one, a request the batched decode does not
+        Up to `max_batch` at a time are decoded together in the kept sequences
+        (batch.Sequences), as many as fit the context; a request the batched decode does not
         reproduce (batch.batchable) and a part whose decode fails are answered one by one.
         Responses of a batched decode carry `batch_size`; those answered alone after a failed
         decode carry `batch_error`.
         """
         responses: list[dict[str, Any] | None] = [None] * len(requests)
-        groups: dict[str | None, list[int]] = {}
+        waiting: list[tuple[int, dict[str, Any]]] = []
         for index, request in enumerate(requests):
-            groups.setdefault(request.get("prefix_key"), []).append(index)
-        for key, indexes in groups.items():
-            for part in self._partition([(i, requests[i]) for i in indexes]):
-                failure: str | None = None
-                if len(part) > 1:
-                    try:
-                        answered = self._together(key, [args for _, args in part if args])
-                    except RuntimeError as exc:  # llama_decode failed: no cell left, say
-                        failure = str(exc)
-                    else:
-                        for (index, _), response in zip(part, answered, strict=True):
-                            responses[index] = response
-                        continue
-                for index, _ in part:
-                    response = self._alone(requests[index])
-                    if failure is not None:
-                        response["batch_error"] = failure
-                    responses[index] = response
+            args = self._arguments(request) if self._sequences is not None else None
+            if args is None:
+                responses[index] = self._alone(request)
+            else:
+                waiting.append((index, args))
+        while waiting:
+            part = waiting[: self._max_batch]
+            try:
+                answered = self._together([requests[index].get("prefix_key") for index, _ in part],
+                                          [args for _, args in part])
+            except RuntimeError as exc:  # llama_decode failed, or no room beside sequence 0
+                answered = [self._alone(requests[index], batch_error=str(exc))
+                            for index, _ in part]
+            # A batched decode answers the first of the part that fit the context.
+            for (index, _), response in zip(part, answered, strict=False):
+                responses[index] = response
+            waiting = waiting[len(answered):]
         return [response for response in responses if response is not None]
 
-    def _together(self, key: str | None, args: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self._restore_prefix(key)
-        self._last_key = None  # until sequence 0 holds this key's prefix again
-        answered = batch.decode_together(self._llm, args, on_prefix=lambda: self._keep_prefix(key))
-        self._last_key = key
+    def _together(self, keys: list[str | None], args: list[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+        assert self._sequences is not None
+        if self._sequences.empty():
+            # Sequence 0 alone in the cache: restoring the route's prefix state wipes nothing.
+            self._restore_prefix(keys[0])
+        try:
+            answered = self._sequences.decode(args)
+        except RuntimeError:
+            self._last_key = None  # `Llama` was reset
+            raise
+        # Sequence 0 holds the last answered request's prompt (batch.Sequences.decode).
+        self._last_key = keys[len(answered) - 1]
         for response in answered:
-            response["batch_size"] = len(args)
+            response["batch_size"] = len(answered)
         return answered
 
-    def _alone(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _alone(self, request: dict[str, Any], batch_error: str | None = None
+               ) -> dict[str, Any]:
         try:
-            return self.complete(request)
+            response = self.complete(request)
         except Exception as exc:  # one bad request must not fail the others
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if batch_error is not None:
+            response["batch_error"] = batch_error
+        return response
 
     def _arguments(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """What create_chat_completion would generate from, or None to answer it alone."""
@@ -199,29 +218,6 @@ class Engine:
         except Exception:  # answered alone, which reports the error as it always has
             return None
         return args
-
-    def _partition(self, group: list[tuple[int, dict[str, Any]]]
-                   ) -> list[list[tuple[int, dict[str, Any] | None]]]:
-        """Consecutive parts of at most max_batch requests whose decode fits the context; a
-        request that cannot be batched is a part of its own (its arguments None)."""
-        parts: list[list[tuple[int, dict[str, Any] | None]]] = []
-        current: list[tuple[int, dict[str, Any]]] = []
-        n_ctx = self._llm.n_ctx()
-        for index, request in group:
-            args = self._arguments(request) if self._max_batch > 1 else None
-            if args is None:
-                parts.append([(index, None)])
-                continue
-            trial = [*current, (index, args)]
-            fits = batch.cells_needed([a["prompt"] for _, a in trial],
-                                      [a["max_tokens"] for _, a in trial]) <= n_ctx
-            if current and (len(trial) > self._max_batch or not fits):
-                parts.append(list(current))
-                trial = [(index, args)]
-            current = trial
-        if current:
-            parts.append(list(current))
-        return parts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
