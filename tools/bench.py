@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import json
 import os
 import platform
@@ -35,6 +33,7 @@ import random
 import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -345,14 +344,16 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
     """Readings every `interval_s` while a signed version 2 is installed: the worst publish-to-
     result latency of a reading during the update, against the median before it, and failures.
 
-    The package is built before the readings start, and handed over with `edge-agent model
-    install`'s own code in this process: until issue 16 both ran inside the measured time, the
-    build in the bench's process (its paho threads wait for the GIL) and the command as a new
-    Python process whose start-up took 1-2 s of CPU before the agent saw anything. At about 10
+    The package is built, and `edge-agent model install` started and waiting for a go, before
+    the readings start: until issue 16 both ran inside the measured time, the build in the
+    bench's process (its paho threads wait for the GIL) and the command as a new Python process
+    whose start-up took 1-2 s of CPU before the agent saw anything; then, run in this process,
+    the command held the GIL of the bench's publisher and collector threads (up to 198 ms
+    added to a reading published just before it). The verdict is looked for every 0.5 s, as
+    each look parses the agent's whole log. At about 10
     readings/s against the bench model's 10.8/s, any CPU taken from the serving worker queues
     readings that take seconds to drain, so both were measured as the update's latency."""
     from agent.base import signing
-    from agent.cli.main import main as edge_agent
     from agent.ota import modelpkg
 
     load_at_start = os.getloadavg()[0]
@@ -384,17 +385,24 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
             time.sleep(interval_s)
 
     streamer = threading.Thread(target=stream, name="bench-swap-stream")
+    # `edge-agent model install` as an operator runs it, in a process of its own, but started
+    # (its imports done) before the readings: it hands the package over when told to.
+    installer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from agent.cli.main import main; "
+         "sys.stdin.readline(); sys.exit(main(sys.argv[1:]))", "model", "install",
+         str(rig.work / "package-v2"), "--config", str(agent.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent)
     try:
         agent.wait_for_event("agent_ready", 120)
         streamer.start()
         time.sleep(3)
         update_started = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):
-            installed = edge_agent(["model", "install", str(rig.work / "package-v2"),
-                                    "--config", str(agent.config)])
-        assert installed == 0, "edge-agent model install failed"
+        installer.communicate(b"go\n", timeout=60)
+        assert installer.returncode == 0, "edge-agent model install failed"
         wait_until(lambda: any(e.get("step") in ("committed", "rolled_back", "refused")
-                               for e in agent.events()), 300, "the update's verdict")
+                               for e in agent.events()), 300, "the update's verdict",
+                   interval_s=0.5)
         verdict = next(e["step"] for e in agent.events()
                        if e.get("step") in ("committed", "rolled_back", "refused"))
         update_ended = time.time()
@@ -403,6 +411,8 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
         stop.set()
         if streamer.is_alive():
             streamer.join()
+        if installer.poll() is None:
+            installer.kill()
     try:
         wait_until(lambda: len(collector.arrived) >= len(sent), 120,
                    f"{len(sent)} swap results (have {len(collector.arrived)}, dead letters "
