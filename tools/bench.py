@@ -340,7 +340,7 @@ class TimedCollector(CloudCollector):
 SWAP_EVERY_S = 0.2
 
 
-def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
+def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, Any]:
     """Readings every `interval_s` while a signed version 2 is installed: the worst publish-to-
     result latency of a reading during the update, against the median before it, and failures.
 
@@ -465,6 +465,10 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, float]:
         "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
         **timeline,
+        # [published, s from the hand-over; latency, ms] of each reading of the update.
+        "during": [[round(stamp - update_started, 3), round(latency[seq], 1)]
+                   for seq, stamp in sent if update_started <= stamp <= update_ended
+                   and seq in latency],
     }
 
 
