@@ -17,7 +17,6 @@ import pytest
 from agent.base.errors import ModelLoadError
 from agent.base.records import Completion, Generation, ModelInfo, Reading
 from agent.config.settings import Settings
-from agent.flows import pipeline as pipeline_module
 from agent.flows.pipeline import Pipeline
 from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
 from agent.routing.outbound import Topics
@@ -283,14 +282,14 @@ def test_a_backlog_of_a_local_route_is_decoded_in_batches_and_a_lone_reading_alo
     """Ten readings waiting: the pipeline takes several at once and the worker decodes them
     together (issue 16); each gets its own result, as the same reading does alone. Then one
     reading waiting alone is leased and answered alone. (Batching is off by default: turned on
-    here as DEFAULT_MAX_BATCH = MAX_BATCH would.)"""
-    monkeypatch.setattr(pipeline_module, "BACKLOG_READINGS", MAX_BATCH)
+    here with `[model] max_batch`.)"""
 
     async def scenario() -> tuple[dict[str, str], dict[str, str], int, int]:
         cfg = settings(tmp_path, tiny_model, max_tokens=24)
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_ctx": 1024})})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"n_ctx": 1024, "max_batch": MAX_BATCH})})
         store = await Store.open(cfg.store_path)
-        worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"), MAX_BATCH)
+        worker = InferenceWorker(cfg.model, await identify(cfg.model, "tiny"))
         await worker.start()
         pipeline = Pipeline(cfg, store, worker, Topics("edge", "gw"))
         stop = asyncio.Event()

@@ -205,6 +205,15 @@ class ModelSection(Section):
         "n_threads, so n_threads bounds the worker's cores (llama.cpp alone would use every "
         "core for the prompt); both unset: llama.cpp chooses (every core).",
     )
+    max_batch: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Readings of a backlog decoded together in one llama.cpp batch (issue 16; "
+        "docs/benchmarks.md: 1.7-2x the results/s of one at a time on the bench model). 1: one "
+        "reading at a time. Off by default until it has run under a full store as long as one "
+        "at a time has.",
+    )
     seed: int = Field(default=0, ge=0, description="Sampling seed, for reproducible outputs.")
     load_timeout_s: float = Field(
         default=120.0, gt=0, description="Deadline for the worker to load the model."

@@ -31,7 +31,6 @@ from agent.base.validation import check_output
 from agent.base.waits import first_of, wait_or_timeout, wait_or_timeout_any
 from agent.config.settings import Route, Settings
 from agent.flows.executors import Executors, LocalModel
-from agent.inference.supervisor import DEFAULT_MAX_BATCH
 from agent.routing.outbound import Topics, dead_letter_row, result_row
 from agent.routing.prompts import build_messages, prompt_version
 from agent.routing.windows import (
@@ -62,10 +61,6 @@ RETRY_TEMPERATURE = 0.8
 # cool-down is 30 s by default: a route tries again soon after the breaker lets a probe through).
 PARK_MAX_S = 30.0
 PARK_MIN_S = 0.2
-# Readings of a local route processed at once while it has a backlog: as many as the worker
-# decodes in one batch (1 while batching is off: one reading at a time, as before).
-BACKLOG_READINGS = DEFAULT_MAX_BATCH
-
 
 @dataclass(slots=True)
 class _Parked:
@@ -236,10 +231,12 @@ class Pipeline:
 
     def _backlog_sizes(self) -> dict[str, tuple[int, int]]:
         """(1, readings in flight at most) of each local route: one reading unless its route
-        has more waiting (lease_window's coalescing)."""
-        if BACKLOG_READINGS <= 1:
+        has more waiting (lease_window's coalescing), at most as many as the worker decodes in
+        one batch (`[model] max_batch`; 1: one reading at a time)."""
+        backlog = self._settings.model.max_batch
+        if backlog <= 1:
             return {}
-        return {route.name: (1, BACKLOG_READINGS) for route in self._routes.values()
+        return {route.name: (1, backlog) for route in self._routes.values()
                 if route.executor == "local" and not route.windowed}
 
     def _window_sizes(self) -> dict[str, tuple[int, int]]:

@@ -12,7 +12,7 @@ next request after a backoff, and `model_recovered` when it answers again. The p
 readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
 
 Requests that arrive while the worker is busy wait together and go to it as one batch line, up to
-`max_batch` (issue 16: a backlog is decoded several readings at once, agent/inference/batch.py);
+`[model] max_batch` (off, 1, by default; issue 16: a backlog is decoded several readings at once, agent/inference/batch.py);
 a request that finds the worker idle goes alone at once, so latency at low load does not grow.
 The batch forms here, from concurrent callers, rather than in the pipeline: each reading keeps
 its own retries, schema checks and commit, and callers need not know about batching.
@@ -58,11 +58,10 @@ _REAP_TIMEOUT_S = 5.0
 # Requests decoded together at most: llama-server's order of parallel slots. Each sequence's
 # prompt and answer take KV cells of the one context, so the worker decodes fewer at once when
 # they do not fit (agent/inference/worker.py), never more.
+# `[model] max_batch` (1 to 8) chooses; a batch evaluates only what its readings' prompts do
+# not share with the sequences kept from earlier batches (agent/inference/batch.py), which is what
+# makes it pay; a request that finds the worker idle still goes alone.
 MAX_BATCH = 8
-# On by default: a batch evaluates only what its readings' prompts do not share with the sequences
-# kept from earlier batches (agent/inference/batch.py), which is what makes it pay; a request that
-# finds the worker idle still goes alone, as before.
-DEFAULT_MAX_BATCH = MAX_BATCH
 
 
 @dataclass(slots=True)
@@ -116,7 +115,7 @@ class InferenceWorker:
     """One llama.cpp worker process serving one request at a time."""
 
     def __init__(self, model: ModelSection, info: ModelInfo,
-                 max_batch: int = DEFAULT_MAX_BATCH, yield_cpu: bool = False,
+                 max_batch: int | None = None, yield_cpu: bool = False,
                  hold: Hold | None = None) -> None:
         self.info = info
         self._yield_cpu = yield_cpu
@@ -129,7 +128,8 @@ class InferenceWorker:
         self._model = model
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self.max_batch = max_batch
+        # The model section's max_batch unless the caller (the bench) says otherwise.
+        self.max_batch = model.max_batch if max_batch is None else max_batch
         self._waiting: deque[_Waiting] = deque()
         # Requests sent in batches of more than one, for the bench and the tests.
         self.batched_requests = 0
