@@ -22,8 +22,7 @@ async def _receive_one(broker: BrokerSection, *, ack: bool) -> bytes:
         await link.subscribe(["sensors/#"])
         batch = await asyncio.wait_for(link.next_batch(10, 0.2), 10)
         if ack:
-            for message in batch:
-                link.ack(message)
+            link.ack_all(batch)
             await asyncio.sleep(0.2)  # let the PUBACK leave before DISCONNECT
         return b"|".join(m.payload for m in batch)
 
@@ -76,8 +75,7 @@ async def _lone_then_stream(broker: BrokerSection, port: int) -> tuple[list[byte
             stream = await asyncio.wait_for(link.next_batch(10, 3.0), 10)
         finally:
             later.cancel()
-        for message in lone + stream:
-            link.ack(message)
+        link.ack_all(lone + stream)
         return [m.payload for m in lone], [m.payload for m in stream]
 
 

@@ -31,7 +31,6 @@ from agent.base.records import (
     NewOutboxRow,
     Reading,
     payload_id,
-    reading_id,
     topic_digest,
 )
 from agent.base.retry import Backoff, OutageEvents, OutageLog
@@ -241,14 +240,13 @@ class Ingest:
         """For each message, whether it is a retained message already answered: on a route
         that skips them, one whose id is the last one taken on its topic. Asked once per
         batch; the skipped ones are still acked, in order, with the rest of the batch."""
-        device_id = self._settings.agent.device_id
         retained: dict[int, str] = {}
         for index, message in enumerate(batch):
             if not message.retain:
                 continue
-            route = route_for(self._settings.routes, message.topic)
+            route, topic_hash = self._topic(message.topic)
             if route is not None and route.retained == "skip_answered":
-                retained[index] = reading_id(device_id, message.topic, message.payload)
+                retained[index] = payload_id(topic_hash, message.payload)
         if not retained:
             return [False] * len(batch)
         last = await self._store.last_readings([batch[i].topic for i in retained])

@@ -187,7 +187,7 @@ class ModelCommands:
                 except (OSError, StoreFull) as exc:
                     # Not acked: the broker keeps the command and redelivers it on reconnect.
                     raise mqtt.LinkDown(f"model command not recorded: {exc}") from exc
-                link.ack(message)
+                link.ack_all([message])
 
     async def record(self, payload: bytes) -> bool:
         """Check a command and record it for download; True if recorded (or already was)."""

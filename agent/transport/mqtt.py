@@ -338,14 +338,10 @@ class Link:
                                f"(keepalive {self._keepalive_s} s)")
             await asyncio.sleep(0.25)
 
-    def ack(self, message: Delivery) -> None:
-        """Send the PUBACK for a message (QoS 1). Acks must go out in the order received."""
-        if self._manual_ack and message.qos > 0:
-            self._paho.ack(message.mid, message.qos)
-
     def ack_all(self, messages: Sequence[Delivery]) -> None:
         """Send the PUBACKs of `messages` in their order, in one write (see `_queue_packet`).
-        Only QoS 1 messages are acked; the link subscribes at QoS 1, so none is QoS 2."""
+        Acks must go out in the order the messages came. Only QoS 1 messages are acked; the
+        link subscribes at QoS 1, so none is QoS 2."""
         if not self._manual_ack:
             return
         packet = b"".join(_PUBACK.to_bytes(1, "big") + b"\x02" + m.mid.to_bytes(2, "big")
