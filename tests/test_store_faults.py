@@ -14,6 +14,7 @@ from agent.base.errors import OutboxFull, StoreFull
 from agent.base.records import NewOutboxRow, Reading
 from agent.config.settings import StoreSection
 from agent.routing.outbound import Topics, drops_row
+from agent.store.reserve import reserve_path
 from agent.store.views import read_counts, read_drops
 from agent.store.writer import Store
 from tests.conftest import flip_bytes
@@ -180,6 +181,49 @@ def test_ingest_is_refused_below_the_reserve_while_results_can_still_be_recorded
         return committed if counts["outbox"] == committed and counts["inbox"] == 0 else -1
 
     assert asyncio.run(scenario()) > 0
+
+
+def test_a_result_takes_the_spent_drain_reserve_again_when_nothing_else_would(
+    tmp_path: Path,
+) -> None:
+    """Results fill the store (40 pages) until one is refused and the drain reserve is spent.
+    Once the cloud has taken every result the outbox is empty and no input comes: the reading in
+    hand is still recorded, taking the reserve again (the filesystem has room for it). Before,
+    only input took it again, and the reading waited for ever (seen with readings leased
+    together, issue 16)."""
+    bounds = StoreSection(max_page_count=40, reserve_bytes=4 * 4096)
+    db = tmp_path / "s.db"
+
+    async def scenario() -> tuple[bool, bool, int]:
+        store = await Store.open(db, bounds)
+        n = 0
+        while True:
+            try:
+                await store.ingest([reading(n, size=200)], [])
+            except StoreFull:
+                break
+            n += 1
+        refused: Reading | None = None
+        while (leased := await store.lease()) is not None:
+            try:
+                await store.complete(leased.id, result(n, leased.id, 0, size=1500))
+            except StoreFull:
+                refused = leased
+                break
+        assert refused is not None, "the results never filled the store"
+        spent = not reserve_path(db).exists()
+        pending = await store.pending_outbox(10_000)
+        await store.mark_delivered([row.seq for row in pending])
+        await store.complete(refused.id, result(n, refused.id, 0, size=1500))
+        taken = reserve_path(db).exists()
+        outbox = (await store.depths())["outbox"]
+        await store.close()
+        return spent, taken, outbox
+
+    spent, taken, outbox = asyncio.run(scenario())
+    assert spent, "the full store never spent its drain reserve"
+    assert taken
+    assert outbox == 1
 
 
 @pytest.mark.parametrize(("offset", "what"), [(0, "header"), (4096 * 2, "a b-tree page")])

@@ -155,7 +155,8 @@ class Store:
                  use: _Use) -> Any:
         """Run one job on the writer thread.
 
-        Input first retakes the drain reserve if the store has room for it again, and is held
+        Input and the other writes first retake the drain reserve if the store has room for
+        it again (the drain's own jobs do not: they run to free room); input is held
         `drain_reserve_bytes` further from the edge while the reserve is spent. A write that
         finds the filesystem full folds the WAL into the database, truncates it and runs once
         more; if it is still full, the history of answered readings is deleted (nobody was
@@ -177,7 +178,11 @@ class Store:
                     raise
             return fn(conn, *args, held_back)
         if use == "write" and not self._reserve.held and self._reserve.size:
-            self._keep_for_the_drain(conn)
+            # Taken again here too, not only before input: with input paused and nothing left
+            # to deliver, no input job would come to take it, and every write would wait.
+            self._retake_reserve(conn, self.bounds.reserve_bytes // 2)
+            if not self._reserve.held:
+                self._keep_for_the_drain(conn)
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
