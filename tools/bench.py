@@ -459,12 +459,19 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, Any]:
         "failed_or_missing": float(len(sent) - sum(1 for r in by_seq.values()
                                                    if r["status"] == "ok")),
         "median_latency_outside_update_ms": baseline,
+        # The noise floor: how far readings outside the update stray from their own median.
+        "p95_added_latency_outside_ms": _percentiles(outside)[1] - baseline,
+        "largest_added_latency_outside_ms": max(outside) - baseline,
         "worst_latency_during_ms": max(during),
         "largest_added_latency_ms": max(during) - baseline,
         "results_from_v2": float(sum(1 for r in results if r["model"]["version"] == "2")),
         "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
         **timeline,
+        # [published, s from the hand-over; latency, ms] of each reading outside the update.
+        "outside": [[round(stamp - update_started, 3), round(latency[seq], 1)]
+                    for seq, stamp in sent if not update_started <= stamp <= update_ended
+                    and seq in latency],
         # [published, s from the hand-over; latency, ms] of each reading of the update.
         "during": [[round(stamp - update_started, 3), round(latency[seq], 1)]
                    for seq, stamp in sent if update_started <= stamp <= update_ended
@@ -826,6 +833,9 @@ def backlog_commits(work: Path, n: int, trials: int = 20) -> dict[str, float]:
 
 
 def _timed(label: str, fn: Callable[[], Any]) -> Any:
+    # What the sections before wrote (databases of tens of MB) goes to the disk first, not in
+    # the background during this one, where each commit's fsync would wait behind it.
+    os.sync()
     print(f"bench: {label} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     value = fn()
