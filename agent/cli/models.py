@@ -18,6 +18,7 @@ reporting the outcome like any other update step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -423,7 +424,8 @@ def _install(args: argparse.Namespace) -> int:
     # At idle priority (allowed without privilege, never undone: the process ends): on the
     # gateway's cores the serving worker's llama.cpp threads come first, and the command's
     # work (the configuration, the signature, the copy) waits for the gaps between answers.
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    with contextlib.suppress(OSError):  # a seccomp filter may refuse it: then at normal
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     settings = load(args.config)
     package = modelpkg.verify_blocking(args.package, settings.ota.trusted_keys)
     manifest = package.manifest
