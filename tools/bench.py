@@ -120,6 +120,15 @@ class Rig:
                           .replace("n_ctx = 512", "n_ctx = 1024"))
         return AgentProcess(config, self.work / f"{name}.log")
 
+    def fresh(self) -> None:
+        """Both brokers started again, on the same ports, without what earlier sections left
+        (sessions holding tens of thousands of messages, which mosquitto writes to its
+        persistence file every second, `autosave_interval 1`, blocking its one thread)."""
+        for broker in (self.local, self.cloud):
+            broker.kill()
+            (broker.dir / "mosquitto.db").unlink(missing_ok=True)
+            broker.start()
+
     def close(self) -> None:
         self.local.kill()
         self.cloud.kill()
@@ -859,22 +868,27 @@ def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) ->
                     "model_bytes": model.stat().st_size, "threads": THREADS},
         "sizes": sizes.__dict__,
     }
+
+    def timed(label: str, fn: Callable[[], Any]) -> Any:
+        rig.fresh()  # each measurement starts with brokers holding nothing of the last one
+        return _timed(label, fn)
+
     try:
         if "inference" in only:
-            raw_inf = _timed("inference, raw llama-cpp-python", lambda: raw_inference(
+            raw_inf = timed("inference, raw llama-cpp-python", lambda: raw_inference(
                 model, sizes.inference))
-            agent_inf = _timed("inference, through the agent", lambda: agent_inference(
+            agent_inf = timed("inference, through the agent", lambda: agent_inference(
                 rig, sizes.inference))
             results["inference"] = {"agent": agent_inf, "raw": raw_inf, "target": 0.90,
                                     "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"]}
         if "catch_up" in only:
-            results["catch_up"] = _timed("catching up on a backlog", lambda: catch_up(
+            results["catch_up"] = timed("catching up on a backlog", lambda: catch_up(
                 model, sizes.catch_up, sizes.paced))
         if "ingest" in only:
-            raw_in = _timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
-            alone = _timed("ingest, agent with its worker stopped", lambda: agent_ingest(
+            raw_in = timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
+            alone = timed("ingest, agent with its worker stopped", lambda: agent_ingest(
                 rig, sizes.ingest, paused=True))
-            loaded = _timed("ingest, agent while its worker infers", lambda: agent_ingest(
+            loaded = timed("ingest, agent while its worker infers", lambda: agent_ingest(
                 rig, sizes.ingest, paused=False))
             results["ingest"] = {"agent_per_s": alone, "raw_per_s": raw_in,
                                  "ratio": alone / raw_in, "target": 0.7,
@@ -882,27 +896,27 @@ def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) ->
                                  "under_inference_ratio": loaded / raw_in,
                                  "target_abs_per_s": 5000}
         if "uplink" in only:
-            raw_up = _timed("uplink, bare paho publisher", lambda: raw_uplink(
+            raw_up = timed("uplink, bare paho publisher", lambda: raw_uplink(
                 rig, sizes.uplink, 600, 64))
-            agent_up = _timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
+            agent_up = timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
             results["uplink"] = {"agent_per_s": agent_up, "raw_per_s": raw_up,
                                  "ratio": agent_up / raw_up, "target": 0.5}
         if "footprint" in only:
-            results["footprint"] = _timed("footprint", lambda: footprint(rig))
+            results["footprint"] = timed("footprint", lambda: footprint(rig))
         if "hot_swap" in only:
             # The tiny model for the swap whatever the preset: the figure is the switch's cost,
             # and the stream must stay below what the model sustains on a busy 2-core machine.
-            results["hot_swap"] = _timed("hot swap",
+            results["hot_swap"] = timed("hot swap",
                                          lambda: hot_swap(rig, SWAP_EVERY_S, "tiny"))
         if "prefix_cache" in only:
-            results["prefix_cache"] = _timed("prefix cache", lambda: prefix_cache(
+            results["prefix_cache"] = timed("prefix cache", lambda: prefix_cache(
                 model, sizes.prefix_readings))
         if "window_neighbour" in only:
-            results["window_neighbour"] = _timed(
+            results["window_neighbour"] = timed(
                 "plain route beside a waiting window", lambda: window_neighbour(
                     rig, sizes.neighbour))
         if "backlog" in only:
-            results["backlog"] = _timed("commits behind the status sampler", lambda:
+            results["backlog"] = timed("commits behind the status sampler", lambda:
                                         backlog_commits(work, sizes.backlog))
     finally:
         rig.close()
