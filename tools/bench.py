@@ -689,9 +689,10 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
     the raw run's own) sit beside results/s: the 2 cores are shared, and a busy neighbour
     shows in wall time first."""
     from agent.config.settings import ModelSection
-    from agent.inference.supervisor import MAX_BATCH, InferenceWorker, identify
+    from agent.inference.supervisor import InferenceWorker, identify
 
     requests = _backlog_requests(n)
+    default_batch = ModelSection(path=model).max_batch  # the agent's as configured by default
 
     def cpu_s(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -731,7 +732,7 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
                 for measured in latency]
 
     async def run() -> tuple[dict[str, float], dict[str, float], list[str], list[str]]:
-        workers = [await start(MAX_BATCH), await start(1)]
+        workers = [await start(default_batch), await start(1)]
         try:
             batched, batched_texts = await drain(workers[0])
             alone, alone_texts = await drain(workers[1])
@@ -746,7 +747,7 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
     cpu = time.process_time()
     raw = raw_inference(model, n)
     raw_cpu_s = time.process_time() - cpu  # the model's load included, about 0.1 s
-    return {"readings": float(n), "max_batch": float(MAX_BATCH),
+    return {"readings": float(n), "max_batch": float(default_batch),
             "batched_per_s": batched["results_per_s"], "alone_per_s": alone["results_per_s"],
             "raw_per_s": raw["results_per_s"],
             "ratio_to_raw": batched["results_per_s"] / raw["results_per_s"],

@@ -12,8 +12,8 @@ next request after a backoff, and `model_recovered` when it answers again. The p
 readings in the inbox meanwhile (ModelLoadError is agent/errors.Unavailable).
 
 Requests that arrive while the worker is busy wait together and go to it as one batch line, up to
-`[model] max_batch` (1, off, by default; issue 16: a backlog is decoded several readings at
-once, agent/inference/batch.py);
+`[model] max_batch` (8 by default; issue 16: a backlog is decoded several readings at once,
+agent/inference/batch.py);
 a request that finds the worker idle goes alone at once, so latency at low load does not grow.
 The batch forms here, from concurrent callers, rather than in the pipeline: each reading keeps
 its own retries, schema checks and commit, and callers need not know about batching.
