@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ def request(i: int, temperature: float = 0.0, schema: bool = True,
 class Worker:
     """`python -m agent.inference.worker` spoken to over its pipes, as the supervisor does."""
 
-    def __init__(self, model: Path, max_batch: int, n_ctx: int = 1024) -> None:
+    def __init__(self, model: Path, max_batch: int, n_ctx: int = 1024,
+                 keep_s: float = 0.25) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.inference.worker", "--model", str(model),
-             "--n-ctx", str(n_ctx), "--n-threads", "1", "--max-batch", str(max_batch)],
+             "--n-ctx", str(n_ctx), "--n-threads", "1", "--max-batch", str(max_batch),
+             "--keep-sequences-s", str(keep_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.read()["event"] == "ready"
         self.ids = 0
@@ -98,6 +101,43 @@ def test_a_batch_answers_every_reading_token_for_token_as_one_at_a_time(
     assert all("batch_size" in r for r in got)
     assert max(r["batch_size"] for r in got) == 4
     assert len({r["text"] for r in got}) > 2  # not one answer for all
+
+
+def test_a_lone_request_just_after_a_batch_starts_from_its_kept_sequences_until_idle(
+    tiny_model: Path,
+) -> None:
+    """The pipeline's next round of a backlog finds the worker idle for a moment: its first
+    request is decoded from the sequences the batch kept (it evaluates little more than its
+    payload) instead of dropping them. Once the worker has been idle for --keep-sequences-s
+    they are dropped, and a lone request has the context to itself. The same answers all
+    along."""
+    lone = [request(i) for i in (6, 7, 12)]
+    alone = Worker(tiny_model, max_batch=1)
+    try:
+        expected = [alone.send(r) for r in lone]
+    finally:
+        alone.close()
+    kept = Worker(tiny_model, max_batch=4, keep_s=600.0)
+    try:
+        kept.send({"batch": [request(i) for i in range(4)]})
+        warm = [kept.send(r) for r in lone]
+    finally:
+        kept.close()
+    dropped = Worker(tiny_model, max_batch=4, keep_s=0.05)
+    try:
+        dropped.send({"batch": [request(i) for i in range(4)]})
+        time.sleep(1.0)  # 20 times the idle bound
+        cold = dropped.send(lone[0])
+    finally:
+        dropped.close()
+    assert answers(warm) == answers(expected)
+    assert answers([cold]) == answers(expected[:1])
+    assert all(r.get("batch_size") == 1 for r in warm), warm
+    # Its route and topic's reading in the batch left all but the payload's tokens (272 of
+    # 313 seen); dropped, only what sequence 0 shares with it (72 seen).
+    assert warm[0]["prompt_tokens"] - warm[0]["reused_tokens"] < 0.2 * warm[0]["prompt_tokens"]
+    assert cold["reused_tokens"] < warm[0]["reused_tokens"], (warm, cold)
+    assert "batch_size" not in cold, cold
 
 
 def test_a_batch_reuses_its_routes_prefix_and_leaves_it_for_the_next_request(

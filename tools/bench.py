@@ -117,7 +117,7 @@ class Rig:
                                     cloud_port=self.cloud.port, device_id=name)
         text = config.read_text().replace('log_level = "debug"', f'log_level = "{log_level}"')
         config.write_text(text.replace("n_threads = 1", f"n_threads = {THREADS}")
-                          .replace("n_ctx = 512", "n_ctx = 1024"))
+                          .replace("n_ctx = 512", "n_ctx = 2048"))
         return AgentProcess(config, self.work / f"{name}.log")
 
     def fresh(self) -> None:

@@ -229,7 +229,9 @@ class Sequences:
     Sequence 0 is `Llama`'s own, and a source like the others; after a batch it holds the
     batch's last prompt, as after that request answered alone. `Llama`'s state saves and loads
     (the worker's prefix states, agent/inference/worker.py) cover every sequence, so the worker
-    drops the kept ones (`clear`) before it answers a request alone.
+    drops the kept ones (`clear`) once it has been idle for a moment (--keep-sequences-s) or
+    before it answers a request alone; a lone request just after a batch is decoded from them
+    instead (the next round of the same backlog).
     """
 
     def __init__(self, llm: Llama, count: int) -> None:

@@ -36,14 +36,17 @@ not even a hung or stopped one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from llama_cpp import Llama, LlamaState
@@ -112,7 +115,27 @@ class Engine:
             while len(self._prefix_states) > PREFIX_STATES:
                 self._prefix_states.popitem(last=False)
 
+    def idle(self) -> None:
+        """The worker has had nothing to do for --keep-sequences-s: drop the kept sequences now,
+        off any request's time, so the next lone request has the context to itself."""
+        if self._sequences is not None:
+            self._sequences.clear()
+
+    @property
+    def keeping(self) -> bool:
+        """Whether sequences kept from a batch are in the context (until `idle`)."""
+        return self._sequences is not None and not self._sequences.empty()
+
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.keeping:
+            # A lone request just after a batch belongs to the same backlog (the pipeline's
+            # next round finds the worker idle for a moment): it starts from the kept sequences
+            # as the batch's requests did, instead of dropping them for the next batch to
+            # evaluate again. The same answer either way (tests/test_worker_batch.py).
+            args = self._arguments(request)
+            if args is not None:
+                with contextlib.suppress(RuntimeError):  # no room, or the decode failed
+                    return self._together([request.get("prefix_key")], [args])[0]
         schema = request.get("schema")
         started = time.perf_counter()
         key = request.get("prefix_key")
@@ -220,6 +243,30 @@ class Engine:
         return args
 
 
+# How long sequences kept from a batch outlive it while no request comes: longer than the
+# pipeline's turn between two rounds of a backlog (it commits one round's results and leases
+# the next, milliseconds), far shorter than the gap between readings at low load.
+KEEP_SEQUENCES_S = 0.25
+
+
+def _requests(fd: int, engine: Engine, keep_s: float) -> Iterator[bytes]:
+    """The request lines on `fd` until it closes; while the engine keeps sequences, `keep_s`
+    without a request calls `engine.idle()`. (Read from the file descriptor, not sys.stdin,
+    whose buffer may hold a line `select` does not see.)"""
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            if engine.keeping and not select.select([fd], [], [], keep_s)[0]:
+                engine.idle()
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        yield line
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """Tokens the request found already evaluated (an upper bound: llama.cpp re-evaluates the
     last one when the whole prompt matched)."""
@@ -266,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--max-batch", type=int, default=1,
                         help="requests of one batch line decoded together (1: one at a time)")
+    parser.add_argument("--keep-sequences-s", type=float, default=KEEP_SEQUENCES_S,
+                        help="idle seconds after which sequences kept from a batch are dropped")
     parser.add_argument("--yield-refused", default=None,
                         help="why agent.inference.priority could not start this worker idle")
     args = parser.parse_args(argv)
@@ -305,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scheduling": priority.scheduling(),
                 **({"yield_refused": args.yield_refused} if args.yield_refused else {})})
     engine = Engine(llm, args.max_batch)
-    for line in sys.stdin:
+    for line in _requests(sys.stdin.fileno(), engine, args.keep_sequences_s):
         request = json.loads(line)
         try:
             if "control" in request:
