@@ -65,6 +65,16 @@ class Worker:
         self.proc.wait(30)
 
 
+def answered_alone(model: Path, requests: list[dict[str, Any]], n_ctx: int = 1024
+                   ) -> list[dict[str, Any]]:
+    """Each request's answer from a worker that never batches, one at a time."""
+    alone = Worker(model, max_batch=1, n_ctx=n_ctx)
+    try:
+        return [alone.send(r) for r in requests]
+    finally:
+        alone.close()
+
+
 def answers(replies: list[dict[str, Any]]) -> list[tuple[str, str, int, int]]:
     return [(r["text"], r["finish_reason"], r["prompt_tokens"], r["completion_tokens"])
             for r in replies]
@@ -80,11 +90,7 @@ def test_a_batch_answers_every_reading_token_for_token_as_one_at_a_time(
     requests = [request(i) for i in range(8)] + [
         request(8, temperature=0.8), request(9, temperature=0.8),
         request(10, schema=False), request(11, max_tokens=3)]
-    alone = Worker(tiny_model, max_batch=1)
-    try:
-        expected = [alone.send(r) for r in requests]
-    finally:
-        alone.close()
+    expected = answered_alone(tiny_model, requests)
     batched = Worker(tiny_model, max_batch=4)
     try:
         reply = batched.send({"batch": requests})
@@ -112,11 +118,7 @@ def test_a_lone_request_just_after_a_batch_starts_from_its_kept_sequences_until_
     they are dropped, and a lone request has the context to itself. The same answers all
     along."""
     lone = [request(i) for i in (6, 7, 12)]
-    alone = Worker(tiny_model, max_batch=1)
-    try:
-        expected = [alone.send(r) for r in lone]
-    finally:
-        alone.close()
+    expected = answered_alone(tiny_model, lone)
     kept = Worker(tiny_model, max_batch=4, keep_s=600.0)
     try:
         kept.send({"batch": [request(i) for i in range(4)]})
@@ -168,11 +170,7 @@ def test_readings_of_one_topic_share_their_prompt_within_a_batch_and_across_batc
     next batch each finds that much in a kept sequence. Both answer as alone."""
     first = [request(i) for i in (0, 6, 12)]  # i % 6 == 0: route a, topic s/0
     second = [request(i) for i in (18, 24, 30)]
-    alone = Worker(tiny_model, max_batch=1)
-    try:
-        expected = [alone.send(r) for r in first + second]
-    finally:
-        alone.close()
+    expected = answered_alone(tiny_model, first + second)
     batched = Worker(tiny_model, max_batch=4)
     try:
         got = (batched.send({"batch": first})["batch"]
@@ -191,11 +189,7 @@ def test_a_reading_whose_kept_sequence_was_evicted_answers_as_alone(tiny_model: 
     not use (the least recently used); a later reading of that sequence's topic starts from
     the route's prompt instead, evaluates more, and answers as alone."""
     parts = [[0, 1, 2], [7, 8], [6, 12]]  # 7 and 8 match 1 and 2; 6 and 12 match 0
-    alone = Worker(tiny_model, max_batch=1, n_ctx=768)
-    try:
-        expected = [alone.send(request(i)) for part in parts for i in part]
-    finally:
-        alone.close()
+    expected = answered_alone(tiny_model, [request(i) for part in parts for i in part], n_ctx=768)
 
     def run(n_ctx: int) -> list[dict[str, Any]]:
         worker = Worker(tiny_model, max_batch=3, n_ctx=n_ctx)
@@ -217,11 +211,7 @@ def test_a_batch_larger_than_the_context_holds_is_answered_in_parts(tiny_model: 
     """With a context too small for all of them at once, the readings are decoded a few at a
     time and still answer as alone."""
     requests = [request(2 * i) for i in range(6)]  # one route
-    alone = Worker(tiny_model, max_batch=1, n_ctx=512)
-    try:
-        expected = [alone.send(r) for r in requests]
-    finally:
-        alone.close()
+    expected = answered_alone(tiny_model, requests, n_ctx=512)
     small = Worker(tiny_model, max_batch=6, n_ctx=512)
     try:
         got = small.send({"batch": requests})["batch"]
