@@ -214,12 +214,26 @@ class CloudCollector:
 def publish_readings(
     port: int, readings: list[tuple[str, bytes]], client_id: str = "sensors"
 ) -> None:
-    """Publish with QoS 1 and wait for every PUBACK from the local broker."""
+    """Publish with QoS 1 and wait for every PUBACK from the local broker.
+
+    Publishing starts after the CONNACK: a publish while paho has no socket fails at once
+    (MQTT_ERR_NO_CONN), and a connection the broker dropped before its CONNACK is made again
+    by paho's loop (seen once in a full run: "The client is not currently connected")."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(100)
+    connected = threading.Event()
+
+    def on_connect(_client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
+                   _properties: Any) -> None:
+        if not reason.is_failure:
+            connected.set()
+
+    client.on_connect = on_connect
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
+        if not connected.wait(30):
+            raise TimeoutError(f"no CONNACK from the broker on port {port}")
         infos = [client.publish(topic, payload, qos=1) for topic, payload in readings]
         for info in infos:
             info.wait_for_publish(timeout=30)
