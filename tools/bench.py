@@ -459,6 +459,11 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, Any]:
         inside = [latency[seq] for seq, stamp in sent
                   if begin - interval_s < stamp <= end and seq in latency]
         timeline[f"worst_added_{phase}_ms"] = max(inside, default=baseline) - baseline
+    def points(inside: bool) -> list[list[float]]:
+        return [[round(stamp - update_started, 3), round(latency[seq], 1)]
+                for seq, stamp in sent
+                if (update_started <= stamp <= update_ended) == inside and seq in latency]
+
     worst_seq = max((seq for seq, stamp in sent if update_started <= stamp <= update_ended),
                     key=lambda seq: latency.get(seq, 0.0))
     timeline["worst_published_at_s"] = dict(sent)[worst_seq] - update_started
@@ -477,14 +482,10 @@ def hot_swap(rig: Rig, interval_s: float, preset: str) -> dict[str, Any]:
         "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
         **timeline,
-        # [published, s from the hand-over; latency, ms] of each reading outside the update.
-        "outside": [[round(stamp - update_started, 3), round(latency[seq], 1)]
-                    for seq, stamp in sent if not update_started <= stamp <= update_ended
-                    and seq in latency],
-        # [published, s from the hand-over; latency, ms] of each reading of the update.
-        "during": [[round(stamp - update_started, 3), round(latency[seq], 1)]
-                   for seq, stamp in sent if update_started <= stamp <= update_ended
-                   and seq in latency],
+        # [published, s from the hand-over; latency, ms] of each reading outside the update
+        # and of each reading of the update.
+        "outside": points(inside=False),
+        "during": points(inside=True),
     }
 
 
@@ -692,13 +693,13 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
     from agent.inference.supervisor import InferenceWorker, identify
 
     requests = _backlog_requests(n)
-    default_batch = ModelSection(path=model).max_batch  # the agent's as configured by default
 
     def cpu_s(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    async def start(max_batch: int) -> InferenceWorker:
+    async def start(max_batch: int | None) -> InferenceWorker:
+        """A worker batching as `[model] max_batch` says by default (None), or `max_batch`."""
         section = ModelSection(path=model, n_ctx=2048, n_threads=THREADS)
         worker = InferenceWorker(section, await identify(section, "bench"), max_batch)
         await worker.start()
@@ -715,7 +716,8 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
         elapsed = time.perf_counter() - started
         cpu = cpu_s(worker.pid) - cpu
         return {"results_per_s": n / elapsed, "results_per_cpu_s": n / cpu,
-                "batched": float(worker.batched_requests)}, [c.text for c in done]
+                "batched": float(worker.batched_requests),
+                "max_batch": float(worker.max_batch)}, [c.text for c in done]
 
     async def paced_latency(workers: list[InferenceWorker]) -> list[dict[str, float]]:
         """One reading a second to each worker, the workers' turns half a second apart, so a
@@ -732,7 +734,7 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
                 for measured in latency]
 
     async def run() -> tuple[dict[str, float], dict[str, float], list[str], list[str]]:
-        workers = [await start(default_batch), await start(1)]
+        workers = [await start(None), await start(1)]
         try:
             batched, batched_texts = await drain(workers[0])
             alone, alone_texts = await drain(workers[1])
@@ -747,7 +749,7 @@ def catch_up(model: Path, n: int, paced: int) -> dict[str, float]:
     cpu = time.process_time()
     raw = raw_inference(model, n)
     raw_cpu_s = time.process_time() - cpu  # the model's load included, about 0.1 s
-    return {"readings": float(n), "max_batch": float(default_batch),
+    return {"readings": float(n), "max_batch": batched["max_batch"],
             "batched_per_s": batched["results_per_s"], "alone_per_s": alone["results_per_s"],
             "raw_per_s": raw["results_per_s"],
             "ratio_to_raw": batched["results_per_s"] / raw["results_per_s"],
@@ -842,9 +844,11 @@ def backlog_commits(work: Path, n: int, trials: int = 20) -> dict[str, float]:
     return asyncio.run(measure())
 
 
-def _timed(label: str, fn: Callable[[], Any]) -> Any:
-    # What the sections before wrote (databases of tens of MB) goes to the disk first, not in
-    # the background during this one, where each commit's fsync would wait behind it.
+def _timed(rig: Rig, label: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement on brokers holding nothing of the last one (`Rig.fresh`), after
+    what the measurements before wrote (databases of tens of MB) has gone to the disk, not in
+    the background during this one, where each commit's fsync would wait behind it."""
+    rig.fresh()
     os.sync()
     print(f"bench: {label} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -870,26 +874,23 @@ def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) ->
         "sizes": sizes.__dict__,
     }
 
-    def timed(label: str, fn: Callable[[], Any]) -> Any:
-        rig.fresh()  # each measurement starts with brokers holding nothing of the last one
-        return _timed(label, fn)
-
     try:
         if "inference" in only:
-            raw_inf = timed("inference, raw llama-cpp-python", lambda: raw_inference(
+            raw_inf = _timed(rig, "inference, raw llama-cpp-python", lambda: raw_inference(
                 model, sizes.inference))
-            agent_inf = timed("inference, through the agent", lambda: agent_inference(
+            agent_inf = _timed(rig, "inference, through the agent", lambda: agent_inference(
                 rig, sizes.inference))
             results["inference"] = {"agent": agent_inf, "raw": raw_inf, "target": 0.90,
                                     "ratio": agent_inf["results_per_s"] / raw_inf["results_per_s"]}
         if "catch_up" in only:
-            results["catch_up"] = timed("catching up on a backlog", lambda: catch_up(
+            results["catch_up"] = _timed(rig, "catching up on a backlog", lambda: catch_up(
                 model, sizes.catch_up, sizes.paced))
         if "ingest" in only:
-            raw_in = timed("ingest, bare paho subscriber", lambda: raw_ingest(rig, sizes.ingest))
-            alone = timed("ingest, agent with its worker stopped", lambda: agent_ingest(
+            raw_in = _timed(rig, "ingest, bare paho subscriber",
+                            lambda: raw_ingest(rig, sizes.ingest))
+            alone = _timed(rig, "ingest, agent with its worker stopped", lambda: agent_ingest(
                 rig, sizes.ingest, paused=True))
-            loaded = timed("ingest, agent while its worker infers", lambda: agent_ingest(
+            loaded = _timed(rig, "ingest, agent while its worker infers", lambda: agent_ingest(
                 rig, sizes.ingest, paused=False))
             results["ingest"] = {"agent_per_s": alone, "raw_per_s": raw_in,
                                  "ratio": alone / raw_in, "target": 0.7,
@@ -897,27 +898,27 @@ def run(sizes: Sizes, work: Path, only: frozenset[str] = frozenset(SECTIONS)) ->
                                  "under_inference_ratio": loaded / raw_in,
                                  "target_abs_per_s": 5000}
         if "uplink" in only:
-            raw_up = timed("uplink, bare paho publisher", lambda: raw_uplink(
+            raw_up = _timed(rig, "uplink, bare paho publisher", lambda: raw_uplink(
                 rig, sizes.uplink, 600, 64))
-            agent_up = timed("uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
+            agent_up = _timed(rig, "uplink, agent", lambda: agent_uplink(rig, sizes.uplink, 600))
             results["uplink"] = {"agent_per_s": agent_up, "raw_per_s": raw_up,
                                  "ratio": agent_up / raw_up, "target": 0.5}
         if "footprint" in only:
-            results["footprint"] = timed("footprint", lambda: footprint(rig))
+            results["footprint"] = _timed(rig, "footprint", lambda: footprint(rig))
         if "hot_swap" in only:
             # The tiny model for the swap whatever the preset: the figure is the switch's cost,
             # and the stream must stay below what the model sustains on a busy 2-core machine.
-            results["hot_swap"] = timed("hot swap",
+            results["hot_swap"] = _timed(rig, "hot swap",
                                          lambda: hot_swap(rig, SWAP_EVERY_S, "tiny"))
         if "prefix_cache" in only:
-            results["prefix_cache"] = timed("prefix cache", lambda: prefix_cache(
+            results["prefix_cache"] = _timed(rig, "prefix cache", lambda: prefix_cache(
                 model, sizes.prefix_readings))
         if "window_neighbour" in only:
-            results["window_neighbour"] = timed(
-                "plain route beside a waiting window", lambda: window_neighbour(
+            results["window_neighbour"] = _timed(
+                rig, "plain route beside a waiting window", lambda: window_neighbour(
                     rig, sizes.neighbour))
         if "backlog" in only:
-            results["backlog"] = timed("commits behind the status sampler", lambda:
+            results["backlog"] = _timed(rig, "commits behind the status sampler", lambda:
                                         backlog_commits(work, sizes.backlog))
     finally:
         rig.close()
